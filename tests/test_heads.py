@@ -1,0 +1,114 @@
+"""Architecture adapters on tiny random models of every supported family (float64, exact to rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+from maps_utils import SUPPORTED_MODEL_TYPES, HeadWeights, UnsupportedArchitectureError
+
+from .checks import check_embed_unembed, check_first_mlp, check_head_sum, check_values_and_z
+from .conftest import FAMILY_OF, TINY_CONFIGS
+
+TOL = 1e-10
+
+
+def _ids(model, n=11, batch=2):
+    return torch.randint(0, model.config.vocab_size, (batch, n))
+
+
+def test_every_family_has_a_tiny_model():
+    assert {FAMILY_OF[k] for k in TINY_CONFIGS} == {"gpt2", "gpt_neox", "phi", "llama", "gemma3", "qwen2"}
+
+
+def test_adapter_family_and_geometry(tiny):
+    key, model = tiny
+    heads = HeadWeights(model)
+    assert heads.family == FAMILY_OF[key]
+    cfg = TINY_CONFIGS[key][1]
+    assert heads.n_layers == 2
+    assert heads.n_heads == 4
+    assert heads.n_kv_heads == cfg.get("num_key_value_heads", 4)
+    assert heads.W_V(0).shape == (4, heads.d_model, heads.d_head)
+    assert heads.W_O(1).shape == (4, heads.d_head, heads.d_model)
+    assert heads.W_V_kv(0).shape == (heads.n_kv_heads, heads.d_model, heads.d_head)
+
+
+def test_head_outputs_sum_to_attention_output(tiny):
+    _, model = tiny
+    check_head_sum(model, HeadWeights(model), _ids(model), TOL)
+
+
+def test_W_V_is_the_value_projection_and_reproduces_z(tiny):
+    _, model = tiny
+    check_values_and_z(model, HeadWeights(model), _ids(model), TOL)
+
+
+def test_first_mlp_is_block0_mlp_branch(tiny):
+    _, model = tiny
+    check_first_mlp(model, HeadWeights(model), _ids(model), TOL)
+
+
+def test_E_and_U_match_embedding_and_lm_head(tiny):
+    _, model = tiny
+    check_embed_unembed(model, HeadWeights(model), _ids(model, batch=1), TOL)
+
+
+@pytest.mark.parametrize("key", ["llama-gqa", "qwen2-gqa", "gemma3-gqa", "phi-gqa"])
+def test_gqa_head_to_group_mapping(key):
+    from .conftest import make_tiny
+
+    model = make_tiny(key)
+    heads = HeadWeights(model)
+    assert heads.group_size == 2
+    assert [heads.kv_group(h) for h in range(4)] == [0, 0, 1, 1]
+    v_proj = heads.v_module(0).weight  # [n_kv*d_head, d_model]
+    dh = heads.d_head
+    for h in range(4):
+        g = h // 2
+        assert torch.equal(heads.W_V(0)[h], v_proj[g * dh : (g + 1) * dh].T)
+    # query heads keep their own W_O
+    assert not torch.equal(heads.W_O(0)[0], heads.W_O(0)[1])
+    with pytest.raises(IndexError):
+        heads.kv_group(4)
+
+
+def test_gemma_embedding_scale_and_output_gain():
+    from .conftest import make_tiny
+
+    heads = HeadWeights(make_tiny("gemma3-gqa"))
+    assert float(heads.embed_scale) == pytest.approx(64**0.5)
+    block = heads.block(1)
+    assert torch.equal(heads.attn_out_gain(1), 1.0 + block.post_attention_layernorm.weight)
+    # the other families apply no gain after the output projection
+    llama = HeadWeights(make_tiny("llama-gqa"))
+    assert llama.attn_out_gain(0) is None and float(llama.embed_scale) == 1.0
+
+
+def test_biases_present_where_the_architecture_has_them():
+    from .conftest import make_tiny
+
+    expect = {  # (b_V, b_O, lm-head bias)
+        "gpt2": (True, True, False),
+        "gpt_neox-parallel": (True, True, False),
+        "phi-gqa": (True, True, True),
+        "llama-gqa": (False, False, False),
+        "gemma3-gqa": (False, False, False),
+        "qwen2-gqa": (True, False, False),
+    }
+    for key, (bv, bo, bu) in expect.items():
+        heads = HeadWeights(make_tiny(key))
+        got = (heads.b_V(0) is not None, heads.b_O(0) is not None, heads.U_bias is not None)
+        assert got == (bv, bo, bu), key
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    config = transformers.GPTJConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16, rotary_dim=8)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        HeadWeights(model)
+    msg = str(err.value)
+    assert "gptj" in msg
+    for t in SUPPORTED_MODEL_TYPES:
+        assert t in msg
