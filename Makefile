@@ -19,6 +19,7 @@ EXECUTED     := $(patsubst notebooks/%.ipynb,$(REPORT_DIR)/%.ipynb,$(NOTEBOOKS))
 HTML         := $(EXECUTED:.ipynb=.html)
 
 .DEFAULT_GOAL := help
+.SECONDARY: $(EXECUTED)
 .PHONY: help setup test all notebooks lab lint bench clean clean-venv
 
 help: ## list the targets

@@ -384,6 +384,16 @@ class HeadWeights:
         """``[.., n_heads, d_model]``: each head's write ``z_h @ W_O[h]`` (no bias) from z ``[.., n_heads*d_head]``."""
         return torch.einsum("...hd,hdm->...hm", self.split_z(z), self.W_O(layer))
 
+    def ov_norms(self, layer: int) -> Tensor:
+        """``[n_heads]`` Frobenius norm of each head's W_VO = W_V[h] @ W_O[h], without forming it.
+
+        Uses ||A B||_F^2 = tr((A^T A)(B B^T)), two d_head x d_head Gram matrices per head.
+        """
+        w_v, w_o = self.W_V(layer), self.W_O(layer)
+        gram_v = torch.einsum("hdi,hdj->hij", w_v, w_v)  # [n_heads, d_head, d_head]
+        gram_o = torch.einsum("him,hjm->hij", w_o, w_o)
+        return (gram_v * gram_o).sum((-1, -2)).clamp_min(0).sqrt()
+
     def summary(self) -> dict[str, object]:
         """Plain-dict description for tables and manifests."""
         return {

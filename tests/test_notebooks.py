@@ -1,0 +1,45 @@
+"""Notebooks are committed clean, take papermill parameters, and run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_committed_without_outputs_and_with_parameters(path):
+    nb = json.loads(path.read_text())
+    code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+    assert all(not c.get("outputs") and c.get("execution_count") is None for c in code), "strip outputs"
+    tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    src = "".join(tagged[0]["source"])
+    for name in ("model", "device", "dtype"):
+        assert f"{name} =" in src
+
+
+@pytest.mark.embedded
+def test_model_overview_runs_under_papermill(smollm2, tmp_path):
+    import papermill
+
+    out = tmp_path / "00.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "00_model_overview.ipynb"),
+        str(out),
+        parameters={"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "figures_dir": str(tmp_path)},
+        cwd=str(ROOT / "notebooks"),
+        progress_bar=False,
+    )
+    text = out.read_text()
+    assert "-> ' Paris" in text
+    assert (tmp_path / "smollm2-135m" / "00_ov_norms.png").is_file()
+    assert (tmp_path / "smollm2-135m" / "00_ov_norms.svg").is_file()
