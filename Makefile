@@ -20,7 +20,7 @@ HTML         := $(EXECUTED:.ipynb=.html)
 
 .DEFAULT_GOAL := help
 .SECONDARY: $(EXECUTED)
-.PHONY: help setup test all notebooks lab lint bench clean clean-venv
+.PHONY: help setup test all notebooks lab lint bench relations clean clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -65,6 +65,11 @@ lint: $(STAMP) ## ruff on the package, tests and benchmarks
 
 bench: $(STAMP) ## timings: GGUF conversion vs cached load of the embedded models
 	$(BIN)/python bench/bench_load.py --models smollm2-135m gemma3-270m
+
+relations: $(STAMP) ## regenerate the script-made relation datasets and refresh checksums (needs the `data` extra)
+	$(BIN)/python -m pip install --quiet -e ".[data]"
+	$(BIN)/python data/relations/generate.py
+	$(BIN)/maps relations
 
 clean: ## remove generated reports and results (keeps the model cache and .venv)
 	rm -rf reports results

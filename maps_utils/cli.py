@@ -2,6 +2,8 @@
 
     maps models                       list the embedded models
     maps info [MODEL] [--device D]    load a model and print its head geometry as JSON
+    maps relations [--models M ...]   usable single-token pairs per shipped relation and model
+    maps relations FILE ...           the same for relation files of your own (JSON pairs or CSV)
 """
 
 from __future__ import annotations
@@ -22,6 +24,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _relations(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import relations as R
+    from .models import load_tokenizer
+
+    rels = [R.load(p) for p in args.files] if args.files else R.load_all()
+    toks = {m: load_tokenizer(m) for m in args.models}
+    table = R.usable_pairs_table(toks, rels, min_pairs=args.min_pairs)
+    with pd.option_context("display.width", 200, "display.max_rows", 500):
+        print(table.to_string(index=False))
+    if args.show_dropped:
+        for rel in rels:
+            for m, tok in toks.items():
+                dropped = R.filter_single_token(rel, tok).dropped
+                print(f"\n{rel.name} / {m}: {len(dropped)} dropped: " + "; ".join(f"{s}->{t}" for s, t in dropped))
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     for name, description in available_models().items():
         print(f"{name:16s} {description}")
@@ -38,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--device", default="auto")
     info.add_argument("--dtype", default="float32")
     info.set_defaults(func=_info)
+    rel = sub.add_parser("relations", help="usable single-token pairs per relation and model")
+    rel.add_argument("files", nargs="*", help="relation files (default: every shipped relation)")
+    rel.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    rel.add_argument("--min-pairs", type=int, default=30)
+    rel.add_argument("--show-dropped", action="store_true", help="list the pairs the filter drops")
+    rel.set_defaults(func=_relations)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -276,6 +276,31 @@ def available_models() -> dict[str, str]:
     return {name: m.description for name, m in EMBEDDED.items()}
 
 
+def load_tokenizer(name: str = DEFAULT_MODEL, *, cache_dir: str | Path | None = None):
+    """Only the tokenizer of a model (embedded names convert once, like :func:`load`)."""
+    from transformers import AutoTokenizer
+
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    local = Path(str(name)).expanduser()
+    if name in EMBEDDED or (local.is_file() and local.suffix == ".gguf"):
+        gguf = EMBEDDED[name].locate_gguf(cache) if name in EMBEDDED else local.resolve()
+        target = converted_dir(gguf, cache)
+        if not (target / "model.safetensors").is_file():
+            convert_gguf(gguf, target)
+        return AutoTokenizer.from_pretrained(str(target))
+    if local.is_dir():
+        return AutoTokenizer.from_pretrained(str(local))
+    try:
+        return AutoTokenizer.from_pretrained(str(name), local_files_only=True)
+    except (OSError, ValueError):
+        if not _hub_reachable():
+            raise _not_found(str(name), "it is not in the local Hugging Face cache while the hub cannot be reached (offline)") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError) as err:
+        raise _not_found(str(name), f"the Hugging Face hub could not provide it ({str(err).splitlines()[0]})") from err
+
+
 def load(
     name: str = DEFAULT_MODEL,
     *,
