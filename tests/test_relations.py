@@ -1,0 +1,154 @@
+"""Relation datasets: every shipped file validates and matches its metadata; the loader's errors and filters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from maps_utils import relations as R
+
+META = R.read_metadata()
+
+
+def test_twenty_relations_in_four_categories():
+    assert len(META) == 20
+    by_cat = {c: R.list_relations(c) for c in R.CATEGORIES}
+    assert {c: len(v) for c, v in by_cat.items()} == {"algorithmic": 5, "knowledge": 5, "linguistic": 8, "translation": 2}
+    assert sum(m["multi_token"] for m in META.values()) == 11
+    assert {n for n, m in META.items() if m["copying"]} == {"copying", "name_copying"}
+
+
+@pytest.mark.parametrize("name", list(META))
+def test_shipped_relation_validates_and_matches_metadata(name):
+    m = META[name]
+    rel = R.load(name)
+    assert rel.category == m["category"] and rel.display_name == m["display_name"]
+    assert len(rel) == m["count"], "count in relations.json is stale: run generate.py --checksums"
+    assert R.file_sha256(rel.path) == m["sha256"], "checksum in relations.json is stale: run generate.py --checksums"
+    assert rel.duplicate_sources == ()
+    assert m["provenance"] and len(m["provenance"]) > 20
+    tmpl = m["causal_template"]
+    assert tmpl.count(R.PLACEHOLDER) == 1
+    assert R.fill(tmpl, "X").endswith(tmpl.split(R.PLACEHOLDER)[1])
+
+
+def test_generic_templates():
+    t = R.read_templates()
+    assert t["dynamic"] == ["No <X> means no", "The story of <X> contains", "This is a document about <X>",
+                            "When I think about <X> I think about"]
+    assert R.fill(t["multi_token"], "France") == "This is a document about France"
+    with pytest.raises(R.RelationError, match="exactly once"):
+        R.fill("no placeholder", "x")
+
+
+def test_spot_checked_facts():
+    """A handful of facts per relation that a wrong dataset would get wrong."""
+    expect = {
+        "country_capital": {"France": "Paris", "Japan": "Tokyo", "Egypt": "Cairo", "Australia": "Canberra"},
+        "country_language": {"France": "French", "Brazil": "Portuguese"},
+        "year_following": {"1728": "1729", "1999": "2000"},
+        "adj_comparative": {"big": "bigger", "good": "better"},
+        "adj_superlative": {"happy": "happiest", "bad": "worst"},
+        "verb_past_tense": {"ask": "asked", "go": "went", "teach": "taught"},
+        "word_homophone": {"steel": "steal", "knight": "night"},
+    }
+    for name, facts in expect.items():
+        rel = dict(R.load(name).pairs)
+        for s, t in facts.items():
+            assert rel.get(s, rel.get(t)) in (t, s), (name, s)
+    for name in ("copying", "name_copying"):
+        assert all(s == t for s, t in R.load(name).pairs)
+    for s, t in R.load("word_first_letter").pairs:
+        assert t == s[0]
+    for s, t in R.load("word_last_letter").pairs:
+        assert t == s[-1]
+
+
+# ---- loader errors, each a clear sentence ---------------------------------------------------------
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"France": "Paris"}', "must be a JSON list of [source, target] pairs"),
+        ("[]", "has no pairs"),
+        ('[["France", "Paris"], ["Spain"]]', "item 1 (['Spain']) is not a [source, target] pair"),
+        ('[["France", "Paris"], ["Spain", 7]]', "item 1 has a non-string target (7)"),
+        ('[["France", "Paris"], ["  ", "Madrid"]]', "item 1 has an empty source"),
+        ('[["France", "Paris"],', "not valid JSON"),
+    ],
+)
+def test_bad_files_give_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(R.RelationError) as err:
+        R.load(path)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_relation_lists_the_known_ones():
+    with pytest.raises(R.RelationError) as err:
+        R.load("country_to_moon")
+    msg = str(err.value)
+    assert "Unknown relation 'country_to_moon'" in msg and "country_capital" in msg and "word_synonym" in msg
+
+
+def test_missing_file_and_bad_csv(tmp_path):
+    with pytest.raises(R.RelationError, match="no such relation file"):
+        R.load(tmp_path / "nothing.json")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("from,to\na,b\n")
+    with pytest.raises(R.RelationError, match="'source' and 'target' columns"):
+        R.load(bad)
+
+
+def test_duplicates_are_reported(tmp_path, caplog):
+    path = tmp_path / "dup.json"
+    path.write_text(json.dumps([["a", "b"], ["a", "c"], ["d", "e"]]))
+    rel = R.load(path)
+    assert rel.duplicate_sources == ("a",)
+    assert "1 duplicate sources (a)" in caplog.text
+
+
+# ---- tokenisation filters on a real tokenizer -----------------------------------------------------------
+@pytest.mark.embedded
+def test_user_csv_relation_loads_and_filters(tmp_path, smollm2):
+    path = tmp_path / "mine.csv"
+    path.write_text("source,target\nFrance,Paris\nGermany,Berlin\nBurkina Faso,Ouagadougou\nUnited Kingdom,London\n")
+    rel = R.load(path)
+    assert rel.name == "mine" and len(rel) == 4 and rel.category is None
+    tok = smollm2.tokenizer
+    kept = R.filter_single_token(rel, tok, min_pairs=2)
+    assert kept.pairs == [("France", "Paris"), ("Germany", "Berlin")]
+    assert kept.dropped == [("Burkina Faso", "Ouagadougou"), ("United Kingdom", "London")]
+    assert kept.usable
+    assert tok.decode([kept.source_ids[0]]) == " France" and tok.decode([kept.target_ids[1]]) == " Berlin"
+    assert not R.filter_single_token(rel, tok).usable  # default minimum is the paper's 30
+    multi = R.filter_multi_token(rel, tok, min_pairs=1)
+    n_tokens = lambda text: len(tok(text, add_special_tokens=False).input_ids)  # noqa: E731
+    expected = [(s, t) for s, t in rel.pairs if n_tokens(s) > 1 and n_tokens(" " + t) == 1]
+    assert multi.pairs == expected and ("United Kingdom", "London") in expected
+    assert all(len(ids) > 1 for ids in multi.source_ids)
+
+
+# Single-token survivors per relation (README table); a change to a dataset or tokenizer must update these.
+USABLE = {  # relation: (smollm2-135m, gemma3-270m)
+    "copying": (459, 479), "name_copying": (249, 372), "word_first_letter": (278, 292),
+    "word_last_letter": (278, 292), "year_following": (0, 0), "country_capital": (40, 87),
+    "country_language": (77, 98), "object_superclass": (254, 335), "product_company": (42, 182),
+    "work_location": (47, 74), "adj_comparative": (69, 85), "adj_superlative": (40, 63),
+    "noun_pronoun": (221, 265), "verb_past_tense": (146, 151), "word_antonym": (220, 230),
+    "word_compound": (207, 262), "word_homophone": (198, 268), "word_synonym": (318, 355),
+    "english_french": (133, 446), "english_spanish": (64, 499),
+}
+
+
+@pytest.mark.embedded
+def test_usable_pairs_for_the_embedded_tokenizers(smollm2, gemma3):
+    table = R.usable_pairs_table({"smollm2": smollm2.tokenizer, "gemma3": gemma3.tokenizer}).set_index("relation")
+    got = {name: (int(row.smollm2), int(row.gemma3)) for name, row in table.iterrows()}
+    assert got == USABLE
+    usable = table.index[table["smollm2 >= 30"]].tolist()
+    assert len(usable) >= 12
+    # both tokenizers split numbers into single digits, so no year is one token (as for Llama-3 in the paper)
+    assert usable == [n for n in USABLE if n != "year_following"]
