@@ -1,0 +1,332 @@
+"""Static MAPS engine: relation and suppression scores, target ranks, top-k mappings and saliency.
+
+For head h of layer l, row s of the mapping matrix M = E·W_V·W_O·U is
+``m_s = (x_s W_V[g(h)]) (W_O[h] U)`` where x_s is the source representation (the raw embedding, or
+block 0's MLP branch applied to it; see :data:`VARIANTS`). No biases, no layer norm before U.
+Nothing of size d×d or V×V is ever formed.
+
+**Ranks.** The target's rank in its row is the number of *other* tokens with a strictly larger
+entry (ties count in the target's favour; ``torch.topk`` would break them arbitrarily). A relation
+hit at k means rank < k; the suppression test is the same on −m_s, i.e. the number of strictly
+smaller entries. Ranks are exact up to ``rank_cap`` (a rank equal to the cap means ">= cap"), so
+scores for every k <= cap follow from one pass.
+
+**Why it is fast.** A row needs only enough of the vocabulary to see ``rank_cap`` entries above
+and below its target; most rows stop after a small fraction of it. The vocabulary is scanned in
+one fixed random order (so early counts are unbiased) in blocks that grow geometrically, and every
+(head, pair) row that is still undecided is scored in the same matrix product. Rows run either in
+head space (``z = x W_V`` against ``C_h = W_O[h] U``, inner dimension d_head; pays a d_head×d×V
+product per head once) or in model space (``w = z W_O[h]`` against U, shared by all heads); the
+default picks head space when d_head <= d_model / 4. (Ordering columns by norm and stopping by
+Cauchy–Schwarz was tried and dropped: the unembedding norms of the embedded models vary too little
+for the bound to end any row early, and norm order biases the early counts.)
+
+Everything runs on the device and dtype of the model it is given; nothing touches CUDA at import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .heads import HeadWeights
+
+log = logging.getLogger(__name__)
+
+VARIANTS = ("first_mlp", "raw", "first_mlp_all")
+"""Source representations. ``first_mlp``: the paper's relation scores — raw E for layer-0 heads, block 0's
+MLP branch applied to E for layers >= 1. ``raw``: E for every layer (the paper's choice for Llama-3.1-70B).
+``first_mlp_all``: the MLP branch for every layer, layer 0 included (what the paper's salient-operations
+analysis did, MAPS-SPEC §8.1)."""
+
+SPACES = ("auto", "head", "model")
+SEED = 0  # the scan order's seed; results never depend on it, only the speed does
+
+
+def _check_variant(variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"Unknown embedding variant '{variant}'; use one of {', '.join(VARIANTS)}.")
+
+
+def uses_first_mlp(variant: str, layer: int) -> bool:
+    """Whether heads of ``layer`` read MLP0(E) (else raw E) under ``variant``."""
+    _check_variant(variant)
+    return variant == "first_mlp_all" or (variant == "first_mlp" and layer > 0)
+
+
+@torch.no_grad()
+def source_vectors(heads: HeadWeights, token_ids: Tensor | Sequence[int], variant: str, layer: int) -> Tensor:
+    """``[n, d_model]`` source representations of ``token_ids`` for heads of ``layer``."""
+    x = heads.embed(token_ids)
+    return heads.first_mlp(x) if uses_first_mlp(variant, layer) else x
+
+
+@torch.no_grad()
+def head_rows(heads: HeadWeights, layer: int, x: Tensor) -> Tensor:
+    """``[n_heads, n, d_model]``: ``w = (x W_V[g(h)]) W_O[h]`` for every query head of ``layer`` (no biases);
+    row s of M is ``w_s @ U``."""
+    z = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(x.dtype))  # shared per KV group
+    return torch.einsum("hne,hem->hnm", z[heads.kv_groups.to(z.device)], heads.W_O(layer).to(x.dtype))
+
+
+def _pick_space(heads: HeadWeights, space: str) -> str:
+    if space not in SPACES:
+        raise ValueError(f"Unknown space '{space}'; use one of {', '.join(SPACES)}.")
+    if space == "auto":
+        return "head" if heads.d_head * 4 <= heads.d_model else "model"
+    return space
+
+
+def scan_permutation(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
+    """The fixed random order in which the vocabulary is scanned."""
+    g = torch.Generator().manual_seed(SEED)
+    return torch.randperm(vocab_size, generator=g).to(device)
+
+
+@dataclass
+class Columns:
+    """A column matrix in scan order."""
+
+    cols: Tensor  # [k, V] columns in scan order
+    perm: Tensor  # [V] original token id at each scan position
+    position: Tensor  # [V] scan position of each original token id
+
+
+def _inverse(perm: Tensor) -> Tensor:
+    position = torch.empty_like(perm)
+    position[perm] = torch.arange(perm.numel(), device=perm.device)
+    return position
+
+
+@torch.no_grad()
+def ranks_of_targets(
+    rows: Tensor,
+    targets: Tensor,
+    columns: Columns,
+    rank_cap: int = 100,
+    memory_budget_mb: float = 512.0,
+    first_chunk: int = 512,
+    growth: float = 1.5,
+) -> tuple[Tensor, Tensor]:
+    """Rank of each row's target from the top and from the bottom of ``rows @ cols``, capped at ``rank_cap``.
+
+    The top rank counts other tokens with a strictly larger entry (0: the target is the row's maximum);
+    the bottom rank counts strictly smaller ones (the suppression test). One scan serves both.
+
+    Args:
+        rows: ``[R, k]`` row vectors.
+        targets: ``[R]`` target token id (original id) of each row.
+        columns: the column matrix in scan order (:class:`Columns`).
+        rank_cap: ranks >= this are returned as ``rank_cap``.
+        memory_budget_mb: bounds the rows x columns block scored at once (about 6 bytes per entry).
+        first_chunk, growth: columns in the first block, and the factor by which blocks grow.
+    Returns:
+        ``(top, bottom)``, each ``[R]`` int64 in ``[0, rank_cap]``.
+    """
+    R, V = rows.shape[0], columns.cols.shape[1]
+    pos = columns.position[targets.to(columns.position.device)]  # scan position of each target
+    tau = (rows * columns.cols[:, pos].T).sum(1)  # [R] the target's own entry
+    above = torch.zeros(R, dtype=torch.int64, device=rows.device)
+    below = torch.zeros(R, dtype=torch.int64, device=rows.device)
+    budget = max(1, int(memory_budget_mb * 2**20 / 6))  # scores (4 B) + two boolean masks
+    block = max(1, min(R, budget // first_chunk))
+    for r0 in range(0, R, block):
+        active = torch.arange(r0, min(R, r0 + block), device=rows.device)
+        start, chunk = 0, float(first_chunk)
+        while active.numel() and start < V:
+            stop = min(V, start + int(chunk), start + max(1, budget // active.numel()))
+            scores = rows[active] @ columns.cols[:, start:stop]  # [A, C]
+            t = tau[active]
+            n_above = (scores > t[:, None]).sum(1)
+            n_below = (scores < t[:, None]).sum(1)
+            # the target's own column is no rival: undo its count where rounding moved it off tau
+            p = pos[active]
+            mine = ((p >= start) & (p < stop)).nonzero().squeeze(1)
+            own = scores[mine, p[mine] - start]
+            n_above[mine] -= (own > t[mine]).long()
+            n_below[mine] -= (own < t[mine]).long()
+            above[active] += n_above
+            below[active] += n_below
+            done = (above[active] >= rank_cap) & (below[active] >= rank_cap)
+            active = active[~done]
+            start, chunk = stop, chunk * growth
+    return above.clamp_(max=rank_cap), below.clamp_(max=rank_cap)
+
+
+@torch.no_grad()
+def layer_ranks(
+    heads: HeadWeights,
+    layer: int,
+    x: Tensor,
+    targets: Tensor,
+    *,
+    rank_cap: int = 100,
+    space: str = "auto",
+    memory_budget_mb: float = 512.0,
+    perm: Tensor | None = None,
+    model_columns: Columns | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(top, bottom)`` target ranks, each ``[n_heads, n]``, for every head of ``layer``.
+
+    ``x`` is ``[n, d_model]`` (the sources' representations for this layer), ``targets`` ``[n]``.
+    """
+    space = _pick_space(heads, space)
+    U = heads.U.to(x.dtype)
+    perm = scan_permutation(U.shape[1], U.device) if perm is None else perm
+    z = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(x.dtype))  # [G, n, dh], shared per KV group
+    w_o = heads.W_O(layer).to(x.dtype)  # [H, dh, d]
+    if space == "model":
+        if model_columns is None:
+            model_columns = Columns(U[:, perm], perm, _inverse(perm))
+        w = head_rows(heads, layer, x)  # [H, n, d]
+        top, bottom = ranks_of_targets(w.reshape(-1, heads.d_model), targets.repeat(heads.n_heads),
+                                       model_columns, rank_cap, memory_budget_mb)
+        return top.view(heads.n_heads, -1), bottom.view(heads.n_heads, -1)
+    position = _inverse(perm)
+    U_perm = U[:, perm]
+    tops, bottoms = [], []
+    for h in range(heads.n_heads):
+        cols = Columns(w_o[h] @ U_perm, perm, position)  # C_h = W_O[h] U, [dh, V] in scan order
+        top, bottom = ranks_of_targets(z[heads.kv_group(h)], targets, cols, rank_cap, memory_budget_mb)
+        tops.append(top)
+        bottoms.append(bottom)
+    return torch.stack(tops), torch.stack(bottoms)
+
+
+@dataclass
+class RankResult:
+    """Target ranks of a set of (source, target) pairs for every head: ``[n_layers, n_heads, n]`` each."""
+
+    top: Tensor
+    bottom: Tensor
+    variant: str
+    rank_cap: int
+
+    def hits(self, k: int, suppression: bool = False) -> Tensor:
+        """Boolean ``[L, H, n]``: target in the top-k of the row (of −row with ``suppression``)."""
+        if k > self.rank_cap:
+            raise ValueError(f"k={k} exceeds rank_cap={self.rank_cap}; recompute with a larger rank_cap.")
+        return (self.bottom if suppression else self.top) < k
+
+    def scores(self, k: int, suppression: bool = False) -> Tensor:
+        """``[L, H]`` fraction of pairs hit at k: the MAPS relation (or suppression) score."""
+        return self.hits(k, suppression).float().mean(-1)
+
+
+@torch.no_grad()
+def target_ranks(
+    heads: HeadWeights,
+    source_ids: Sequence[int] | Tensor,
+    target_ids: Sequence[int] | Tensor,
+    *,
+    variant: str = "first_mlp",
+    rank_cap: int = 100,
+    space: str = "auto",
+    memory_budget_mb: float = 512.0,
+    layers: Sequence[int] | None = None,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+) -> RankResult:
+    """Target ranks of every (source, target) pair in every head (see the module docstring).
+
+    Args:
+        heads: the model's :class:`HeadWeights` (its device is used).
+        source_ids, target_ids: token ids of the pairs (e.g. from ``relations.filter_single_token``).
+        variant: source representation, one of :data:`VARIANTS` (the paper's relation scores: ``first_mlp``).
+        rank_cap: ranks are exact below it.
+        space: ``auto``, ``head`` or ``model`` (speed only; the results are identical).
+        memory_budget_mb: bounds the largest block of scores held at once.
+        layers: a subset of layers (default all); other layers' ranks are returned as ``rank_cap``.
+        dtype: compute dtype (default the model's; float32 is the fast one on CPU).
+    """
+    _check_variant(variant)
+    device = heads.U.device
+    dtype = dtype or heads.U.dtype
+    src = torch.as_tensor(source_ids, device=device)
+    tgt = torch.as_tensor(target_ids, device=device)
+    L, H, n = heads.n_layers, heads.n_heads, src.numel()
+    top = torch.full((L, H, n), rank_cap, dtype=torch.int16)
+    bottom = torch.full((L, H, n), rank_cap, dtype=torch.int16)
+    perm = scan_permutation(heads.vocab_size, device)
+    model_columns = None
+    if _pick_space(heads, space) == "model":
+        model_columns = Columns(heads.U.to(dtype)[:, perm].contiguous(), perm, _inverse(perm))
+    raw = heads.embed(src).to(dtype)
+    mlp = heads.first_mlp(heads.embed(src)).to(dtype) if variant != "raw" else None
+    todo = list(range(L)) if layers is None else list(layers)
+    for layer in tqdm(todo, desc=f"ranks ({variant})", disable=not progress or len(todo) < 2):
+        x = mlp if uses_first_mlp(variant, layer) else raw
+        t, b = layer_ranks(heads, layer, x, tgt, rank_cap=rank_cap, space=space,
+                           memory_budget_mb=memory_budget_mb, perm=perm, model_columns=model_columns)
+        top[layer], bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()
+    return RankResult(top=top, bottom=bottom, variant=variant, rank_cap=rank_cap)
+
+
+# ---- top-k mappings and saliency ---------------------------------------------------------------------
+@torch.no_grad()
+def top_mappings(
+    heads: HeadWeights,
+    layer: int,
+    head: int,
+    token_ids: Sequence[int] | Tensor,
+    k: int = 5,
+    *,
+    variant: str = "first_mlp",
+    suppression: bool = False,
+    chunk: int = 32768,
+) -> tuple[Tensor, Tensor]:
+    """Top-k targets of the given sources' rows of M for one head: ``(values, ids)``, each ``[n, k]``.
+
+    The vocabulary is processed in chunks, so memory stays at n × chunk.
+    """
+    x = source_vectors(heads, token_ids, variant, layer)
+    w = (x @ heads.W_V(layer)[head]) @ heads.W_O(layer)[head]  # [n, d]
+    if suppression:
+        w = -w
+    best_v = w.new_full((w.shape[0], 0), float("-inf"))
+    best_i = torch.zeros((w.shape[0], 0), dtype=torch.long, device=w.device)
+    U = heads.U
+    for start in range(0, U.shape[1], chunk):
+        s = w @ U[:, start : start + chunk]
+        v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
+        best_v, idx = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1)
+        best_i = torch.gather(torch.cat([best_i, i + start], 1), 1, idx)
+    return best_v, best_i
+
+
+@torch.no_grad()
+def saliency(
+    heads: HeadWeights,
+    *,
+    variant: str = "first_mlp_all",
+    chunk: int = 8192,
+    progress: bool = True,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """``[n_layers, n_heads, V]`` norm amplification ‖x_t W_VO‖ / ‖x_t‖ of every token for every head.
+
+    Uses ‖y W_O‖² = y (W_O W_Oᵀ) yᵀ with y = x W_V, so W_VO (d×d) is never formed. The default
+    variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1).
+    """
+    _check_variant(variant)
+    dtype = dtype or heads.U.dtype
+    L, H, V = heads.n_layers, heads.n_heads, heads.vocab_size
+    out = torch.empty((L, H, V), dtype=torch.float32)
+    gram = [torch.einsum("hem,hfm->hef", heads.W_O(layer).to(dtype), heads.W_O(layer).to(dtype)) for layer in range(L)]
+    device = heads.U.device
+    for start in tqdm(range(0, V, chunk), desc=f"saliency ({variant})", disable=not progress):
+        ids = torch.arange(start, min(V, start + chunk), device=device)
+        raw = heads.embed(ids).to(dtype)
+        mlp = heads.first_mlp(heads.embed(ids)).to(dtype) if variant != "raw" else None
+        for layer in range(L):
+            x = mlp if uses_first_mlp(variant, layer) else raw
+            y = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(dtype))[heads.kv_groups.to(device)]  # [H,n,dh]
+            sq = torch.einsum("hne,hef,hnf->hn", y, gram[layer], y).clamp_min(0)
+            xn = torch.linalg.vector_norm(x, dim=1).clamp_min(torch.finfo(dtype).tiny)
+            out[layer, :, start : start + ids.numel()] = (sq.sqrt() / xn).float().cpu()
+    return out

@@ -1,0 +1,184 @@
+"""The static engine against a deliberately naive dense implementation, and its arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from maps_utils import HeadWeights
+from maps_utils import static as S
+
+from .conftest import TINY_CONFIGS, make_tiny
+
+
+# ---- the naive reference: explicit d×d W_VO per head, full-vocabulary rows, torch.topk ------------------
+def dense_rows(heads: HeadWeights, layer: int, head: int, x: torch.Tensor) -> torch.Tensor:
+    w_vo = heads.W_V(layer)[head] @ heads.W_O(layer)[head]  # [d, d]
+    return (x @ w_vo) @ heads.U  # [n, V]
+
+
+def dense_ranks(rows: torch.Tensor, targets: torch.Tensor, cap: int):
+    own = rows.gather(1, targets[:, None])
+    other = torch.ones_like(rows, dtype=torch.bool).scatter_(1, targets[:, None], False)
+    top = ((rows > own) & other).sum(1).clamp(max=cap)
+    bottom = ((rows < own) & other).sum(1).clamp(max=cap)
+    return top, bottom
+
+
+def dense_topk_hits(rows: torch.Tensor, targets: torch.Tensor, k: int, suppression: bool = False):
+    idx = torch.topk(-rows if suppression else rows, k, dim=1).indices
+    return (idx == targets[:, None]).any(1)
+
+
+def check_against_dense(heads, src, tgt, variant, cap, **kw):
+    res = S.target_ranks(heads, src, tgt, variant=variant, rank_cap=cap, progress=False, **kw)
+    for layer in range(heads.n_layers):
+        x = S.source_vectors(heads, src, variant, layer).to(heads.U.dtype)
+        for h in range(heads.n_heads):
+            rows = dense_rows(heads, layer, h, x)
+            top, bottom = dense_ranks(rows, torch.as_tensor(tgt), cap)
+            assert torch.equal(res.top[layer, h].long(), top), (layer, h)
+            assert torch.equal(res.bottom[layer, h].long(), bottom), (layer, h)
+            for k in (1, min(3, cap)):  # scores agree with the topk definition (no ties in float64)
+                assert torch.equal(res.hits(k)[layer, h], dense_topk_hits(rows, torch.as_tensor(tgt), k))
+                assert torch.equal(res.hits(k, True)[layer, h], dense_topk_hits(rows, torch.as_tensor(tgt), k, True))
+    return res
+
+
+def _pairs(vocab: int, n: int = 40, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n,), generator=g).tolist(), torch.randint(0, vocab, (n,), generator=g).tolist()
+
+
+@pytest.mark.parametrize("key", list(TINY_CONFIGS))
+@pytest.mark.parametrize("space", ["head", "model"])
+def test_factored_equals_dense_on_every_family(key, space):
+    heads = HeadWeights(make_tiny(key))
+    src, tgt = _pairs(heads.vocab_size)
+    for variant in S.VARIANTS:
+        check_against_dense(heads, src, tgt, variant, cap=heads.vocab_size, space=space)  # full ranks
+        check_against_dense(heads, src, tgt, variant, cap=7, space=space)  # capped ranks
+
+
+def test_chunking_and_memory_budget_do_not_change_results():
+    heads = HeadWeights(make_tiny("llama-gqa"))
+    src, tgt = _pairs(heads.vocab_size, n=60)
+    ref = S.target_ranks(heads, src, tgt, rank_cap=20, progress=False)
+    for budget in (1e-4, 0.01, 64):  # from a handful of entries per block to everything at once
+        for space in ("head", "model"):
+            res = S.target_ranks(heads, src, tgt, rank_cap=20, memory_budget_mb=budget, space=space, progress=False)
+            assert torch.equal(res.top, ref.top) and torch.equal(res.bottom, ref.bottom)
+    order = S.Columns(heads.U, torch.arange(heads.vocab_size), torch.arange(heads.vocab_size))  # unshuffled order
+    w = S.head_rows(heads, 1, S.source_vectors(heads, src, "first_mlp", 1))[2]
+    top, bottom = S.ranks_of_targets(w, torch.tensor(tgt), order, rank_cap=20, first_chunk=3, growth=1.1)
+    assert torch.equal(top, ref.top[1, 2].long()) and torch.equal(bottom, ref.bottom[1, 2].long())
+
+
+def test_gqa_heads_use_their_groups_value_projection():
+    """Built from the raw v_proj / o_proj weights, not through the adapter."""
+    model = make_tiny("llama-gqa")
+    heads = HeadWeights(model)
+    attn = model.model.layers[1].self_attn
+    dh = heads.d_head
+    src, tgt = _pairs(heads.vocab_size)
+    res = S.target_ranks(heads, src, tgt, rank_cap=heads.vocab_size, progress=False)
+    x = S.source_vectors(heads, src, "first_mlp", 1)
+    for h in range(4):
+        g = h // 2
+        w_v = attn.v_proj.weight[g * dh : (g + 1) * dh].T  # [d, dh]
+        w_o = attn.o_proj.weight[:, h * dh : (h + 1) * dh].T  # [dh, d]
+        rows = x @ w_v @ w_o @ model.lm_head.weight.T
+        top, _ = dense_ranks(rows, torch.tensor(tgt), heads.vocab_size)
+        assert torch.equal(res.top[1, h].long(), top)
+
+
+# ---- constructed heads: arguments change results the expected way -------------------------------------
+def _identity_model(sign: float = 1.0):
+    """A tiny Llama whose head 0 in every layer has W_V W_O = sign * I and whose E = U^T has unit rows."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   head_dim=16, intermediate_size=32, vocab_size=60, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval().requires_grad_(False)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        emb = model.model.embed_tokens.weight
+        emb /= emb.norm(dim=1, keepdim=True)
+        for layer in model.model.layers:
+            layer.self_attn.v_proj.weight[:16] = torch.eye(16, dtype=torch.float64)
+            layer.self_attn.o_proj.weight[:, :16] = sign * torch.eye(16, dtype=torch.float64)
+    return HeadWeights(model)
+
+
+def test_identity_head_copies_and_negated_head_suppresses():
+    ids = list(range(60))
+    res = S.target_ranks(_identity_model(+1), ids, ids, variant="raw", rank_cap=10, progress=False)
+    assert res.scores(1)[:, 0].tolist() == [1.0, 1.0]  # M = E E^T: every token is its own top-1
+    assert res.scores(1, suppression=True)[:, 0].tolist() == [0.0, 0.0]
+    neg = S.target_ranks(_identity_model(-1), ids, ids, variant="raw", rank_cap=10, progress=False)
+    assert neg.scores(1)[:, 0].tolist() == [0.0, 0.0]
+    assert neg.scores(1, suppression=True)[:, 0].tolist() == [1.0, 1.0]
+
+
+def test_variant_and_k_change_results_as_expected():
+    heads = _identity_model(+1)
+    ids = list(range(60))
+    raw = S.target_ranks(heads, ids, ids, variant="raw", rank_cap=60, progress=False)
+    mlp = S.target_ranks(heads, ids, ids, variant="first_mlp", rank_cap=60, progress=False)
+    mlp_all = S.target_ranks(heads, ids, ids, variant="first_mlp_all", rank_cap=60, progress=False)
+    assert torch.equal(mlp.top[0], raw.top[0])  # the paper's variant keeps raw E for layer 0 ...
+    assert not torch.equal(mlp.top[1], raw.top[1])  # ... and reads MLP0(E) from layer 1 on
+    assert torch.equal(mlp_all.top[1], mlp.top[1]) and not torch.equal(mlp_all.top[0], raw.top[0])
+    scores = [mlp.scores(k)[1, 0].item() for k in (1, 5, 20, 60)]
+    assert scores == sorted(scores) and scores[-1] == 1.0  # larger k never lowers a score; k = V always hits
+    with pytest.raises(ValueError, match="exceeds rank_cap"):
+        mlp.scores(61)
+    with pytest.raises(ValueError, match="Unknown embedding variant"):
+        S.target_ranks(heads, ids, ids, variant="mlp", progress=False)
+
+
+# ---- top mappings and saliency -------------------------------------------------------------------------------
+def test_top_mappings_equal_dense_topk():
+    heads = HeadWeights(make_tiny("gemma3-gqa"))
+    src, _ = _pairs(heads.vocab_size, n=9)
+    for suppression in (False, True):
+        v, i = S.top_mappings(heads, 1, 3, src, k=5, suppression=suppression, chunk=13)
+        rows = dense_rows(heads, 1, 3, S.source_vectors(heads, src, "first_mlp", 1))
+        dv, di = torch.topk(-rows if suppression else rows, 5, dim=1)
+        assert torch.equal(i, di) and torch.allclose(v, dv)
+
+
+@pytest.mark.parametrize("key", ["gpt2", "phi-gqa", "gemma3-mqa"])
+def test_saliency_is_norm_amplification(key):
+    heads = HeadWeights(make_tiny(key))
+    sal = S.saliency(heads, variant="first_mlp_all", chunk=17, progress=False, dtype=torch.float64)
+    ids = torch.arange(heads.vocab_size)
+    for layer in range(heads.n_layers):
+        x = S.source_vectors(heads, ids, "first_mlp_all", layer)
+        for h in range(heads.n_heads):
+            w_vo = heads.W_V(layer)[h] @ heads.W_O(layer)[h]
+            expected = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
+            assert torch.allclose(sal[layer, h].double(), expected, rtol=1e-5)
+
+
+# ---- the embedded models: a sample of heads, float64, identical ranks ---------------------------------
+@pytest.mark.embedded
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_engine_equals_dense_on_embedded_sample(which, request):
+    from maps_utils import relations as R
+
+    loaded = request.getfixturevalue(which)
+    heads = loaded.heads
+    rel = R.filter_single_token(R.load("country_capital"), loaded.tokenizer)
+    src, tgt = rel.source_ids[:30], rel.target_ids[:30]
+    layers = [1, heads.n_layers - 1]
+    res = S.target_ranks(heads, src, tgt, rank_cap=50, layers=layers, dtype=torch.float64, progress=False)
+    for layer in layers:
+        x = S.source_vectors(heads, src, "first_mlp", layer).double()
+        for h in range(heads.n_heads):
+            w_vo = heads.W_V(layer)[h].double() @ heads.W_O(layer)[h].double()
+            rows = (x @ w_vo) @ heads.U.double()
+            top, bottom = dense_ranks(rows, torch.tensor(tgt), 50)
+            assert torch.equal(res.top[layer, h].long(), top), (layer, h)
+            assert torch.equal(res.bottom[layer, h].long(), bottom), (layer, h)
