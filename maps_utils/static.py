@@ -17,7 +17,8 @@ one fixed random order (so early counts are unbiased) in blocks that grow geomet
 (head, pair) row that is still undecided is scored in the same matrix product. Rows run either in
 head space (``z = x W_V`` against ``C_h = W_O[h] U``, inner dimension d_head; pays a d_head×d×V
 product per head once) or in model space (``w = z W_O[h]`` against U, shared by all heads); the
-default picks head space when d_head <= d_model / 4. (Ordering columns by norm and stopping by
+default (``auto``) picks head space when d_head <= d_model / 4 and there are enough pairs to repay
+the up-front product. (Ordering columns by norm and stopping by
 Cauchy–Schwarz was tried and dropped: the unembedding norms of the embedded models vary too little
 for the bound to end any row early, and norm order biases the early counts.)
 
@@ -74,11 +75,14 @@ def head_rows(heads: HeadWeights, layer: int, x: Tensor) -> Tensor:
     return torch.einsum("hne,hem->hnm", z[heads.kv_groups.to(z.device)], heads.W_O(layer).to(x.dtype))
 
 
-def _pick_space(heads: HeadWeights, space: str) -> str:
+def _pick_space(heads: HeadWeights, space: str, n_pairs: int) -> str:
+    """Head space costs d_head·d_model·V per head up front, then d_head per scanned entry instead of
+    d_model; with about 5% of the vocabulary scanned per row it pays off beyond this many pairs."""
     if space not in SPACES:
         raise ValueError(f"Unknown space '{space}'; use one of {', '.join(SPACES)}.")
     if space == "auto":
-        return "head" if heads.d_head * 4 <= heads.d_model else "model"
+        d, dh = heads.d_model, heads.d_head
+        return "head" if dh * 4 <= d and n_pairs > 20 * dh * d / (d - dh) else "model"
     return space
 
 
@@ -175,7 +179,7 @@ def layer_ranks(
 
     ``x`` is ``[n, d_model]`` (the sources' representations for this layer), ``targets`` ``[n]``.
     """
-    space = _pick_space(heads, space)
+    space = _pick_space(heads, space, x.shape[0])
     U = heads.U.to(x.dtype)
     perm = scan_permutation(U.shape[1], U.device) if perm is None else perm
     z = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(x.dtype))  # [G, n, dh], shared per KV group
@@ -231,6 +235,8 @@ def target_ranks(
     layers: Sequence[int] | None = None,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    out: RankResult | None = None,
+    on_layer=None,
 ) -> RankResult:
     """Target ranks of every (source, target) pair in every head (see the module docstring).
 
@@ -243,6 +249,9 @@ def target_ranks(
         memory_budget_mb: bounds the largest block of scores held at once.
         layers: a subset of layers (default all); other layers' ranks are returned as ``rank_cap``.
         dtype: compute dtype (default the model's; float32 is the fast one on CPU).
+        out: fill this result's tensors in place (to resume: pass the finished layers' result and
+            the remaining ``layers``).
+        on_layer: called as ``on_layer(layer, result)`` after each layer (checkpointing).
     """
     _check_variant(variant)
     device = heads.U.device
@@ -250,21 +259,24 @@ def target_ranks(
     src = torch.as_tensor(source_ids, device=device)
     tgt = torch.as_tensor(target_ids, device=device)
     L, H, n = heads.n_layers, heads.n_heads, src.numel()
-    top = torch.full((L, H, n), rank_cap, dtype=torch.int16)
-    bottom = torch.full((L, H, n), rank_cap, dtype=torch.int16)
+    if out is None:
+        out = RankResult(torch.full((L, H, n), rank_cap, dtype=torch.int16),
+                         torch.full((L, H, n), rank_cap, dtype=torch.int16), variant, rank_cap)
     perm = scan_permutation(heads.vocab_size, device)
     model_columns = None
-    if _pick_space(heads, space) == "model":
+    if _pick_space(heads, space, n) == "model":
         model_columns = Columns(heads.U.to(dtype)[:, perm].contiguous(), perm, _inverse(perm))
-    raw = heads.embed(src).to(dtype)
-    mlp = heads.first_mlp(heads.embed(src)).to(dtype) if variant != "raw" else None
     todo = list(range(L)) if layers is None else list(layers)
+    raw = heads.embed(src).to(dtype)
+    mlp = heads.first_mlp(heads.embed(src)).to(dtype) if any(uses_first_mlp(variant, la) for la in todo) else None
     for layer in tqdm(todo, desc=f"ranks ({variant})", disable=not progress or len(todo) < 2):
         x = mlp if uses_first_mlp(variant, layer) else raw
         t, b = layer_ranks(heads, layer, x, tgt, rank_cap=rank_cap, space=space,
                            memory_budget_mb=memory_budget_mb, perm=perm, model_columns=model_columns)
-        top[layer], bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()
-    return RankResult(top=top, bottom=bottom, variant=variant, rank_cap=rank_cap)
+        out.top[layer], out.bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()
+        if on_layer is not None:
+            on_layer(layer, out)
+    return out
 
 
 # ---- top-k mappings and saliency ---------------------------------------------------------------------

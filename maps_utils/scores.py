@@ -1,0 +1,249 @@
+"""Static relation scores as tidy tables: computed once per (model, variant, relations), cached and resumable.
+
+``static_scores(loaded)`` scores every usable relation in every head and returns a
+:class:`StaticScores`; its ``table()`` is the tidy result (one row per relation × layer × head) at any
+k up to the rank cap. Ranks are cached under ``results/<model>/static/<variant>/`` with a manifest and
+reused while the inputs (model, variant, rank cap, filter, relation files) are unchanged; an
+interrupted run resumes from its last finished layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from . import relations as R
+from .io import atomic_dir
+from .manifest import build_manifest, write_manifest
+from .models import LoadedModel, default_variant
+from .plots import model_slug
+from .static import RankResult, target_ranks
+
+ENGINE_VERSION = 1
+TAU = 0.15  # the paper's threshold for "head implements relation"
+CHECKPOINT_SECONDS = 30.0  # how often an unfinished run saves its finished layers
+
+
+@dataclass
+class ScoredRelation:
+    """One relation's usable pairs and where its rows sit in the concatenated rank tensors."""
+
+    name: str
+    category: str | None
+    display_name: str | None
+    copying: bool
+    pairs: list[tuple[str, str]]
+    source_ids: list[int]
+    target_ids: list[int]
+    start: int = 0
+
+    @property
+    def n(self) -> int:
+        return len(self.pairs)
+
+    def k(self, k_copying: int, k_other: int) -> int:
+        return k_copying if self.copying else k_other
+
+
+@dataclass
+class StaticScores:
+    """Target ranks of every usable relation in every head, and the tables derived from them."""
+
+    model: str
+    variant: str
+    rank_cap: int
+    relations: list[ScoredRelation]
+    ranks: RankResult
+    kv_groups: list[int]
+    skipped: dict[str, int] = field(default_factory=dict)  # relation -> usable pairs (< min_pairs)
+    manifest: dict = field(default_factory=dict)
+
+    def relation(self, name: str) -> ScoredRelation:
+        for rel in self.relations:
+            if rel.name == name:
+                return rel
+        raise KeyError(f"relation '{name}' was not scored; scored: {', '.join(r.name for r in self.relations)}")
+
+    def ranks_of(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(top, bottom)`` ranks ``[L, H, n]`` of one relation's pairs."""
+        rel = self.relation(name)
+        sl = slice(rel.start, rel.start + rel.n)
+        return self.ranks.top[..., sl], self.ranks.bottom[..., sl]
+
+    def score_map(self, name: str, k: int | None = None, suppression: bool = False,
+                  k_copying: int = 1, k_other: int = 10) -> torch.Tensor:
+        """``[L, H]`` relation (or suppression) scores of one relation."""
+        rel = self.relation(name)
+        k = k or rel.k(k_copying, k_other)
+        top, bottom = self.ranks_of(name)
+        return ((bottom if suppression else top) < k).float().mean(-1)
+
+    def table(self, k: int | None = None, k_copying: int = 1, k_other: int = 10) -> pd.DataFrame:
+        """Tidy scores: model, relation, category, layer, head, kv_group, score, suppression_score, k, n_pairs, variant.
+
+        ``k`` overrides every relation's k; otherwise copying relations use ``k_copying`` (paper: 1;
+        Llama-3.x: 3) and the others ``k_other`` (paper: 10; Llama-3.x: 25).
+        """
+        L, H = self.ranks.top.shape[:2]
+        layer = torch.arange(L).repeat_interleave(H).tolist()
+        head = torch.arange(H).repeat(L).tolist()
+        frames = []
+        for rel in self.relations:
+            kk = k or rel.k(k_copying, k_other)
+            frames.append(pd.DataFrame({
+                "model": self.model, "relation": rel.name, "category": rel.category, "layer": layer, "head": head,
+                "kv_group": [self.kv_groups[h] for h in head],
+                "score": self.score_map(rel.name, kk).flatten().numpy(),
+                "suppression_score": self.score_map(rel.name, kk, suppression=True).flatten().numpy(),
+                "k": kk, "n_pairs": rel.n, "variant": self.variant,
+            }))
+        return pd.concat(frames, ignore_index=True)
+
+
+def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
+    scored, skipped, start = [], {}, 0
+    for rel in relations:
+        rel = R.load(rel) if isinstance(rel, (str, Path)) else rel
+        tok = R.filter_single_token(rel, tokenizer, leading_space=leading_space, min_pairs=min_pairs)
+        if not tok.usable:
+            skipped[rel.name] = len(tok)
+            continue
+        scored.append(ScoredRelation(rel.name, rel.category, rel.display_name, rel.copying, tok.pairs,
+                                     list(tok.source_ids), list(tok.target_ids), start))
+        start += len(tok)
+    return scored, skipped
+
+
+def _key(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs, scored) -> tuple[str, dict]:
+    inputs = {
+        "engine_version": ENGINE_VERSION,
+        "model": loaded.name,
+        "source": loaded.source,
+        "architecture": loaded.heads.summary(),
+        "dtype": str(loaded.dtype),
+        "variant": variant,
+        "rank_cap": rank_cap,
+        "leading_space": leading_space,
+        "min_pairs": min_pairs,
+        "relations": {
+            r.name: hashlib.sha256(json.dumps([r.pairs, r.source_ids, r.target_ids]).encode()).hexdigest()[:16]
+            for r in scored
+        },
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20], inputs
+
+
+def static_scores(
+    loaded: LoadedModel,
+    relations: Sequence[str | R.Relation] | None = None,
+    *,
+    variant: str | None = None,
+    rank_cap: int = 100,
+    leading_space: bool = True,
+    min_pairs: int = R.MIN_PAIRS,
+    space: str = "auto",
+    memory_budget_mb: float = 512.0,
+    results_dir: str | Path | None = "results",
+    use_cache: bool = True,
+    progress: bool = True,
+) -> StaticScores:
+    """Score every usable relation in every head of ``loaded`` (cached; see the module docstring).
+
+    Args:
+        relations: names, paths or :class:`~maps_utils.relations.Relation` objects (default: all shipped).
+        variant: source representation (default: the model's registered variant, see
+            :func:`maps_utils.models.default_variant`; the paper's is ``first_mlp``).
+        rank_cap: ranks are exact below it, so scores for every k <= rank_cap come from one run.
+        leading_space, min_pairs: the single-token filter (paper: True, 30).
+        space, memory_budget_mb: speed and memory only (results are identical).
+        results_dir: where ranks, scores.csv and the manifest go (None: no files).
+    """
+    t0 = time.perf_counter()
+    variant = variant or default_variant(loaded.name)
+    relations = R.list_relations() if relations is None else relations
+    scored, skipped = _usable(relations, loaded.tokenizer, leading_space, min_pairs)
+    heads = loaded.heads
+    key, inputs = _key(loaded, variant, rank_cap, leading_space, min_pairs, scored)
+    out = Path(results_dir) / model_slug(loaded.name) / "static" / variant if results_dir else None
+    src = [i for r in scored for i in r.source_ids]
+    tgt = [i for r in scored for i in r.target_ids]
+    kv_groups = heads.kv_groups.tolist()
+
+    if out is not None and use_cache and (out / "ranks.pt").is_file():
+        saved = torch.load(out / "ranks.pt")
+        if saved["key"] == key:
+            ranks = RankResult(saved["top"], saved["bottom"], variant, rank_cap)
+            manifest = json.loads((out / "manifest.json").read_text())
+            return StaticScores(loaded.name, variant, rank_cap, scored, ranks, kv_groups, skipped, manifest)
+
+    if not src:
+        raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}.")
+    partial = out.parent / f"{variant}.partial.pt" if out is not None else None
+    L, H = heads.n_layers, heads.n_heads
+    ranks = RankResult(torch.full((L, H, len(src)), rank_cap, dtype=torch.int16),
+                       torch.full((L, H, len(src)), rank_cap, dtype=torch.int16), variant, rank_cap)
+    done: list[int] = []
+    if partial is not None and use_cache and partial.is_file():
+        saved = torch.load(partial)
+        if saved["key"] == key:  # resume an interrupted run
+            ranks.top, ranks.bottom, done = saved["top"], saved["bottom"], saved["done"]
+    last_save = [time.perf_counter()]
+
+    def checkpoint(layer: int, res: RankResult) -> None:
+        done.append(layer)
+        if partial is not None and time.perf_counter() - last_save[0] >= CHECKPOINT_SECONDS:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic(partial, {"key": key, "top": res.top, "bottom": res.bottom, "done": list(done)})
+            last_save[0] = time.perf_counter()
+
+    todo = [layer for layer in range(L) if layer not in done]
+    target_ranks(heads, src, tgt, variant=variant, rank_cap=rank_cap, space=space, memory_budget_mb=memory_budget_mb,
+                 layers=todo, progress=progress, out=ranks, on_layer=checkpoint)
+    result = StaticScores(loaded.name, variant, rank_cap, scored, ranks, kv_groups, skipped)
+    params = {**inputs, "key": key, "skipped_relations": skipped, "space": space, "memory_budget_mb": memory_budget_mb}
+    result.manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
+    if out is not None:
+        with atomic_dir(out, replace=True) as tmp:
+            torch.save({"key": key, "top": ranks.top, "bottom": ranks.bottom}, tmp / "ranks.pt")
+            result.table().to_csv(tmp / "scores.csv", index=False)
+            write_manifest(tmp / "manifest.json", result.manifest)
+        if partial is not None and partial.exists():
+            partial.unlink()
+    return result
+
+
+def _save_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def choose_variant(
+    loaded: LoadedModel,
+    candidates: Sequence[str] = ("first_mlp", "raw"),
+    relations: Sequence[str] = ("copying", "name_copying"),
+    **kwargs,
+) -> tuple[str, pd.DataFrame]:
+    """The registry's criterion for a model's embedding variant: the variant under which the best head
+    recovers the copying relations best (max over heads of the mean of the copying relations' scores
+    at the paper's k = 1).
+
+    ``kwargs`` go to :func:`static_scores` (pass ``relations=None`` there to reuse the full cached
+    runs). Returns the chosen variant and a table of the criterion per candidate.
+    """
+    scoring = kwargs.pop("scoring_relations", list(relations))
+    rows = []
+    for variant in candidates:
+        res = static_scores(loaded, scoring, variant=variant, **kwargs)
+        maps = torch.stack([res.score_map(name) for name in relations]).mean(0)
+        rows.append({"variant": variant, "best_head_copying": round(maps.max().item(), 4),
+                     "heads_over_tau": int((maps >= TAU).sum()), "paper_choice": variant == "first_mlp"})
+    table = pd.DataFrame(rows).set_index("variant")
+    return str(table["best_head_copying"].idxmax()), table

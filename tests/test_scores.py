@@ -1,0 +1,131 @@
+"""Tidy static-score tables: contents, caching, resuming, and the variant criterion (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from maps_utils import HeadWeights, LoadedModel
+from maps_utils import scores as SC
+from maps_utils import static as S
+
+from .conftest import make_tiny
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+@pytest.fixture
+def tiny_loaded():
+    model = make_tiny("llama-gqa").to(torch.float32)
+    return LoadedModel("tiny-llama", model, _tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+                       "test", 0.0)
+
+
+def _relation(tmp_path, name, pairs):
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(pairs))
+    return path
+
+
+def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
+    pairs = [[f"t{i}", f"t{(i * 7) % 100}"] for i in range(40)]
+    rel = _relation(tmp_path, "mine", pairs)
+    res = SC.static_scores(tiny_loaded, [rel], variant="first_mlp", results_dir=tmp_path / "results", progress=False)
+    table = res.table()
+    assert list(table.columns) == ["model", "relation", "category", "layer", "head", "kv_group", "score",
+                                   "suppression_score", "k", "n_pairs", "variant"]
+    assert len(table) == 2 * 4 and (table.k == 10).all() and (table.n_pairs == 40).all()
+    assert table.kv_group.tolist() == [0, 0, 1, 1] * 2
+    direct = S.target_ranks(tiny_loaded.heads, [i for i in range(40)], [(i * 7) % 100 for i in range(40)],
+                            variant="first_mlp", progress=False)
+    assert torch.allclose(torch.tensor(table.score.values).view(2, 4), direct.scores(10))
+    assert torch.allclose(torch.tensor(table.suppression_score.values).view(2, 4), direct.scores(10, True))
+    assert (res.table(k=3).k == 3).all()
+    out = tmp_path / "results" / "tiny-llama" / "static" / "first_mlp"
+    assert {p.name for p in out.iterdir()} == {"ranks.pt", "scores.csv", "manifest.json"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["parameters"]["variant"] == "first_mlp" and manifest["wall_seconds"] >= 0
+    assert {"versions", "git_commit", "model"} <= manifest.keys()
+
+
+def test_relations_below_min_pairs_are_skipped(tiny_loaded, tmp_path):
+    small = _relation(tmp_path, "small", [[f"t{i}", f"t{i}"] for i in range(10)])
+    big = _relation(tmp_path, "big", [[f"t{i}", f"t{i}"] for i in range(30)])
+    res = SC.static_scores(tiny_loaded, [small, big], results_dir=None, progress=False)
+    assert [r.name for r in res.relations] == ["big"] and res.skipped == {"small": 10}
+    assert res.relation("big").copying is False  # user relations carry no metadata
+
+
+def test_cache_is_reused_and_invalidated(tiny_loaded, tmp_path, monkeypatch):
+    rel = _relation(tmp_path, "mine", [[f"t{i}", f"t{i + 1}"] for i in range(35)])
+    first = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    calls = []
+    real = S.layer_ranks
+    monkeypatch.setattr(S, "layer_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    assert calls == [] and torch.equal(again.ranks.top, first.ranks.top)
+    rel.write_text(json.dumps([[f"t{i}", f"t{i + 2}"] for i in range(35)]))  # changed input: recomputed
+    SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    assert len(calls) == 2
+
+
+def test_interrupted_run_resumes_from_finished_layers(tiny_loaded, tmp_path, monkeypatch):
+    rel = _relation(tmp_path, "mine", [[f"t{i}", f"t{99 - i}"] for i in range(40)])
+    reference = SC.static_scores(tiny_loaded, [rel], results_dir=None, progress=False)
+    monkeypatch.setattr(SC, "CHECKPOINT_SECONDS", 0.0)
+    real = S.layer_ranks
+    seen = []
+
+    def flaky(heads, layer, *a, **k):
+        seen.append(layer)
+        if layer == 1 and seen.count(1) == 1:
+            raise KeyboardInterrupt
+        return real(heads, layer, *a, **k)
+
+    monkeypatch.setattr(S, "layer_ranks", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    assert (tmp_path / "tiny-llama" / "static" / "first_mlp.partial.pt").is_file()
+    resumed = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    assert seen == [0, 1, 1]  # layer 0 was not recomputed
+    assert torch.equal(resumed.ranks.top, reference.ranks.top)
+    assert not (tmp_path / "tiny-llama" / "static" / "first_mlp.partial.pt").exists()
+
+
+def test_choose_variant_picks_the_copying_variant(tmp_path):
+    import transformers
+
+    cfg = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                   head_dim=16, intermediate_size=32, vocab_size=101, tie_word_embeddings=True)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False)
+    with torch.no_grad():  # layer 1, head 0: W_V W_O = I on unit-norm tied embeddings, so M = E E^T copies
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+        emb = model.model.embed_tokens.weight
+        emb /= emb.norm(dim=1, keepdim=True)
+        model.model.layers[1].self_attn.v_proj.weight[:16] = torch.eye(16)
+        model.model.layers[1].self_attn.o_proj.weight[:, :16] = torch.eye(16)
+    loaded = LoadedModel("tiny-copy", model, _tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+                         "test", 0.0)
+    rel = _relation(tmp_path, "copy", [[f"t{i}", f"t{i}"] for i in range(100)])
+    best, table = SC.choose_variant(loaded, relations=("copy",), scoring_relations=[rel], results_dir=None,
+                                    progress=False)
+    assert best == "raw" and table.loc["raw", "best_head_copying"] == 1.0
+    assert table.loc["first_mlp", "best_head_copying"] < 1.0
+
+
+def test_registry_variants():
+    from maps_utils.models import EMBEDDED, PAPER_VARIANT, default_variant
+
+    assert PAPER_VARIANT == "first_mlp" and default_variant("gpt2-xl") == "first_mlp"
+    for name, entry in EMBEDDED.items():
+        assert default_variant(name) == entry.embedding_variant in S.VARIANTS and entry.variant_note
