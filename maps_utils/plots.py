@@ -35,3 +35,55 @@ def layer_head_heatmap(values: np.ndarray, title: str, cbar_label: str, ax: plt.
     ax.set_title(title)
     ax.figure.colorbar(im, ax=ax, label=cbar_label)
     return ax
+
+
+def relation_grid(table, value: str = "score", title: str = "", ncols: int = 5, vmax: float = 1.0) -> plt.Figure:
+    """One layer × head heatmap per relation of a tidy score table (``value``: score or suppression_score)."""
+    rels = list(dict.fromkeys(table.relation))
+    L, H = int(table.layer.max()) + 1, int(table["head"].max()) + 1
+    nrows = -(-len(rels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, (0.9 + 0.16 * H) * nrows + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, rel in zip(axes.flat, rels, strict=False):
+        g = table[table.relation == rel].sort_values(["layer", "head"])
+        grid = g[value].to_numpy().reshape(L, H)
+        im = ax.imshow(grid.T, aspect="auto", origin="lower", interpolation="nearest", vmin=0, vmax=vmax,
+                       cmap="viridis")
+        ax.set_title(f"{rel} (max {grid.max():.2f})", fontsize=8)
+    for ax in axes.flat[len(rels):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("layer", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("head", fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.6, label=value.replace("_", " "))
+    fig.suptitle(title)
+    return fig
+
+
+CATEGORY_COLORS = {
+    "unclassified": "#f0f0f0", "algorithmic": "#1b9e77", "knowledge": "#d95f02", "linguistic": "#7570b3",
+    "translation": "#e7298a", "2 categories": "#66a61e", "3 categories": "#e6ab02", "4 categories": "#a6761d",
+}
+
+
+def category_map_figure(cats, title: str = "") -> plt.Figure:
+    """Heads coloured by the categories of the relations they implement (the paper's category figure)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    labels = list(CATEGORY_COLORS)
+    L, H = int(cats.layer.max()) + 1, int(cats["head"].max()) + 1
+    grid = np.zeros((L, H), dtype=int)
+    for r in cats.itertuples():
+        grid[r.layer, r.head] = labels.index(r.label)
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.25 * L + 2.5), max(2.5, 0.3 * H + 1)))
+    ax.imshow(grid.T, aspect="auto", origin="lower", interpolation="nearest",
+              cmap=ListedColormap(list(CATEGORY_COLORS.values())), vmin=0, vmax=len(labels) - 1)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("head")
+    ax.set_title(title)
+    present = [lab for lab in labels if (cats.label == lab).any()]
+    ax.legend(handles=[Patch(color=CATEGORY_COLORS[lab], label=f"{lab} ({(cats.label == lab).sum()})") for lab in present],
+              bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
+    return fig

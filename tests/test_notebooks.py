@@ -43,3 +43,25 @@ def test_model_overview_runs_under_papermill(smollm2, tmp_path):
     assert "-> ' Paris" in text
     assert (tmp_path / "smollm2-135m" / "00_ov_norms.png").is_file()
     assert (tmp_path / "smollm2-135m" / "00_ov_norms.svg").is_file()
+
+
+@pytest.mark.embedded
+def test_static_scores_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
+    import papermill
+
+    out = tmp_path / "01.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "01_static_scores.ipynb"),
+        str(out),
+        parameters={"model": "smollm2-135m", "device": "cpu", "relations": ["name_copying", "country_capital"],
+                    "n_permutations": 50, "figures_dir": str(tmp_path / "fig"), "results_dir": str(tmp_path / "res")},
+        cwd=str(ROOT / "notebooks"),
+        progress_bar=False,
+    )
+    text = out.read_text()
+    assert "criterion picks: raw; registry: raw" in text
+    for name in ("01_relation_scores", "01_suppression_scores", "01_category_map"):
+        assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.png").is_file()
+        assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.svg").is_file()
+    assert (tmp_path / "res" / "smollm2-135m" / "static" / "raw" / "scores.csv").is_file()
+    assert "p_value" in text

@@ -129,3 +129,46 @@ def test_registry_variants():
     assert PAPER_VARIANT == "first_mlp" and default_variant("gpt2-xl") == "first_mlp"
     for name, entry in EMBEDDED.items():
         assert default_variant(name) == entry.embedding_variant in S.VARIANTS and entry.variant_note
+
+
+def _synthetic_table(profiles: torch.Tensor, kv_groups: list[int], categories: list[str]) -> "pd.DataFrame":
+    import pandas as pd
+
+    L, H, R = profiles.shape
+    rows = []
+    for r in range(R):
+        for layer in range(L):
+            for h in range(H):
+                rows.append({"relation": f"r{r}", "category": categories[r], "layer": layer, "head": h,
+                             "kv_group": kv_groups[h], "score": float(profiles[layer, h, r]),
+                             "suppression_score": 0.0, "k": 10, "n_pairs": 40})
+    return pd.DataFrame(rows)
+
+
+def test_category_map_and_top_heads():
+    prof = torch.zeros(2, 2, 3)
+    prof[0, 0, 0] = 0.5  # algorithmic only
+    prof[1, 1, 1] = prof[1, 1, 2] = 0.9  # knowledge + linguistic
+    prof[1, 0, 2] = 0.1  # below tau
+    table = _synthetic_table(prof, [0, 0], ["algorithmic", "knowledge", "linguistic"])
+    cats = SC.category_map(table, tau=0.15).set_index(["layer", "head"]).label.to_dict()
+    assert cats == {(0, 0): "algorithmic", (0, 1): "unclassified", (1, 0): "unclassified", (1, 1): "2 categories"}
+    top = SC.top_heads(table, n=2).set_index("relation")
+    assert top.loc["r2", "top heads"] == "1.1 (0.90), 1.0 (0.10)"
+    assert top.loc["r2", "heads >= 0.15"] == 1
+
+
+@pytest.mark.parametrize("groups", [[0, 0, 1, 1], [0, 0, 0, 0]])
+def test_kv_group_similarity_detects_shared_profiles(groups):
+    g = torch.Generator().manual_seed(1)
+    L, H, R = 8, 4, 12
+    if len(set(groups)) > 1:  # heads of one group share a profile (plus noise)
+        base = torch.rand(L, 2, R, generator=g)
+        prof = base[:, torch.tensor(groups)] + 0.05 * torch.rand(L, H, R, generator=g)
+    else:  # one group per layer: heads of a layer share a profile
+        prof = torch.rand(L, 1, R, generator=g).expand(L, H, R) + 0.05 * torch.rand(L, H, R, generator=g)
+    shared = SC.kv_group_similarity(_synthetic_table(prof, groups, ["linguistic"] * R), n_perm=200)
+    assert shared["difference"] > 0 and shared["p_value"] < 0.01
+    noise = SC.kv_group_similarity(_synthetic_table(torch.rand(L, H, R, generator=g), groups, ["linguistic"] * R),
+                                   n_perm=200)
+    assert noise["p_value"] > 0.01
