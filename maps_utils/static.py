@@ -342,3 +342,37 @@ def saliency(
             xn = torch.linalg.vector_norm(x, dim=1).clamp_min(torch.finfo(dtype).tiny)
             out[layer, :, start : start + ids.numel()] = (sq.sqrt() / xn).float().cpu()
     return out
+
+
+@torch.no_grad()
+def salient_operations(
+    heads: HeadWeights,
+    tokenizer=None,
+    *,
+    n_tokens: int = 15,
+    n_mappings: int = 5,
+    variant: str = "first_mlp_all",
+    heads_subset: Sequence[tuple[int, int]] | None = None,
+    saliency_scores: Tensor | None = None,
+    progress: bool = True,
+):
+    """Each head's salient operations (MAPS-SPEC §1.7, §4.1): its top ``n_tokens`` tokens by norm
+    amplification and, for each, the top ``n_mappings`` targets of its row of M.
+
+    Returns a tidy DataFrame (layer, head, rank, token_id, token, saliency, mapping_ids, mappings).
+    ``saliency_scores`` (from :func:`saliency`) is reused when given; tokens are decoded when a
+    tokenizer is given. The default variant is the paper's for this analysis (MLP0 for all layers).
+    """
+    import pandas as pd
+
+    sal = saliency(heads, variant=variant, progress=progress) if saliency_scores is None else saliency_scores
+    pairs = heads_subset or [(la, h) for la in range(heads.n_layers) for h in range(heads.n_heads)]
+    rows = []
+    decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
+    for layer, h in pairs:
+        values, ids = torch.topk(sal[layer, h], n_tokens)
+        _, maps = top_mappings(heads, layer, h, ids.to(heads.U.device), n_mappings, variant=variant)
+        for rank, (tid, value, mapped) in enumerate(zip(ids.tolist(), values.tolist(), maps.tolist(), strict=True)):
+            rows.append({"layer": layer, "head": h, "rank": rank, "token_id": tid, "token": decode(tid),
+                         "saliency": value, "mapping_ids": mapped, "mappings": [decode(m) for m in mapped]})
+    return pd.DataFrame(rows)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 
@@ -131,9 +132,7 @@ def test_registry_variants():
         assert default_variant(name) == entry.embedding_variant in S.VARIANTS and entry.variant_note
 
 
-def _synthetic_table(profiles: torch.Tensor, kv_groups: list[int], categories: list[str]) -> "pd.DataFrame":
-    import pandas as pd
-
+def _synthetic_table(profiles: torch.Tensor, kv_groups: list[int], categories: list[str]) -> pd.DataFrame:
     L, H, R = profiles.shape
     rows = []
     for r in range(R):

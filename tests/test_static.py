@@ -182,3 +182,16 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
             top, bottom = dense_ranks(rows, torch.tensor(tgt), 50)
             assert torch.equal(res.top[layer, h].long(), top), (layer, h)
             assert torch.equal(res.bottom[layer, h].long(), bottom), (layer, h)
+
+
+def test_salient_operations_match_dense():
+    heads = HeadWeights(make_tiny("qwen2-gqa"))
+    ops = S.salient_operations(heads, n_tokens=4, n_mappings=3, heads_subset=[(1, 2)], progress=False)
+    ids = torch.arange(heads.vocab_size)
+    x = S.source_vectors(heads, ids, "first_mlp_all", 1)
+    w_vo = heads.W_V(1)[2] @ heads.W_O(1)[2]
+    amp = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
+    top = torch.topk(amp, 4).indices
+    assert ops.token_id.tolist() == top.tolist() and ops["rank"].tolist() == [0, 1, 2, 3]
+    expected = torch.topk((x[top] @ w_vo) @ heads.U, 3, dim=1).indices
+    assert ops.mapping_ids.tolist() == expected.tolist()
