@@ -225,20 +225,25 @@ def _save_atomic(path: Path, obj: dict) -> None:
     tmp.replace(path)
 
 
+_ONLY_CRITERION = object()
+
+
 def choose_variant(
     loaded: LoadedModel,
     candidates: Sequence[str] = ("first_mlp", "raw"),
     relations: Sequence[str] = ("copying", "name_copying"),
+    scoring_relations=_ONLY_CRITERION,
     **kwargs,
 ) -> tuple[str, pd.DataFrame]:
     """The registry's criterion for a model's embedding variant: the variant under which the best head
     recovers the copying relations best (max over heads of the mean of the copying relations' scores
     at the paper's k = 1).
 
-    ``kwargs`` go to :func:`static_scores` (pass ``relations=None`` there to reuse the full cached
-    runs). Returns the chosen variant and a table of the criterion per candidate.
+    ``scoring_relations`` are the relations actually scored (default: only ``relations``; None: every
+    shipped relation, which shares its cache with a full :func:`static_scores` run); ``kwargs`` go to
+    :func:`static_scores`. Returns the chosen variant and a table of the criterion per candidate.
     """
-    scoring = kwargs.pop("scoring_relations", None) or list(relations)
+    scoring = list(relations) if scoring_relations is _ONLY_CRITERION else scoring_relations
     rows = []
     for variant in candidates:
         res = static_scores(loaded, scoring, variant=variant, **kwargs)
