@@ -64,6 +64,7 @@ class StaticScores:
     kv_groups: list[int]
     skipped: dict[str, int] = field(default_factory=dict)  # relation -> usable pairs (< min_pairs)
     manifest: dict = field(default_factory=dict)
+    from_cache: bool = False
 
     def relation(self, name: str) -> ScoredRelation:
         for rel in self.relations:
@@ -181,7 +182,7 @@ def static_scores(
         if saved["key"] == key:
             ranks = RankResult(saved["top"], saved["bottom"], variant, rank_cap)
             manifest = json.loads((out / "manifest.json").read_text())
-            return StaticScores(loaded.name, variant, rank_cap, scored, ranks, kv_groups, skipped, manifest)
+            return StaticScores(loaded.name, variant, rank_cap, scored, ranks, kv_groups, skipped, manifest, True)
 
     if not src:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}.")

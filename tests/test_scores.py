@@ -74,6 +74,7 @@ def test_cache_is_reused_and_invalidated(tiny_loaded, tmp_path, monkeypatch):
     monkeypatch.setattr(S, "layer_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
     assert calls == [] and torch.equal(again.ranks.top, first.ranks.top)
+    assert again.from_cache and not first.from_cache
     rel.write_text(json.dumps([[f"t{i}", f"t{i + 2}"] for i in range(35)]))  # changed input: recomputed
     SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
     assert len(calls) == 2
