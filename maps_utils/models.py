@@ -275,16 +275,17 @@ def _not_found(name: str, why: str) -> ModelNotFoundError:
     )
 
 
-def _load_hub(name: str, dtype, attn_implementation):
-    """Local Hugging Face cache first; the hub only when it can be reached (no 25 s retry loop offline)."""
+def _from_hub(name: str, loader):
+    """``loader(name, **kw)`` from the local Hugging Face cache first; the hub only when it can be reached
+    (so offline there is no 25 s retry loop, just one clear sentence)."""
     try:
-        return _load_pretrained_dir(name, dtype, attn_implementation, local_files_only=True)
+        return loader(name, local_files_only=True)
     except (OSError, ValueError):
         pass  # not cached locally; try the hub below
     if not _hub_reachable():
         raise _not_found(name, "it is not in the local Hugging Face cache while the hub cannot be reached (offline)")
     try:
-        return _load_pretrained_dir(name, dtype, attn_implementation)
+        return loader(name)
     except (OSError, ValueError) as err:
         raise _not_found(name, f"the Hugging Face hub could not provide it ({str(err).splitlines()[0]})") from err
 
@@ -309,15 +310,7 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, cache_dir: str | Path | None = 
         return AutoTokenizer.from_pretrained(str(target))
     if local.is_dir():
         return AutoTokenizer.from_pretrained(str(local))
-    try:
-        return AutoTokenizer.from_pretrained(str(name), local_files_only=True)
-    except (OSError, ValueError):
-        if not _hub_reachable():
-            raise _not_found(str(name), "it is not in the local Hugging Face cache while the hub cannot be reached (offline)") from None
-    try:
-        return AutoTokenizer.from_pretrained(str(name))
-    except (OSError, ValueError) as err:
-        raise _not_found(str(name), f"the Hugging Face hub could not provide it ({str(err).splitlines()[0]})") from err
+    return _from_hub(str(name), AutoTokenizer.from_pretrained)
 
 
 def load(
@@ -362,7 +355,7 @@ def load(
     elif local.exists() or str(name).endswith(".gguf"):
         raise _not_found(str(name), "the path is not a directory or an existing .gguf file")
     else:
-        model, tokenizer = _load_hub(str(name), dtype_, attn_implementation)
+        model, tokenizer = _from_hub(str(name), lambda n, **kw: _load_pretrained_dir(n, dtype_, attn_implementation, **kw))
         source = f"huggingface: {name}"
 
     model = _finish(model, device_, dtype_)

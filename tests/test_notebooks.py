@@ -27,19 +27,19 @@ def test_committed_without_outputs_and_with_parameters(path):
         assert f"{name} =" in src
 
 
-@pytest.mark.embedded
-def test_model_overview_runs_under_papermill(smollm2, tmp_path):
+def run_notebook(name: str, out: Path, **parameters) -> str:
+    """Execute notebooks/<name> with papermill (cwd notebooks/, as `make all` does); returns the executed JSON."""
     import papermill
 
-    out = tmp_path / "00.ipynb"
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / "00_model_overview.ipynb"),
-        str(out),
-        parameters={"model": "smollm2-135m", "device": "cpu", "dtype": "float32", "figures_dir": str(tmp_path)},
-        cwd=str(ROOT / "notebooks"),
-        progress_bar=False,
-    )
-    text = out.read_text()
+    papermill.execute_notebook(str(ROOT / "notebooks" / name), str(out), parameters=parameters,
+                               cwd=str(ROOT / "notebooks"), progress_bar=False)
+    return out.read_text()
+
+
+@pytest.mark.embedded
+def test_model_overview_runs_under_papermill(smollm2, tmp_path):
+    text = run_notebook("00_model_overview.ipynb", tmp_path / "00.ipynb", model="smollm2-135m", device="cpu",
+                        dtype="float32", figures_dir=str(tmp_path))
     assert "-> ' Paris" in text
     assert (tmp_path / "smollm2-135m" / "00_ov_norms.png").is_file()
     assert (tmp_path / "smollm2-135m" / "00_ov_norms.svg").is_file()
@@ -47,18 +47,9 @@ def test_model_overview_runs_under_papermill(smollm2, tmp_path):
 
 @pytest.mark.embedded
 def test_static_scores_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
-    import papermill
-
-    out = tmp_path / "01.ipynb"
-    papermill.execute_notebook(
-        str(ROOT / "notebooks" / "01_static_scores.ipynb"),
-        str(out),
-        parameters={"model": "smollm2-135m", "device": "cpu", "relations": ["name_copying", "country_capital"],
-                    "n_permutations": 50, "figures_dir": str(tmp_path / "fig"), "results_dir": str(tmp_path / "res")},
-        cwd=str(ROOT / "notebooks"),
-        progress_bar=False,
-    )
-    text = out.read_text()
+    text = run_notebook("01_static_scores.ipynb", tmp_path / "01.ipynb", model="smollm2-135m", device="cpu",
+                        relations=["name_copying", "country_capital"], n_permutations=50,
+                        figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
     assert "criterion picks: raw; registry: raw" in text
     for name in ("01_relation_scores", "01_suppression_scores", "01_category_map"):
         assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.png").is_file()
