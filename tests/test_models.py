@@ -30,23 +30,24 @@ def test_smollm2_loads_offline_and_knows_paris(smollm2):
     assert first_new == " Paris"
 
 
-@pytest.mark.embedded
-def test_smollm2_adapter_shapes(smollm2):
-    h = smollm2.heads
-    assert (h.family, h.n_layers, h.n_heads, h.n_kv_heads, h.group_size) == ("llama", 30, 9, 3, 3)
-    assert (h.d_model, h.d_head, h.vocab_size) == (576, 64, 49152)
-    assert h.W_V(29).shape == (9, 576, 64) and h.W_O(0).shape == (9, 64, 576)
-    assert [h.kv_group(i) for i in range(9)] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
-    assert h.E.shape == (49152, 576) and h.U.shape == (576, 49152)
+# fixture: (family, layers, heads, kv heads, d_model, d_head, vocab, embedding scale)
+GEOMETRY = {
+    "smollm2": ("llama", 30, 9, 3, 576, 64, 49152, 1.0),
+    "gemma3": ("gemma3", 18, 4, 1, 640, 256, 262144, 640**0.5),
+}
 
 
 @pytest.mark.embedded
-def test_gemma3_adapter_shapes(gemma3):
-    h = gemma3.heads
-    assert (h.family, h.n_layers, h.n_heads, h.n_kv_heads, h.group_size) == ("gemma3", 18, 4, 1, 4)
-    assert (h.d_model, h.d_head, h.vocab_size) == (640, 256, 262144)
-    assert h.W_V(0).shape == (4, 640, 256) and h.W_O(17).shape == (4, 256, 640)
-    assert float(h.embed_scale) == pytest.approx(640**0.5, rel=1e-6)
+@pytest.mark.parametrize("which", list(GEOMETRY))
+def test_embedded_adapter_shapes(which, request):
+    family, L, H, G, d, dh, V, scale = GEOMETRY[which]
+    h = request.getfixturevalue(which).heads
+    assert (h.family, h.n_layers, h.n_heads, h.n_kv_heads, h.group_size) == (family, L, H, G, H // G)
+    assert (h.d_model, h.d_head, h.vocab_size) == (d, dh, V)
+    assert h.W_V(L - 1).shape == (H, d, dh) and h.W_O(0).shape == (H, dh, d)
+    assert [h.kv_group(i) for i in range(H)] == [i // (H // G) for i in range(H)]
+    assert h.U.shape == (d, V) and h.embed([0, 1]).shape == (2, d)
+    assert float(h.embed_scale) == pytest.approx(scale, rel=1e-6)
 
 
 @pytest.mark.embedded
