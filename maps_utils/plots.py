@@ -87,3 +87,65 @@ def category_map_figure(cats, title: str = "") -> plt.Figure:
     ax.legend(handles=[Patch(color=CATEGORY_COLORS[lab], label=f"{lab} ({(cats.label == lab).sum()})") for lab in present],
               bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8, frameon=False)
     return fig
+
+
+CONTEXT_COLORS = {"without": "#1f77b4", "with": "#ff7f0e"}
+
+
+def static_dynamic_scatter(static, dynamic, score_type: str = "relation", corr=None, ncols: int = 5,
+                           title: str = "", k: int | None = None) -> plt.Figure:
+    """Per relation: static score (x) against dynamic score (y) of every head × template, without and with
+    context; panel titles give Pearson r (from ``corr``, a :func:`maps_utils.dynamic.correlations` table)."""
+    names = [r.name for r in dynamic.relations if r.name in {s.name for s in static.relations}]
+    nrows = max(1, -(-len(names) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(2.9 * ncols, 2.7 * nrows + 0.6), squeeze=False,
+                             sharex=True, sharey=True)
+    supp = score_type == "suppression"
+    for ax, name in zip(axes.flat, names, strict=False):
+        rel = dynamic.relation(name)
+        kk = k or rel.k
+        x = static.score_map(name, kk, suppression=supp).flatten().numpy()
+        label = []
+        for context in ("without", "with"):
+            y = rel.scores(kk, context, suppression=supp).numpy()  # [T, L, H]
+            ax.scatter(np.tile(x, y.shape[0]), y.reshape(-1), s=6, alpha=0.35, color=CONTEXT_COLORS[context],
+                       label=f"{context} context", linewidths=0)
+            if corr is not None:
+                row = corr[(corr.relation == name) & (corr.score_type == score_type) & (corr.context == context)]
+                if len(row):
+                    label.append(f"{row.r.item():.2f}")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, zorder=0)
+        ax.set_title(f"{name}\nr = {' / '.join(label)}" if label else name, fontsize=8)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("static score", fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("dynamic score", fontsize=8)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=8, markerscale=3, frameon=False)
+    fig.suptitle(title or f"static vs dynamic {score_type} scores (r without / with context)")
+    fig.tight_layout()
+    return fig
+
+
+def correlation_dot_plot(ours, paper, title: str = "", models=("GPT-2 xl", "Pythia 6.9B", "Llama-3.1 8B")) -> plt.Figure:
+    """Per relation, our r without and with context (filled) beside the paper's r without context per model (open)."""
+    rels = list(ours.relation)
+    fig, ax = plt.subplots(figsize=(7.5, 0.32 * len(rels) + 1.4))
+    yy = np.arange(len(rels))
+    markers = ["s", "^", "D", "v", "P"]
+    for i, model in enumerate(models):
+        p = paper[paper.model == model].set_index("relation").reindex(rels)
+        ax.scatter(p.r_without, yy, facecolors="none", edgecolors="0.45", marker=markers[i % len(markers)],
+                   s=28, label=f"paper: {model} (w/o context)")
+    ax.scatter(ours["r w/o context"], yy, color=CONTEXT_COLORS["without"], s=34, label="ours: without context", zorder=3)
+    ax.scatter(ours["r w/ context"], yy, color=CONTEXT_COLORS["with"], s=34, label="ours: with context", zorder=3)
+    ax.set_yticks(yy, rels, fontsize=8)
+    ax.invert_yaxis()
+    ax.axvline(0, color="0.8", lw=0.8)
+    ax.set_xlim(-0.3, 1.02)
+    ax.set_xlabel("Pearson r (static vs dynamic, heads × templates)")
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
+    ax.set_title(title)
+    return fig

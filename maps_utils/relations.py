@@ -48,6 +48,7 @@ class Relation:
     category: str | None = None
     display_name: str | None = None
     copying: bool = False
+    multi_token: bool = False  # part of the paper's multi-token experiment (MAPS-SPEC §1.6)
     causal_template: str | None = None
     provenance: str | None = None
     path: Path | None = None
@@ -184,6 +185,7 @@ def load(name_or_path: str | Path, data_dir: str | Path | None = None) -> Relati
             category=m["category"],
             display_name=m["display_name"],
             copying=bool(m["copying"]),
+            multi_token=bool(m.get("multi_token", False)),
             causal_template=m.get("causal_template"),
             provenance=m.get("provenance"),
             path=file,
@@ -239,12 +241,21 @@ def filter_single_token(
     return TokenizedRelation(relation, keep, src, tgt, dropped, min_pairs)
 
 
-def filter_multi_token(relation: Relation, tokenizer, min_pairs: int = MIN_PAIRS) -> TokenizedRelation:
-    """Pairs for the multi-token experiment (paper §1.6): the target is one token with a leading
-    space, and the source, tokenised *without* a leading space, is more than one token."""
+def filter_multi_token(relation: Relation, tokenizer, min_pairs: int = MIN_PAIRS,
+                       leading_space: bool = False) -> TokenizedRelation:
+    """Pairs for the multi-token experiment (MAPS-SPEC §1.6): the target is one token with a leading
+    space, and the source is more than one token.
+
+    ``leading_space=False`` is the paper's filter: the source is tokenised *without* a leading space
+    (so words that are one token with a space, e.g. " France", still count when "France" splits; the
+    paper's prompts then end in a separately tokenised space, MAPS-SPEC §8.8). ``leading_space=True``
+    tokenises the source as it reads after a space in a sentence, so only sources that really are
+    several tokens in running text remain. ``source_ids`` are the source's token lists.
+    """
+    prefix = " " if leading_space else ""
     keep, src, tgt, dropped = [], [], [], []
     for s, t in relation.pairs:
-        s_ids, t_ids = _ids(tokenizer, s), _ids(tokenizer, " " + t)
+        s_ids, t_ids = _ids(tokenizer, prefix + s), _ids(tokenizer, " " + t)
         if len(s_ids) > 1 and len(t_ids) == 1:
             keep.append((s, t))
             src.append(s_ids)

@@ -107,6 +107,17 @@ def _inverse(perm: Tensor) -> Tensor:
     return position
 
 
+def _count(scores: Tensor, t: Tensor, need: Tensor, op) -> Tensor:
+    """Per row, the entries with ``op(entry, t)``, for the rows in ``need`` only (others: 0)."""
+    if bool(need.all()):
+        return op(scores, t[:, None]).sum(1)
+    out = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
+    idx = need.nonzero().squeeze(1)
+    if idx.numel():
+        out[idx] = op(scores[idx], t[idx, None]).sum(1)
+    return out
+
+
 @torch.no_grad()
 def ranks_of_targets(
     rows: Tensor,
@@ -146,14 +157,17 @@ def ranks_of_targets(
             stop = min(V, start + int(chunk), start + max(1, budget // active.numel()))
             scores = rows[active] @ columns.cols[:, start:stop]  # [A, C]
             t = tau[active]
-            n_above = (scores > t[:, None]).sum(1)
-            n_below = (scores < t[:, None]).sum(1)
+            # count only the side that is still undecided: a row near the top has long passed the cap
+            # below it (and vice versa), so most long scans need one comparison pass, not two
+            need_above, need_below = above[active] < rank_cap, below[active] < rank_cap
+            n_above = _count(scores, t, need_above, torch.gt)
+            n_below = _count(scores, t, need_below, torch.lt)
             # the target's own column is no rival: undo its count where rounding moved it off tau
             p = pos[active]
             mine = ((p >= start) & (p < stop)).nonzero().squeeze(1)
             own = scores[mine, p[mine] - start]
-            n_above[mine] -= (own > t[mine]).long()
-            n_below[mine] -= (own < t[mine]).long()
+            n_above[mine] -= ((own > t[mine]) & need_above[mine]).long()
+            n_below[mine] -= ((own < t[mine]) & need_below[mine]).long()
             above[active] += n_above
             below[active] += n_below
             done = (above[active] >= rank_cap) & (below[active] >= rank_cap)
