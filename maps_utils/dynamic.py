@@ -324,8 +324,9 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
     columns = model_columns(heads)
     pad_id = _pad_id(tok)
     done, reused = [], []
-    bar = tqdm(todo, desc=f"dynamic scores ({kind})", disable=not progress)
-    for rel, tr in bar:
+    bar = tqdm(total=len(todo) * len(templates), desc=f"dynamic scores ({kind})", unit="template",
+               disable=not progress)
+    for rel, tr in todo:
         bar.set_postfix_str(rel.name)
         keep = _subsample(len(tr), max_pairs, seed)
         pairs = [tr.pairs[i] for i in keep]
@@ -342,14 +343,16 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
             if saved.get("key") == key:
                 done.append(DynamicRelation(**saved["relation"]))
                 reused.append(rel.name)
+                bar.update(len(templates))
                 continue
         r0 = time.perf_counter()
-        ranks = torch.stack([
-            prompt_ranks(loaded.model, heads, ps, tgt, batch_size=batch_size, rank_cap=cap, pad_id=pad_id,
-                         columns=columns, memory_budget_mb=memory_budget_mb, progress=progress,
-                         desc=f"{rel.name} · template {i + 1}/{len(templates)}")
-            for i, ps in enumerate(per_template)
-        ])
+        ranks = []
+        for i, ps in enumerate(per_template):
+            ranks.append(prompt_ranks(loaded.model, heads, ps, tgt, batch_size=batch_size, rank_cap=cap, pad_id=pad_id,
+                                      columns=columns, memory_budget_mb=memory_budget_mb, progress=False,
+                                      desc=f"{rel.name} · template {i + 1}/{len(templates)}"))
+            bar.update(1)
+        ranks = torch.stack(ranks)
         agreement = [tokenization_agreement(tok, t, [s for s, _ in pairs], ps) if space_in_source else float("nan")
                      for t, ps in zip(templates, per_template, strict=True)]
         result = DynamicRelation(rel.name, rel.category, rel.copying, pairs, tgt, list(templates), ranks, agreement,
@@ -360,6 +363,7 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
             tmp = part.with_suffix(".tmp")
             torch.save({"key": key, "relation": result.__dict__}, tmp)
             tmp.replace(part)
+    bar.close()
     scores = DynamicScores(loaded.name, kind, done, skipped, reused=reused)
     scores.manifest = build_manifest(
         parameters={**identity, **params, "templates": templates, "max_pairs": max_pairs, "seed": seed,
@@ -385,6 +389,18 @@ def _relations(relations, default_filter=None) -> list[R.Relation]:
     names = R.list_relations() if relations is None else relations
     rels = [R.load(r) if isinstance(r, (str, Path)) else r for r in names]
     return [r for r in rels if default_filter is None or relations is not None or default_filter(r)]
+
+
+def _usable(relations: list[R.Relation], tokenize) -> tuple[list, dict[str, int]]:
+    """``(relation, tokenized)`` pairs that pass ``tokenize``'s filter, and the others' usable-pair counts."""
+    todo, skipped = [], {}
+    for rel in relations:
+        tr = tokenize(rel)
+        if tr.usable:
+            todo.append((rel, tr))
+        else:
+            skipped[rel.name] = len(tr)
+    return todo, skipped
 
 
 def dynamic_scores(
@@ -420,19 +436,15 @@ def dynamic_scores(
             ``<results_dir>/<model>/dynamic/single/`` (None: no files).
     """
     templates = list(templates or R.read_templates()["dynamic"])
-    todo, skipped = [], {}
-    for rel in _relations(relations):
-        tr = R.filter_single_token(rel, loaded.tokenizer, leading_space=True, min_pairs=min_pairs)
-        if tr.usable:
-            todo.append((rel, tr))
-        else:
-            skipped[rel.name] = len(tr)
+    todo, skipped = _usable(_relations(relations), lambda rel: R.filter_single_token(
+        rel, loaded.tokenizer, leading_space=True, min_pairs=min_pairs))
     if not todo:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}; "
                               "pass other relations or lower min_pairs.")
-    return _run(loaded, "single", todo, templates, True, k=k, k_copying=k_copying, k_other=k_other, max_pairs=max_pairs, seed=seed, batch_size=batch_size,
-                rank_cap=rank_cap, memory_budget_mb=memory_budget_mb, results_dir=results_dir, use_cache=use_cache,
-                progress=progress, params={"min_pairs": min_pairs, "leading_space": True}, skipped=skipped)
+    return _run(loaded, "single", todo, templates, True, k=k, k_copying=k_copying, k_other=k_other,
+                max_pairs=max_pairs, seed=seed, batch_size=batch_size, rank_cap=rank_cap,
+                memory_budget_mb=memory_budget_mb, results_dir=results_dir, use_cache=use_cache, progress=progress,
+                params={"min_pairs": min_pairs, "leading_space": True}, skipped=skipped)
 
 
 def multi_token_scores(
@@ -464,13 +476,8 @@ def multi_token_scores(
         raise ValueError(f"Unknown multi-token mode '{mode}'; use one of {', '.join(MULTI_TOKEN_MODES)}.")
     space = MULTI_TOKEN_MODES[mode]
     template = template or R.read_templates()["multi_token"]
-    todo, skipped = [], {}
-    for rel in _relations(relations, default_filter=lambda r: r.multi_token):
-        tr = R.filter_multi_token(rel, loaded.tokenizer, min_pairs=min_pairs, leading_space=space)
-        if tr.usable:
-            todo.append((rel, tr))
-        else:
-            skipped[rel.name] = len(tr)
+    todo, skipped = _usable(_relations(relations, default_filter=lambda r: r.multi_token), lambda rel: R.filter_multi_token(
+        rel, loaded.tokenizer, min_pairs=min_pairs, leading_space=space))
     if not todo:
         raise R.RelationError(f"No relation has {min_pairs} usable multi-token pairs for {loaded.name} in mode "
                               f"'{mode}'; pass other relations, another mode or lower min_pairs.")

@@ -37,6 +37,16 @@ def layer_head_heatmap(values: np.ndarray, title: str, cbar_label: str, ax: plt.
     return ax
 
 
+def _label_grid(axes, used: int, xlabel: str, ylabel: str) -> None:
+    """Hide the unused panels of a grid and label its outer axes."""
+    for ax in axes.flat[used:]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel, fontsize=8)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel, fontsize=8)
+
+
 def relation_grid(table, value: str = "score", title: str = "", ncols: int = 5, vmax: float = 1.0) -> plt.Figure:
     """One layer × head heatmap per relation of a tidy score table (``value``: score or suppression_score)."""
     rels = list(dict.fromkeys(table.relation))
@@ -50,12 +60,7 @@ def relation_grid(table, value: str = "score", title: str = "", ncols: int = 5, 
         im = ax.imshow(grid.T, aspect="auto", origin="lower", interpolation="nearest", vmin=0, vmax=vmax,
                        cmap="viridis")
         ax.set_title(f"{rel} (max {grid.max():.2f})", fontsize=8)
-    for ax in axes.flat[len(rels):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("layer", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("head", fontsize=8)
+    _label_grid(axes, len(rels), "layer", "head")
     fig.colorbar(im, ax=axes, shrink=0.6, label=value.replace("_", " "))
     fig.suptitle(title)
     return fig
@@ -116,12 +121,7 @@ def static_dynamic_scatter(static, dynamic, score_type: str = "relation", corr=N
                     label.append(f"{row.r.item():.2f}")
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, zorder=0)
         ax.set_title(f"{name}\nr = {' / '.join(label)}" if label else name, fontsize=8)
-    for ax in axes.flat[len(names):]:
-        ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel("static score", fontsize=8)
-    for ax in axes[:, 0]:
-        ax.set_ylabel("dynamic score", fontsize=8)
+    _label_grid(axes, len(names), "static score", "dynamic score")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="upper right", fontsize=8, markerscale=3, frameon=False)
     fig.suptitle(title or f"static vs dynamic {score_type} scores (r without / with context)")
