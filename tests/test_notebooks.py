@@ -50,11 +50,11 @@ def test_static_scores_notebook_runs_in_a_small_configuration(smollm2, tmp_path)
     text = run_notebook("01_static_scores.ipynb", tmp_path / "01.ipynb", model="smollm2-135m", device="cpu",
                         relations=["name_copying", "country_capital"], n_permutations=50,
                         figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
-    assert "criterion picks: raw; registry: raw" in text
+    assert "static copying criterion picks: raw; registry (inference criterion, notebook 02): first_mlp" in text
     for name in ("01_relation_scores", "01_suppression_scores", "01_category_map"):
         assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.png").is_file()
         assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.svg").is_file()
-    assert (tmp_path / "res" / "smollm2-135m" / "static" / "raw" / "scores.csv").is_file()
+    assert (tmp_path / "res" / "smollm2-135m" / "static" / "first_mlp" / "scores.csv").is_file()
     assert "p_value" in text
 
 
