@@ -149,3 +149,39 @@ def correlation_dot_plot(ours, paper, title: str = "", models=("GPT-2 xl", "Pyth
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
     ax.set_title(title)
     return fig
+
+
+def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
+    """Accuracy against the number of heads removed, one panel per relation: its relation heads (red), the random
+    heads (grey: mean ± std over samples), and its relation heads removed on each control task (thin blue).
+    ``result`` is a :class:`maps_utils.ablation.AblationResult`."""
+    rels = list(relations) if relations is not None else list(result.tasks[result.tasks.status == "run"].relation)
+    nrows = max(1, -(-len(rels) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows + 0.5), squeeze=False, sharey=True)
+    for ax, rel in zip(axes.flat, rels, strict=False):
+        main = result.curve(rel).sort_values("step")
+        rnd = result.curve(rel, "random").pivot_table(index="step", columns="sample", values="accuracy")
+        if not rnd.empty:
+            mean, std = rnd.mean(1), rnd.std(1, ddof=0)
+            ax.fill_between(rnd.index, mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
+            ax.plot(rnd.index, mean, color="0.4", lw=1.2, label="random heads (mean ± std)")
+        for i, (_, g) in enumerate(result.curve(rel, "control").groupby("task")):
+            g = g.sort_values("step")
+            ax.plot(g.step, g.accuracy, color="tab:blue", lw=0.8, alpha=0.7,
+                    label="relation heads on a control task" if i == 0 else None)
+        ax.plot(main.step, main.accuracy, color="tab:red", lw=1.8, label="relation heads")
+        ax.set_title(rel, fontsize=9)
+        ax.set_xlabel("heads removed", fontsize=8)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_yticks([0, 0.25, 0.5, 0.75, 1])
+        ax.grid(alpha=0.3)
+    _label_grid(axes, len(rels), "heads removed", "accuracy")
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=3, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, -0.02))
+    fig.suptitle(f"{result.model}: {result.kind}-ablation of relation heads at the last position", fontsize=11)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig

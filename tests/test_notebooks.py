@@ -73,3 +73,17 @@ def test_dynamic_correlation_notebook_runs_in_a_small_configuration(smollm2, tmp
         assert (out / f"{name}.manifest.json").is_file(), name
     assert "Mean r without context" in text
     assert "static variant with the higher mean r" in text
+
+
+@pytest.mark.embedded
+def test_ablation_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
+    text = run_notebook("03_ablation.ipynb", tmp_path / "03.ipynb", model="smollm2-135m", device="cpu",
+                        relations=["country_capital", "country_language", "noun_pronoun"], max_pairs=30, n_random=2,
+                        max_heads=8, figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+    assert (tmp_path / "fig" / "smollm2-135m" / "03_ablation_curves_zero.png").is_file()
+    out = tmp_path / "res" / "smollm2-135m" / "ablation" / "zero"
+    for name in ("tasks", "heads", "controls", "curves", "summary"):
+        assert (out / f"{name}.csv").is_file(), name
+        assert (out / f"{name}.manifest.json").is_file(), name
+    assert "Removing relation heads: accuracy drop ≥ 32% in" in text
+    assert "#Heads removed" in text
