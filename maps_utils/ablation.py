@@ -8,7 +8,8 @@ target``), over the single-token-filtered pairs. Then:
   flattened layer × head map), m capped by the model's head count (:func:`max_relation_heads`);
 * they are **removed cumulatively** in rank order, one more per step, giving an accuracy curve. Removing a head
   replaces its slice of the output projection's input (its z) at the last position only: by zeros (the paper's
-  ``zero`` ablation) or by its mean over the task's prompts (``mean``);
+  ``zero`` ablation) or by its mean z at the last position over the prompts being evaluated (``mean``: the
+  relation's own prompts for its curves and random baselines, a control task's prompts on that task);
 * **random baseline**: ``n_random`` samples of as many heads, drawn from the heads that are *not* relation heads,
   removed the same way (mean ± std per step);
 * **control tasks**: up to ``max_controls`` other relations, in a seeded random order, whose own relation heads
@@ -16,8 +17,10 @@ target``), over the single-token-filtered pairs. Then:
   within ``max_base_gap`` of this one's; this relation's heads are removed on their prompts;
 * relations whose base accuracy is below ``min_base`` are skipped and reported, not hidden.
 
-Speed: removing heads at the last position changes nothing at earlier positions, so every prompt chunk runs its
-prefix once (keeping the KV cache) and each ablation step is one batched forward pass of the last token only.
+Speed: removing heads at the last position changes nothing at earlier positions, so every chunk of equal-length
+prompts runs its prefix once (keeping the KV cache) and each ablation step is one batched forward pass of the last
+token per chunk (the embedded models' causal prompts have one length per relation: one chunk up to ``batch_size``).
+Prompts are tokenised with the tokenizer's own special tokens (a BOS where it adds one), as in the dynamic scores.
 Every random choice comes from ``seed`` and the relation's name, so a rerun gives identical tables. Results are
 cached per task (``results/<model>/ablation/<kind>/parts/``): an interrupted run resumes at the next task.
 """
@@ -367,9 +370,12 @@ class AblationResult:
         out = pd.DataFrame(rows, columns=[
             "relation", "category", "in_paper", "n_pairs", "relation_heads", "heads_removed", "base", "tr", "rnd_mean",
             "rnd_std", "n_ctrl", "base_ctr_mean", "base_ctr_std", "tr_ctr_mean", "tr_ctr_std"])
-        out["tr_change_pct"] = 100 * (out.tr - out.base) / out.base
-        out["rnd_change_pct"] = 100 * (out.rnd_mean - out.base) / out.base
-        out["ctr_change_pct"] = 100 * (out.tr_ctr_mean - out.base_ctr_mean) / out.base_ctr_mean
+        def pct(after, base):  # undefined (NaN) from a base of 0
+            return 100 * (after - base) / base.where(base != 0)
+
+        out["tr_change_pct"] = pct(out.tr, out.base)
+        out["rnd_change_pct"] = pct(out.rnd_mean, out.base)
+        out["ctr_change_pct"] = pct(out.tr_ctr_mean, out.base_ctr_mean)
         return out
 
     def paper_table(self) -> pd.DataFrame:
@@ -394,10 +400,11 @@ def _at(curve: pd.DataFrame, step: int) -> tuple[float, float]:
 def _change(base: float, after: float, std: float | None = None) -> str:
     if not np.isfinite(after):
         return "—"
-    pct = 100 * (after - base) / base if base else float("nan")
-    arrow = "↓" if pct < 0 else "↑"
     tail = f" ± {std:.2f}" if std is not None else ""
-    return f"{arrow}{abs(pct):.0f}% → {after:.2f}{tail}"
+    if not base:
+        return f"→ {after:.2f}{tail}"  # no relative change from a base of 0
+    pct = 100 * (after - base) / base
+    return f"{'↓' if pct < 0 else '↑'}{abs(pct):.0f}% → {after:.2f}{tail}"
 
 
 def paper_layout(summary: pd.DataFrame) -> pd.DataFrame:
@@ -444,7 +451,12 @@ def _relation_list(relations) -> list[R.Relation]:
         names = [relations]
     else:
         names = list(relations)
-    return [R.load(r) if isinstance(r, (str, Path)) else r for r in names]
+    rels = [R.load(r) if isinstance(r, (str, Path)) else r for r in names]
+    seen = [r.name for r in rels]
+    dupes = sorted({n for n in seen if seen.count(n) > 1})
+    if dupes:
+        raise ValueError(f"Relations listed more than once: {', '.join(dupes)}; list each relation once.")
+    return rels
 
 
 def causal_experiment(
@@ -477,7 +489,8 @@ def causal_experiment(
         relations: ``"paper"`` (the paper's 13 causal relations, default), ``"all"`` (every relation with a
             causal template), or names / :class:`~maps_utils.relations.Relation` objects. Control tasks are drawn
             from the same set.
-        kind: ``zero`` (the paper's) or ``mean`` (each head's mean z at the last position over the task's prompts).
+        kind: ``zero`` (the paper's) or ``mean`` (each head's mean z at the last position over the prompts being
+            evaluated: the relation's own, or the control task's).
         max_heads: cap on relation heads (default: :func:`max_relation_heads` of the model's head count).
         max_pairs: a seeded random subset of pairs per relation, for quick runs (None: all, the paper's).
         batch_size: prompts per forward pass.
@@ -487,6 +500,11 @@ def causal_experiment(
         raise ValueError(f"Unknown ablation kind '{kind}'; use one of {', '.join(KINDS)}.")
     if n_random < 0 or max_controls < 0:
         raise ValueError("n_random and max_controls must be >= 0.")
+    if batch_size < 1 or (max_heads is not None and max_heads < 1):
+        raise ValueError("batch_size and max_heads must be positive integers (max_heads=None: the paper's cap).")
+    if static.model != loaded.name:
+        raise ValueError(f"The static scores are {static.model}'s, not {loaded.name}'s; score this model first "
+                         "(maps_utils.scores.static_scores(loaded)).")
     t0 = time.perf_counter()
     heads = loaded.heads
     L, H = heads.n_layers, heads.n_heads
@@ -517,6 +535,9 @@ def causal_experiment(
             row["status"] = "skipped: no static score (score it in notebook 01 first)"
             continue
         smap = static.score_map(rel.name, k_copying=k_copying, k_other=k_other)
+        if tuple(smap.shape) != (L, H):
+            raise ValueError(f"The static scores have {tuple(smap.shape)} layers x heads but the model has {(L, H)}; "
+                             "recompute them for this model.")
         chosen = relation_heads(smap, cap)
         if not chosen:
             row["status"] = "skipped: no head has a static score > 0"

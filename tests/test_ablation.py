@@ -96,17 +96,28 @@ def test_mean_ablation_of_a_lone_prompt_changes_nothing(key):
     assert (A.last_token_logits(loaded, two, everything, replacement=mean) - _full_last_logits(model, two)).abs().max() > 1e-3
 
 
-def test_curves_agree_with_direct_ablation_and_repeat_exactly():
-    model = make_tiny("llama-gqa")
-    loaded, task = _loaded(model), _task(model.config.vocab_size, lengths=[6] * 7 + [9] * 5, seed=3)
+@pytest.mark.parametrize("key", list(TINY_CONFIGS))
+def test_curves_agree_with_direct_ablation_and_repeat_exactly(key):
+    """Several steps against one kept prefix: the cache is rolled back (or copied, once Gemma's sliding window of 8
+    is full) after every step, so each step equals a fresh ablated run."""
+    model = make_tiny(key)
+    loaded, task = _loaded(model), _task(model.config.vocab_size, lengths=[6] * 4 + [9] * 4 + [12] * 3, seed=3)
     curve = [(1, 2), (0, 0), (1, 0)]
-    correct, (acc,) = A.run_curves(loaded, task, [curve], batch_size=5)
+    correct, (acc,) = A.run_curves(loaded, task, [curve], batch_size=3)
     targets = torch.tensor(task.targets)
     assert correct.tolist() == (_full_last_logits(model, task).argmax(-1) == targets).tolist()
     for s in range(len(curve) + 1):
         direct = (A.last_token_logits(loaded, task, curve[:s]).argmax(-1) == targets).float().mean().item()
         assert acc[s] == pytest.approx(direct)
-    _, (again,) = A.run_curves(loaded, task, [curve], batch_size=5)
+    # and the logits themselves: removing the same heads again after other steps on the same prefix
+    with A.HeadAblation(loaded.heads) as abl, torch.no_grad():
+        ids = torch.tensor([p for p in task.prompts if len(p) == 12])
+        pre = A._Prefix(model, ids)
+        steps = [abl.set(curve[:s]) and pre.step() for s in (3, 1, 3, 0)]
+    torch.testing.assert_close(steps[0], steps[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(steps[3], _full_last_logits(model, A.Task("t", None, "", [], ids.tolist(), [])),
+                               rtol=1e-10, atol=1e-10)
+    _, (again,) = A.run_curves(loaded, task, [curve], batch_size=3)
     assert np.array_equal(acc, again)
 
 
@@ -262,6 +273,57 @@ def test_summary_follows_the_paper_definitions(tiny_setup):
                                    "−TR (CTR)"]
 
 
+def test_mean_ablation_runs_the_same_experiment_with_mean_z(tiny_setup, tmp_path):
+    loaded, static, rels = tiny_setup
+    kw = dict(n_random=1, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=3, progress=False)
+    zero = A.causal_experiment(loaded, static, rels[:2], results_dir=None, **kw)
+    mean = A.causal_experiment(loaded, static, rels[:2], kind="mean", results_dir=tmp_path, **kw)
+    assert (tmp_path / "tiny-causal" / "ablation" / "mean" / "summary.csv").is_file()
+    assert mean.manifest["parameters"]["kind"] == "mean" and mean.kind == "mean"
+    pd.testing.assert_frame_equal(mean.heads, zero.heads)  # same heads, same base accuracies ...
+    assert mean.tasks.base.tolist() == zero.tasks.base.tolist()
+    task, _ = A.build_task(rels[0], loaded.tokenizer)
+    first = [tuple(map(int, h.split("."))) for h in zero.curve(rels[0].name).sort_values("step").removed if h]
+    targets = torch.tensor(task.targets)
+    for s in range(len(first) + 1):  # ... and each step's accuracy is that of removing the heads with their mean z
+        logits = A.last_token_logits(loaded, task, first[:s], replacement=A.mean_last_z(loaded, task))
+        step = mean.curve(rels[0].name).sort_values("step").accuracy.iloc[s]
+        assert step == pytest.approx((logits.argmax(-1) == targets).float().mean().item())
+
+
+def _result(curves: dict, base: dict) -> A.AblationResult:
+    rows = []
+    for (rel, ctype, task, sample), accs in curves.items():
+        rows += [{"relation": rel, "task": task, "curve": ctype, "sample": sample, "step": s, "removed": "",
+                  "accuracy": a, "n_prompts": 10} for s, a in enumerate(accs)]
+    tasks = pd.DataFrame([{"relation": r, "category": None, "in_paper": False, "template": "", "n_pairs": 10,
+                           "demo_overlap": 0, "base": b, "status": "run"} for r, b in base.items()])
+    return A.AblationResult("m", "zero", tasks, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(rows))
+
+
+def test_summary_on_hand_built_curves():
+    res = _result({
+        ("r", "relation", "r", ""): [0.8, 0.5, 0.0, 0.1],       # reaches 0 after 2 heads
+        ("r", "random", "r", "0"): [0.8, 0.8, 0.6, 0.4],
+        ("r", "random", "r", "1"): [0.8, 0.7],                  # a shorter sample: its last step counts
+        ("r", "control", "c", ""): [0.6, 0.6, 0.3, 0.3],
+        ("c", "relation", "c", ""): [0.6, 0.5, 0.4],            # never reaches 0: all its heads
+        ("c", "random", "c", "0"): [0.6, 0.6, 0.6],
+    }, {"r": 0.8, "c": 0.6})
+    summ = res.summary().set_index("relation")
+    r, c = summ.loc["r"], summ.loc["c"]
+    assert (r.relation_heads, r.heads_removed, r.base, r.tr) == (3, 2, 0.8, 0.0)
+    assert r.rnd_mean == pytest.approx(0.65) and r.rnd_std == pytest.approx(0.05)
+    assert (r.n_ctrl, r.base_ctr_mean, r.tr_ctr_mean, r.tr_ctr_std) == (1, 0.6, 0.3, 0.0)
+    assert r.tr_change_pct == pytest.approx(-100) and r.ctr_change_pct == pytest.approx(-50)
+    assert (c.heads_removed, c.tr, c.n_ctrl) == (2, 0.4, 0) and np.isnan(c.tr_ctr_mean)
+    table = res.paper_table().set_index("Relation")
+    assert table.loc["r", "−TR"] == "↓100% → 0.00" and table.loc["r", "−RND"] == "↓19% → 0.65 ± 0.05"
+    assert table.loc["r", "−TR (CTR)"] == "↓50% → 0.30 ± 0.00" and table.loc["c", "Base (CTR)"] == "—"
+    zero = _result({("z", "relation", "z", ""): [0.0, 0.0]}, {"z": 0.0})  # a base of 0 has no relative change
+    assert np.isnan(zero.summary().tr_change_pct[0]) and zero.paper_table()["−TR"][0] == "→ 0.00"
+
+
 def test_low_base_accuracy_is_skipped_and_reported(tiny_setup):
     loaded, static, rels = tiny_setup
     res = A.causal_experiment(loaded, static, rels[:4], n_random=1, min_base=1.01, results_dir=None, progress=False)
@@ -273,6 +335,14 @@ def test_bad_arguments_get_one_clear_error(tiny_setup):
     loaded, static, rels = tiny_setup
     with pytest.raises(ValueError, match="Unknown ablation kind 'half'; use one of zero, mean"):
         A.causal_experiment(loaded, static, rels, kind="half", results_dir=None)
+    with pytest.raises(ValueError, match="batch_size and max_heads must be positive"):
+        A.causal_experiment(loaded, static, rels, batch_size=0, results_dir=None)
+    with pytest.raises(ValueError, match="listed more than once: copy_a; list each relation once"):
+        A.causal_experiment(loaded, static, [rels[0], rels[1], rels[0]], results_dir=None)
+    other = LoadedModel("another-model", loaded.model, loaded.tokenizer, loaded.heads, loaded.device, loaded.dtype,
+                        "test", 0.0)
+    with pytest.raises(ValueError, match="static scores are tiny-causal's, not another-model's"):
+        A.causal_experiment(other, static, rels, results_dir=None)
 
 
 # ---- the embedded model -----------------------------------------------------------------------------------------
