@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "MAPS_CACHE_DIR"
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2  # 2: config.json names the model class in "architectures" (needed by `transformers serve`)
 
 
 def default_cache_dir() -> Path:
@@ -222,6 +222,7 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights below are plain float32
+    config["architectures"] = [type(model).__name__]  # GGUF configs leave it empty; servers pick the class from it
     with atomic_dir(target) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_model(model, str(tmp / "model.safetensors"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -86,6 +87,9 @@ def test_cache_entry_is_keyed_by_content(smollm2, model_cache):
     assert len(names) == 1
     assert (model_cache / "converted" / names[0] / "model.safetensors").is_file()
     assert not any(e.name.startswith(".") for e in entries), "partial conversion left behind"
+    # a self-contained checkpoint: its config names the model class (`transformers serve` loads by it)
+    config = json.loads((model_cache / "converted" / names[0] / "config.json").read_text())
+    assert config["architectures"] == [type(smollm2.model).__name__] == ["LlamaForCausalLM"]
 
 
 def test_unknown_model_name_is_one_clear_sentence(monkeypatch, tmp_path):
