@@ -28,8 +28,6 @@ cached per task (``results/<model>/ablation/<kind>/parts/``): an interrupted run
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import logging
 import re
 import time
@@ -45,7 +43,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import relations as R
-from .dynamic import write_table
+from .dynamic import _hash, write_table
 from .heads import HeadWeights
 from .manifest import build_manifest
 from .models import LoadedModel
@@ -421,10 +419,6 @@ def paper_layout(summary: pd.DataFrame) -> pd.DataFrame:
             "−TR (CTR)": _change(r.base_ctr_mean, r.tr_ctr_mean, r.tr_ctr_std) if ctrl else "—",
         })
     return pd.DataFrame(rows)
-
-
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _load_part(path: Path, key: str):

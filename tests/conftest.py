@@ -90,6 +90,16 @@ def make_tiny(key: str) -> torch.nn.Module:
     return model
 
 
+def word_tokenizer():
+    """A word-level tokenizer for the tiny models: "t0" … "t99" are ids 0–99, anything else "[UNK]" (100)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
 @pytest.fixture(params=list(TINY_CONFIGS))
 def tiny(request):
     return request.param, make_tiny(request.param)

@@ -17,7 +17,7 @@ from maps_utils import ablation as A
 from maps_utils import relations as R
 from maps_utils import scores as SC
 
-from .conftest import TINY_CONFIGS, make_tiny
+from .conftest import TINY_CONFIGS, make_tiny, word_tokenizer
 
 LENGTHS = [4, 11, 4, 7, 11, 11, 2, 7]  # > 8 exercises Gemma's full sliding window (tiny sliding_window = 8)
 
@@ -178,15 +178,6 @@ def test_control_tasks_follow_the_overlap_and_base_accuracy_rules():
 
 
 # ---- the whole experiment on a tiny model --------------------------------------------------------------------
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
-
-
 @pytest.fixture
 def tiny_setup(tmp_path):
     """A tiny model with a copying head (layer 1, head 0) and relations it does or does not get right."""
@@ -201,7 +192,7 @@ def tiny_setup(tmp_path):
             p.normal_(0, 0.1)
         for layer in model.model.layers:
             layer.input_layernorm.weight.fill_(1.0)
-    loaded = LoadedModel("tiny-causal", model, _tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+    loaded = LoadedModel("tiny-causal", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
                          "test", 0.0)
     rels = []
     for i, (name, f) in enumerate([("copy_a", lambda j: j), ("copy_b", lambda j: j), ("shift", lambda j: (j + 1) % 100),

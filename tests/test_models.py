@@ -132,26 +132,16 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_pat
 
 def test_local_directory_loads(tmp_path):
     """A transformers checkpoint directory (here a tiny random Qwen2 with its own tokenizer) loads by path."""
-    from .conftest import make_tiny
+    from .conftest import make_tiny, word_tokenizer
 
     model = make_tiny("qwen2-gqa").to(torch.float32)
     model.save_pretrained(tmp_path / "ckpt")
-    _tiny_tokenizer().save_pretrained(tmp_path / "ckpt")
+    word_tokenizer().save_pretrained(tmp_path / "ckpt")
     loaded = load(str(tmp_path / "ckpt"), device="cpu", cache_dir=tmp_path / "cache")
     assert loaded.heads.family == "qwen2" and loaded.heads.n_kv_heads == 2
     assert loaded.manifest()["architecture"]["n_heads"] == 4
     a, b = model.state_dict(), loaded.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {f"t{i}": i for i in range(100)} | {"[UNK]": 100}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
 
 
 def test_atomic_dir_leaves_nothing_on_failure(tmp_path):

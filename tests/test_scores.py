@@ -12,22 +12,13 @@ from maps_utils import HeadWeights, LoadedModel
 from maps_utils import scores as SC
 from maps_utils import static as S
 
-from .conftest import make_tiny
-
-
-def _tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(100)} | {"[UNK]": 100}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+from .conftest import make_tiny, word_tokenizer
 
 
 @pytest.fixture
 def tiny_loaded():
     model = make_tiny("llama-gqa").to(torch.float32)
-    return LoadedModel("tiny-llama", model, _tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+    return LoadedModel("tiny-llama", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
                        "test", 0.0)
 
 
@@ -116,7 +107,7 @@ def test_choose_variant_picks_the_copying_variant(tmp_path):
         emb /= emb.norm(dim=1, keepdim=True)
         model.model.layers[1].self_attn.v_proj.weight[:16] = torch.eye(16)
         model.model.layers[1].self_attn.o_proj.weight[:, :16] = torch.eye(16)
-    loaded = LoadedModel("tiny-copy", model, _tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+    loaded = LoadedModel("tiny-copy", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
                          "test", 0.0)
     rel = _relation(tmp_path, "copy", [[f"t{i}", f"t{i}"] for i in range(100)])
     best, table = SC.choose_variant(loaded, relations=("copy",), scoring_relations=[rel], results_dir=None,
