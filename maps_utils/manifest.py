@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .io import atomic_write_text
 
-_PACKAGES = ("torch", "transformers", "numpy", "pandas", "scipy", "gguf", "maps-study")
+_PACKAGES = ("torch", "transformers", "numpy", "pandas", "scipy", "gguf", "openai", "maps-study")
 
 
 def _version(pkg: str) -> str | None:

@@ -133,3 +133,25 @@ def causal_assessment(summary: pd.DataFrame) -> list[str]:
         lines.append(f"Median drop here: relation heads {ours.tr_drop.median():.0%}, random heads "
                      f"{ours.rnd_drop.median():.0%} (paper: {paper.tr_drop.median():.0%} and {paper.rnd_drop.median():.0%}).")
     return lines
+
+
+# ---- salient operations (MAPS-SPEC §4.3, chart A read off the paper's figures) ----------------------------
+# Share of sampled heads per layer quartile for which GPT-4o described a pattern (the first segment of the paper's
+# per-quartile stacked bars), with the head counts back-computed from the percentages. The chart's legend was not
+# legible in the sources; that this segment means "pattern described" is the spec's hypothesis, not a fact.
+DESCRIBED_SHARE = pd.DataFrame({
+    "model": ["GPT-2 xl"] * 4 + ["Pythia 6.9B"] * 4,
+    "quartile": [0, 1, 2, 3] * 2,
+    "layers": ["[0,12)", "[12,24)", "[24,36)", "[36,48)", "[0,8)", "[8,16)", "[16,24)", "[24,32)"],
+    "n_heads": [33, 33, 34, 34, 35, 37, 25, 41],
+    "share_pattern": [0.212, 0.364, 0.794, 0.559, 0.314, 0.405, 0.680, 0.439],
+})
+DESCRIBED_CLAIM = "GPT-4o describes 60%–96% of heads in middle/upper layers and 20%–60% in early layers"
+
+
+def described_side_by_side(ours: pd.DataFrame, model: str = "ours") -> pd.DataFrame:
+    """Our share of heads with a described pattern per layer quartile beside the paper's (chart A)."""
+    table = DESCRIBED_SHARE.pivot(index="quartile", columns="model", values="share_pattern")
+    table.insert(0, model, ours.set_index("quartile").share_pattern)
+    table.index = [f"Q{q + 1}" for q in table.index]
+    return table.round(3)

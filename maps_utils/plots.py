@@ -185,3 +185,26 @@ def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
     fig.suptitle(f"{result.model}: {result.kind}-ablation of relation heads at the last position", fontsize=11)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
+
+
+def description_shares(shares, title: str = "") -> plt.Figure:
+    """Stacked bars per layer quartile: the share of described heads with a pattern / Unclear / unparsed / failed
+    (from :meth:`maps_utils.describe.DescriptionResult.shares`), with the head count over each bar."""
+    colors = {"pattern": "#1b7837", "unclear": "#bdbdbd", "unparsed": "#fdae61", "failed": "#d73027"}
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    x = np.arange(len(shares))
+    bottom = np.zeros(len(shares))
+    for name, color in colors.items():
+        values = shares[f"share_{name}"].fillna(0).to_numpy()
+        ax.bar(x, values, bottom=bottom, color=color, label=name, width=0.65)
+        bottom += values
+    for xi, n in zip(x, shares.n_heads, strict=True):
+        ax.text(xi, 1.02, f"n={n}", ha="center", va="bottom", fontsize=9)
+    ax.set_xticks(x, [f"Q{q + 1}\n{lab}" for q, lab in zip(shares.quartile, shares.layers, strict=True)])
+    ax.set_ylim(0, 1.12)
+    ax.set_xlabel("layer quartile")
+    ax.set_ylabel("share of described heads")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    fig.tight_layout()
+    return fig

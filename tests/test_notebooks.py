@@ -87,3 +87,19 @@ def test_ablation_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
         assert (out / f"{name}.manifest.json").is_file(), name
     assert "Removing relation heads: accuracy drop ≥ 32% in" in text
     assert "#Heads removed" in text
+
+
+@pytest.mark.embedded
+def test_descriptions_notebook_runs_offline_with_the_local_describer(smollm2, tmp_path, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m", device="cpu",
+                        heads=[[2, 3], [21, 4]], figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+    assert "describer: smollm2-135m (local transformers serve)" in text
+    assert "far weaker than the paper's GPT-4o" in text
+    assert "2 heads described in" in text and "2 new answers, 0 from the cache, 0 failed" in text
+    assert "=== head " in text  # examples (or raw answers) with their salient operations
+    out = tmp_path / "res" / "smollm2-135m"
+    for name in ("descriptions.csv", "descriptions.ops.csv", "descriptions.manifest.json", "descriptions.cache.jsonl"):
+        assert (out / name).is_file(), name
+    for ext in ("png", "svg"):
+        assert (tmp_path / "fig" / "smollm2-135m" / f"04_description_shares.{ext}").is_file()

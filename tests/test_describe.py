@@ -1,0 +1,378 @@
+"""Salient operations -> prompt -> describer -> parsed, cached descriptions.
+
+The end-to-end tests use the real local server (`transformers serve` of the embedded SmolLM2) through the real
+``openai`` client. The error paths use a tiny scripted HTTP server on 127.0.0.1 that answers like an
+OpenAI-compatible endpoint (429s, 5xx, slow answers, malformed text), because a real server cannot be made to
+fail on cue.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from maps_utils import describe as D
+from maps_utils.heads import HeadWeights
+from maps_utils.models import LoadedModel
+
+from .conftest import make_tiny, word_tokenizer
+
+SECRET = "sk-test-DoNotLeak-4242424242"
+
+
+# ---- head selection ---------------------------------------------------------------------------------
+def test_quartiles_follow_the_papers_bins():
+    assert D.quartile_labels(48) == ["[0,12)", "[12,24)", "[24,36)", "[36,48)"]
+    assert D.quartile_labels(30) == ["[0,8)", "[8,15)", "[15,23)", "[23,30)"]
+    assert [D.layer_quartile(la, 30) for la in (0, 7, 8, 14, 15, 22, 23, 29)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert D.quartile_labels(2) == ["[0,1)", "(none)", "[1,2)", "(none)"]
+
+
+def test_stratified_sample_is_even_seeded_and_overridable():
+    a = D.select_heads(30, 9, "sample", n=40, seed=0)
+    assert len(a) == len(set(a)) == 40 and a == sorted(a)
+    per_q = pd.Series([D.layer_quartile(la, 30) for la, _ in a]).value_counts().sort_index().tolist()
+    assert per_q == [10, 10, 10, 10]
+    assert a == D.select_heads(30, 9, "sample", n=40, seed=0)
+    assert a != D.select_heads(30, 9, "sample", n=40, seed=1)
+    assert D.select_heads(30, 9, 41, seed=0) != a and len(D.select_heads(30, 9, 41, seed=0)) == 41
+    assert len(D.select_heads(30, 9, "all")) == 270
+    assert D.select_heads(30, 9, 1000) == D.select_heads(30, 9, "all")
+    assert D.select_heads(30, 9, [(3, 1), [0, 2], (3, 1)]) == [(0, 2), (3, 1)]
+    # a 2-layer model has two empty quartiles; the sample still has the size asked for
+    assert len(D.select_heads(2, 4, "sample", n=5)) == 5
+    with pytest.raises(ValueError, match="must lie in 30 layers x 9 heads"):
+        D.select_heads(30, 9, [(30, 0)])
+    with pytest.raises(ValueError, match='use "all", "sample"'):
+        D.select_heads(30, 9, "everything")
+    with pytest.raises(ValueError, match="at least one head"):
+        D.select_heads(30, 9, 0)
+
+
+# ---- prompt and parsing -----------------------------------------------------------------------------
+def test_prompt_has_the_papers_parts():
+    p = D.build_prompt(["Tomas", " Donna", "\n"], [["tommi", " Tom", "T", "Thomas", "to"], ["Don", "a", "b", "c", "d"],
+                                                  ["\n\n", "x", "y", "z", "w"]])
+    assert "Input strings: ['Tomas', ' Donna', '\\\\n']" in p
+    assert "\nTomas: tommi,  Tom, T, Thomas, to\n" in p  # one line per mapping, s: t1, ..., t5; spaces kept
+    assert "\n\\n: \\n\\n, x, y, z, w\n" in p  # a newline token reads as \n (repr without quotes)
+    assert "mapped to a list of 5 output strings" in p
+    assert '"Unclear"' in p and "semantic" in p and "textual" in p
+    for key in D.KEYS:
+        assert f'"{key}"' in p
+    with pytest.raises(ValueError, match="one list of mappings per salient token"):
+        D.build_prompt(["a"], [])
+
+
+def test_parse_strict_then_first_object_then_raw():
+    strict = D.parse_description('{"Reasoning": "r", "Input strings": "Names.", "Observed pattern": "Name variants."}')
+    assert strict == {"parse": "json", "reasoning": "r", "inputs": "Names.", "pattern": "Name variants.", "has_pattern": True}
+    fenced = D.parse_description('Sure!\n```json\n{"reasoning": "r", "input_strings": ["a", "b"], '
+                                 '"OBSERVED PATTERN": "Maps a word to its first letter."}\n``` {"other": 1}')
+    assert fenced["parse"] == "extracted" and fenced["inputs"] == "a, b" and fenced["has_pattern"]
+    unclear = D.parse_description('{"Reasoning": "none", "Input strings": "Unclear", "Observed pattern": "unclear."}')
+    assert unclear["parse"] == "json" and not unclear["has_pattern"]
+    assert not D.parse_description('{"Reasoning": "no pattern key"}')["has_pattern"]
+    cut = D.parse_description('{"Reasoning": "The inputs are", "Input strings": ["water", "ice", "ice", "ice"')
+    assert cut["parse"] == "unparsed" and not cut["has_pattern"] and cut["pattern"] == ""
+    assert D.parse_description('[1, 2] and then {"Observed pattern": "x"}')["parse"] == "extracted"
+    assert D.parse_description(None)["parse"] == "unparsed"
+    # a "pattern" that says there is none counts as Unclear
+    for hedge in ("The output is not clear, it is unclear how", "There is no clear pattern.", "UNCLEAR"):
+        assert D.is_unclear(hedge)
+    assert not D.is_unclear("Maps a word to its first letter.")
+
+
+def test_cache_survives_a_cut_line_and_keeps_everything(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = D.ResponseCache(path)
+    cache.append({"key": "a", "content": "one"})
+    with open(path, "a") as f:
+        f.write('{"key": "b", "content": "cut sh')  # an interrupted write
+    cache = D.ResponseCache(path)
+    assert len(cache) == 1 and cache.bad_lines == 1
+    cache.append({"key": "c", "content": "three"})
+    again = D.ResponseCache(path)
+    assert {k: v["content"] for k, v in again.entries.items()} == {"a": "one", "c": "three"}
+
+
+def test_cache_key_depends_on_model_prompt_and_parameters():
+    k = D.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 10})
+    assert k == D.cache_key("m", "p", {"max_tokens": 10, "temperature": 0.0})
+    assert len({k, D.cache_key("m2", "p", {"temperature": 0.0, "max_tokens": 10}),
+                D.cache_key("m", "p2", {"temperature": 0.0, "max_tokens": 10}),
+                D.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 11})}) == 4
+
+
+def test_redaction_and_safe_urls():
+    assert SECRET not in D.redact(f"Incorrect API key provided: {SECRET}", SECRET)
+    assert "sk-" not in D.redact("Incorrect API key provided: sk-abc***********xyz")
+    assert D.safe_url("https://user:pw@example.org:8443/v1?x=1") == "https://example.org:8443/v1"
+
+
+def test_endpoint_choice(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    assert D.resolve_endpoint() == D.Endpoint("local", "smollm2-135m")
+    assert D.resolve_endpoint(base_url="http://127.0.0.1:9/v1/").base_url == "http://127.0.0.1:9/v1"
+    with pytest.raises(D.DescriberError, match="not an embedded model"):
+        D.resolve_endpoint("gpt-4o")
+    with pytest.raises(D.DescriberError, match="not an http"):
+        D.resolve_endpoint(base_url="localhost:8000")
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    ep = D.resolve_endpoint()
+    assert (ep.kind, ep.model, ep.base_url, ep.key_env) == ("openai", "gpt-4o", D.OPENAI_URL, "OPENAI_API_KEY")
+    assert D.resolve_endpoint("gpt-4o-mini").model == "gpt-4o-mini"
+    assert SECRET not in repr(ep) and SECRET not in ep.label
+
+
+# ---- a scripted OpenAI-compatible server for the error paths -------------------------------------------
+class Scripted(ThreadingHTTPServer):
+    """Answers POST /v1/chat/completions from a queue of actions; records what it was sent."""
+
+    daemon_threads = True
+
+    def __init__(self, actions):
+        self.actions = list(actions)
+        self.requests: list[dict] = []
+        super().__init__(("127.0.0.1", 0), _Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def _send(self, status, body, headers=()):
+        data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers:
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "scripted-model", "object": "model", "owned_by": "t"}]})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append({"body": body, "auth": self.headers.get("Authorization")})
+        action = self.server.actions.pop(0) if self.server.actions else ("ok", "{}")
+        if action[0] == "sleep":
+            time.sleep(action[1])
+            action = ("ok", '{"Observed pattern": "late"}')
+        if action[0] == "ok":
+            self._send(200, {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                             "choices": [{"index": 0, "finish_reason": "stop",
+                                          "message": {"role": "assistant", "content": action[1]}}],
+                             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+        elif action[0] == "raw":
+            self._send(200, action[1])
+        elif action[0] == "status":
+            message = action[2] if len(action) > 2 else "scripted error"
+            self._send(action[1], {"error": {"message": message, "type": "error", "code": None}},
+                       headers=[("Retry-After", "0")] if action[1] == 429 else ())
+
+
+@pytest.fixture
+def scripted():
+    servers = []
+
+    def make(*actions):
+        servers.append(Scripted(actions))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.shutdown()
+        s.server_close()
+
+
+def _describer(tmp_path, url, **kw):
+    sleeps = []
+    kw = {"max_retries": 2, "backoff": 0.01, "sleep": sleeps.append, **kw}
+    d = D.Describer(D.Endpoint("server", "scripted-model", url, "OPENAI_API_KEY"), tmp_path / "cache.jsonl", **kw)
+    return d, sleeps
+
+
+def test_rate_limit_then_success_is_retried_with_backoff(scripted, tmp_path):
+    srv = scripted(("status", 429), ("status", 503), ("ok", '{"Observed pattern": "Copies the input."}'))
+    d, sleeps = _describer(tmp_path, srv.url)
+    out = d.describe({"h": "prompt"}, progress=False).iloc[0]
+    assert out.status == "ok" and out.attempts == 3 and out.has_pattern and out.pattern == "Copies the input."
+    assert sleeps == [0.0, 0.02]  # Retry-After: 0 from the 429, then backoff * 2 for the 503
+    assert len(srv.requests) == 3
+    assert srv.requests[0]["body"]["temperature"] == 0.0 and srv.requests[0]["body"]["max_tokens"] == 512
+
+
+def test_timeouts_and_server_errors_fail_one_head_and_the_run_goes_on(scripted, tmp_path):
+    srv = scripted(("sleep", 3), ("sleep", 3), ("status", 500), ("status", 500), ("status", 500),
+                   ("ok", 'Here you go: {"Observed pattern": "Unclear"} thanks'), ("ok", "not json at all {"))
+    d, _ = _describer(tmp_path, srv.url, timeout=0.5, max_retries=1)
+    out = d.describe({"slow": "p1", "broken": "p2", "fine": "p3", "prose": "p4"}, progress=False).set_index("id")
+    assert out.loc["slow", "status"] == "failed" and "Timeout" in out.loc["slow", "error"]
+    assert out.loc["slow", "attempts"] == 2 and out.loc["broken", "attempts"] == 2
+    assert out.loc["broken", "status"] == "failed" and "InternalServerError" in out.loc["broken", "error"]
+    assert out.loc["fine", "parse"] == "extracted" and not out.loc["fine", "has_pattern"]
+    assert out.loc["prose", "parse"] == "unparsed" and out.loc["prose", "raw"] == "not json at all {"
+    # failures are not cached (a rerun retries them); answers are, malformed ones included
+    assert {e["content"] for e in D.ResponseCache(tmp_path / "cache.jsonl").entries.values()} == {
+        'Here you go: {"Observed pattern": "Unclear"} thanks', "not json at all {"}
+    again = d.describe({"fine": "p3", "prose": "p4"}, progress=False)
+    assert again.cached.all() and len(srv.requests) == 7
+
+
+def test_malformed_http_answers_fail_one_head(scripted, tmp_path):
+    srv = scripted(("raw", "this is not json"), ("raw", '{"choices": []}'), ("raw", '{"unexpected": 1}'),
+                   ("ok", '{"Observed pattern": "fine"}'))
+    d, _ = _describer(tmp_path, srv.url)
+    out = d.describe({"a": "p1", "b": "p2", "c": "p3", "d": "p4"}, progress=False).set_index("id")
+    assert out.status.tolist() == ["failed", "failed", "failed", "ok"]
+    assert out.error.str.startswith("MalformedResponse").iloc[:3].all() and (out.attempts.iloc[:3] == 1).all()
+    assert len(srv.requests) == 4  # not retried
+
+
+def test_unreachable_endpoint_stops_with_a_clear_message(tmp_path):
+    port = D.free_port()  # nothing listens there
+    d, _ = _describer(tmp_path, f"http://127.0.0.1:{port}/v1", max_retries=1, max_consecutive_failures=2)
+    with pytest.raises(D.DescriberError, match=r"cannot be reached .*start that server or fix base_url"):
+        d.describe({"a": "p1", "b": "p2", "c": "p3"}, progress=False)
+    nameless = D.Describer(D.Endpoint("server", "", f"http://127.0.0.1:{port}/v1"), tmp_path / "c2.jsonl", max_retries=0)
+    with pytest.raises(D.DescriberError, match="cannot be reached"):
+        nameless.describe({"a": "p"}, progress=False)
+
+
+def test_server_model_is_asked_for_when_not_named(scripted, tmp_path):
+    srv = scripted(("ok", '{"Observed pattern": "x"}'))
+    d = D.Describer(D.Endpoint("server", "", srv.url), tmp_path / "c.jsonl")
+    assert d.describe({"a": "p"}, progress=False).iloc[0].status == "ok"
+    assert srv.requests[0]["body"]["model"] == "scripted-model"
+
+
+def _tiny_loaded():
+    model = make_tiny("llama-gqa")
+    return LoadedModel("tiny-llama", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float64,
+                       "test", 0.0)
+
+
+def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    srv = scripted(("ok", '{"Observed pattern": "p"}'), ("status", 500, f"boom for key {SECRET}"),
+                   ("status", 500, f"boom for key {SECRET}"), ("status", 500, f"boom for key {SECRET}"),
+                   ("ok", '{"Observed pattern": "q"}'), ("ok", '{"Observed pattern": "r"}'))
+    res = D.describe_heads(_tiny_loaded(), heads="all", base_url=srv.url, describer_model="scripted-model",
+                           n_salient=3, n_mappings=2, results_dir=tmp_path, progress=False, max_retries=2,
+                           backoff=0.0)
+    assert srv.requests[0]["auth"] == f"Bearer {SECRET}"  # the key was used
+    assert (res.table.status == "failed").sum() == 1 and "[redacted]" in res.table.error.str.cat()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"descriptions.csv", "descriptions.ops.csv", "descriptions.manifest.json",
+                                       "descriptions.cache.jsonl"}
+    for p in files:
+        assert SECRET not in p.read_text(errors="replace"), p
+    # a refused key stops the run with a sentence, and the message does not carry the key either
+    srv = scripted(("status", 401, f"Incorrect API key provided: {SECRET}"))
+    d, _ = _describer(tmp_path, srv.url)
+    with pytest.raises(D.DescriberError, match="set a valid OPENAI_API_KEY") as err:
+        d.describe({"a": "p-new"}, progress=False)
+    assert SECRET not in str(err.value)
+
+
+def test_salient_ops_table_on_a_tiny_model():
+    loaded = _tiny_loaded()
+    ops = D.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, progress=False)
+    assert len(ops) == 8 and set(ops.quartile) == {0, 2}
+    assert all(len(m) == 3 for m in ops.mappings)
+    for (_layer, _head), g in ops.groupby(["layer", "head"]):
+        assert g.saliency.is_monotonic_decreasing
+    prompts = D.head_prompts(ops)
+    assert list(prompts) == [(0, 1), (1, 3)]
+    first = ops[(ops.layer == 0) & (ops["head"] == 1)].iloc[0]
+    assert f"\n{first.token}: {', '.join(first.mappings)}\n" in prompts[(0, 1)]
+
+
+# ---- the real local server --------------------------------------------------------------------------
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    status = Path(f"/proc/{pid}/status")
+    return status.is_file() and "State:\tZ" in status.read_text()
+
+
+@pytest.mark.embedded
+def test_local_server_is_stopped_even_on_ctrl_c(smollm2, model_cache):
+    server = D.LocalServer(D.local_checkpoint("smollm2-135m", model_cache), device="cpu")
+    with pytest.raises(KeyboardInterrupt), server:
+        pid = server.proc.pid
+        assert server.base_url.startswith("http://127.0.0.1:")
+        raise KeyboardInterrupt
+    assert server.proc is None and _gone(pid)
+
+
+@pytest.fixture(scope="module")
+def described(smollm2, model_cache, tmp_path_factory, monkeypatch_module):
+    monkeypatch_module.delenv("OPENAI_API_KEY", raising=False)
+    out = tmp_path_factory.mktemp("described")
+    t0 = time.perf_counter()
+    res = D.describe_heads(smollm2, heads=[(2, 3), (21, 4)], results_dir=out, progress=False, cache_dir=model_cache,
+                           server_device="cpu")
+    return res, out, time.perf_counter() - t0
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.mark.embedded
+def test_end_to_end_with_the_local_server(described):
+    res, out, _ = described
+    t = res.table
+    assert list(zip(t.layer, t["head"], strict=True)) == [(2, 3), (21, 4)]
+    assert (t.status == "ok").all() and (~t.cached).all()
+    assert (t.raw.str.len() > 0).all() and t.finish_reason.isin(["stop", "length"]).all()
+    assert (t.describer_kind == "local").all() and (t.describer_model == "smollm2-135m").all()
+    assert set(t.parse) <= {"json", "extracted", "unparsed"}
+    assert len(res.ops) == 30 and res.shares().n_heads.tolist() == [1, 0, 1, 0]
+    entries = D.ResponseCache(out / "smollm2-135m" / "descriptions.cache.jsonl").entries
+    assert len(entries) == 2
+    for e in entries.values():
+        assert e["describer_kind"] == "local" and e["model_id"].startswith("local:smollm2-135m:SmolLM2")
+        assert e["params"] == {"temperature": 0.0, "max_tokens": 150, "prompt_version": D.PROMPT_VERSION}
+    manifest = json.loads((out / "smollm2-135m" / "descriptions.manifest.json").read_text())
+    assert manifest["parameters"]["describer"]["describer_kind"] == "local"
+    assert manifest["parameters"]["new_responses"] == 2
+
+
+@pytest.mark.embedded
+def test_cache_replay_with_no_server_is_identical(described, smollm2, model_cache, monkeypatch):
+    res, out, _ = described
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+    def no_server(*a, **k):
+        raise AssertionError("a cached rerun must not start the server")
+
+    monkeypatch.setattr(D.LocalServer, "start", no_server)
+    again = D.describe_heads(smollm2, heads=[(2, 3), (21, 4)], results_dir=out, progress=False,
+                             cache_dir=model_cache)
+    assert again.table.cached.all()
+    cols = ["layer", "head", "salient_tokens", "raw", "parse", "reasoning", "inputs", "pattern", "has_pattern", "key"]
+    pd.testing.assert_frame_equal(again.table[cols], res.table[cols])
+
