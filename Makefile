@@ -8,6 +8,7 @@ TORCH_SPEC   ?= torch==2.13.0
 MODEL        ?= smollm2-135m
 DEVICE       ?= auto
 DTYPE        ?= float32
+PAPERMILL_ARGS ?=
 PYTEST_ARGS  ?=
 
 BIN          := $(VENV)/bin
@@ -51,7 +52,7 @@ notebooks: $(HTML)
 
 $(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(wildcard maps_utils/*.py)
 	@mkdir -p $(REPORT_DIR)
-	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" -p dtype "$(DTYPE)"
+	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" -p dtype "$(DTYPE)" $(PAPERMILL_ARGS)
 	@mv $@.partial.ipynb $@
 
 $(REPORT_DIR)/%.html: $(REPORT_DIR)/%.ipynb

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -154,6 +155,18 @@ def test_atomic_dir_leaves_nothing_on_failure(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "done.txt").write_text("ok")
     assert (target / "done.txt").read_text() == "ok"
+
+
+def test_atomic_text_writes_get_ordinary_permissions(tmp_path):
+    from maps_utils.io import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_text(tmp_path / "table.csv", "a,b\n")
+    finally:
+        os.umask(old)
+    assert path.read_text() == "a,b\n" and (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
 
 def test_dtype_and_device_resolution():
