@@ -35,7 +35,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -60,6 +60,7 @@ DEFAULT_SAMPLE = 40  # heads described by default: stratified by layer quartile 
 # generation settings: greedy, so a rerun of an uncached prompt gives the same answer on the same server.
 # The local model answers in a few seconds per 100 tokens on a laptop CPU; its JSON is short when it is JSON at all.
 MAX_TOKENS = {"local": 150, "openai": 512, "server": 512}
+SERVER_KEY_ENV = "MAPS_DESCRIBER_API_KEY"  # the key for a base_url server (OPENAI_API_KEY is never sent elsewhere)
 
 
 class DescriberError(MapsError):
@@ -92,11 +93,19 @@ def select_heads(n_layers: int, n_heads: int, heads="sample", *, n: int = DEFAUL
     ``(layer, head)`` pairs.
     """
     every = [(la, h) for la in range(n_layers) for h in range(n_heads)]
+    if isinstance(heads, str) and heads.strip().startswith("["):  # a list passed as text (papermill -p)
+        try:
+            heads = json.loads(heads)
+        except ValueError:
+            raise ValueError(f"heads={heads!r} is not a JSON list of [layer, head] pairs.") from None
     if isinstance(heads, str) and heads == "all":
         return every
     if isinstance(heads, str) and heads != "sample":
         raise ValueError(f'heads={heads!r}: use "all", "sample", a number of heads or a list of (layer, head) pairs.')
     if not isinstance(heads, str) and isinstance(heads, Iterable):
+        heads = list(heads)
+        if not all(isinstance(p, Sequence) and not isinstance(p, str) and len(p) == 2 for p in heads):
+            raise ValueError(f"heads={heads!r}: give a list of (layer, head) pairs, e.g. [[2, 3], [21, 4]].")
         chosen = sorted({(int(la), int(h)) for la, h in heads})
         bad = [p for p in chosen if not (0 <= p[0] < n_layers and 0 <= p[1] < n_heads)]
         if bad or not chosen:
@@ -144,6 +153,8 @@ def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15
 
     if n_salient < 1 or n_mappings < 1:
         raise ValueError(f"n_salient and n_mappings must be >= 1 (got {n_salient}, {n_mappings}).")
+    if not heads:
+        raise ValueError("salient_ops needs at least one (layer, head).")
     sal = saliency(loaded.heads, variant=variant, progress=progress)
     ops = salient_operations(loaded.heads, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
                              variant=variant, heads_subset=list(heads), saliency_scores=sal, progress=progress)
@@ -203,7 +214,7 @@ def _text(value) -> str:
     return str(value).strip()
 
 
-_UNCLEAR = re.compile(r"\bunclear\b|\bnot clear\b|\bno (?:clear|obvious|discernible) pattern\b")
+_UNCLEAR = re.compile(r"\bunclear\b|\bnot clear\b|\bno (?:clear|obvious|discernible) pattern\b|^(?:none|n/?a|no pattern)$")
 
 
 def is_unclear(text: str) -> bool:
@@ -217,15 +228,23 @@ def is_unclear(text: str) -> bool:
 def parse_description(text: str | None) -> dict:
     """Read a describer answer: strict JSON, else the first JSON object in the text, else raw (``unparsed``).
 
-    Returns ``parse`` ("json" | "extracted" | "unparsed"), the three fields (keys matched ignoring case and
-    punctuation; lists are joined) and ``has_pattern`` (a parsed answer whose observed pattern is not Unclear).
+    Returns ``parse`` ("json" | "extracted" | "no_keys" | "unparsed"), the three fields (keys matched ignoring
+    case and punctuation; lists are joined) and ``has_pattern`` (a parsed answer whose observed pattern is not
+    Unclear). Extraction takes the first object that has at least one of the keys; a JSON answer without any of
+    them is ``no_keys`` (not in the requested form, like ``unparsed``).
     """
     text = text or ""
-    obj, how = None, "unparsed"
+    wanted = {_norm_key(k) for k in KEYS}
+
+    def has_keys(o) -> bool:
+        return isinstance(o, dict) and bool(wanted & {_norm_key(k) for k in o})
+
+    obj, how, keyless = None, "unparsed", False
     with contextlib.suppress(ValueError):
         loaded = json.loads(text.strip())
         if isinstance(loaded, dict):
-            obj, how = loaded, "json"
+            obj, how = (loaded, "json") if has_keys(loaded) else (None, "unparsed")
+            keyless = obj is None
     if obj is None:
         decoder = json.JSONDecoder()
         for m in re.finditer(r"\{", text):
@@ -233,9 +252,12 @@ def parse_description(text: str | None) -> dict:
                 loaded, _ = decoder.raw_decode(text, m.start())
             except ValueError:
                 continue
-            if isinstance(loaded, dict):
+            if has_keys(loaded):
                 obj, how = loaded, "extracted"
                 break
+            keyless = keyless or isinstance(loaded, dict)
+    if obj is None and keyless:
+        how = "no_keys"
     fields = {k: "" for k in KEYS}
     if obj is not None:
         lookup = {_norm_key(k): v for k, v in obj.items()}
@@ -278,7 +300,10 @@ def resolve_endpoint(model: str | None = None, base_url: str | None = None) -> E
     if base_url:
         if not re.match(r"^https?://", base_url):
             raise DescriberError(f"base_url={base_url!r} is not an http(s) URL; give one like http://127.0.0.1:8000/v1.")
-        return Endpoint("server", model or "", base_url.rstrip("/"), "OPENAI_API_KEY")
+        url = base_url.rstrip("/")
+        # an OpenAI key goes to OpenAI only; any other server gets its own variable
+        key_env = "OPENAI_API_KEY" if urlsplit(url).hostname == "api.openai.com" else SERVER_KEY_ENV
+        return Endpoint("server", model or "", url, key_env)
     if os.environ.get("OPENAI_API_KEY"):
         return Endpoint("openai", model or OPENAI_MODEL, OPENAI_URL, "OPENAI_API_KEY")
     from .models import EMBEDDED
@@ -343,21 +368,23 @@ class LocalServer:
     def start(self) -> LocalServer:
         if not (self.checkpoint / "config.json").is_file():
             raise DescriberError(f"{self.checkpoint} is not a transformers checkpoint (no config.json).")
+        exe = self.executable()
         self.port = self.port or free_port(self.host)
         self._tmp = tempfile.TemporaryDirectory(prefix="maps-serve-")
-        env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=self._tmp.name, TOKENIZERS_PARALLELISM="false")
-        env.pop("OPENAI_API_KEY", None)  # the server has no use for it
-        log_file = self.log_path or Path(self._tmp.name) / "serve.log"
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        self._log_file = log_file
-        self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop)
-        cmd = [self.executable(), "serve", str(self.checkpoint), "--host", self.host, "--port", str(self.port),
-               "--device", self.device]
-        log.info("starting local describer: %s", " ".join(cmd))
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, start_new_session=True,
-                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
         try:
+            env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=self._tmp.name, TOKENIZERS_PARALLELISM="false")
+            for name in ("OPENAI_API_KEY", SERVER_KEY_ENV):  # the server has no use for them
+                env.pop(name, None)
+            log_file = self.log_path or Path(self._tmp.name) / "serve.log"
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            self._log_file = log_file
+            self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop)
+            cmd = [exe, "serve", str(self.checkpoint), "--host", self.host, "--port", str(self.port),
+                   "--device", self.device]
+            log.info("starting local describer: %s", " ".join(cmd))
+            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=env, start_new_session=True,
+                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
             self._wait_healthy()
         except BaseException:
             self.stop()
@@ -388,16 +415,22 @@ class LocalServer:
             return "(no log)"
 
     def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, sig)
-                try:
-                    proc.wait(timeout=wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        """SIGTERM to the server's process group, up to 15 s for it to exit, then SIGKILL to whatever is left of
+        the group, whatever happens in between (a second Ctrl-C included)."""
+        proc = self.proc
+        if proc is not None:
+            try:
+                if proc.poll() is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGTERM)
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=15)
+            finally:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=5)
+                self.proc = None
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -437,13 +470,13 @@ class ResponseCache:
         self.entries: dict[str, dict] = {}
         self.bad_lines = 0
         if self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            for line in self.path.read_bytes().split(b"\n"):
                 if not line.strip():
                     continue
                 try:
-                    entry = json.loads(line)
+                    entry = json.loads(line.decode("utf-8"))
                     self.entries[entry["key"]] = entry
-                except (ValueError, KeyError, TypeError):
+                except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
                     self.bad_lines += 1
 
     def get(self, key: str) -> dict | None:
@@ -457,9 +490,13 @@ class ResponseCache:
 
     def append(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = self.path.is_file() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(("\n" if needs_newline else "") + json.dumps(entry, ensure_ascii=False) + "\n")
+        needs_newline = False
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            with open(self.path, "rb") as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
+        with open(self.path, "a", encoding="ascii") as f:  # ASCII JSON: no character can split a line
+            f.write(("\n" if needs_newline else "") + json.dumps(entry, ensure_ascii=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
         self.entries[entry["key"]] = entry
@@ -476,12 +513,28 @@ _SECRETISH = re.compile(r"(sk-[A-Za-z0-9_*\-]{3,}|Bearer\s+\S+)")
 def redact(text: str, secret: str | None = None) -> str:
     """``text`` with ``secret`` and anything that looks like an API key removed."""
     text = str(text)
-    if secret:
+    if secret and len(secret) >= 8:
         text = text.replace(secret, "[redacted]")
     return _SECRETISH.sub("[redacted]", text)
 
 
 # ---- the describer -------------------------------------------------------------------------------------
+FAILED_FIELDS = {"parse": "failed", "reasoning": "", "inputs": "", "pattern": "", "has_pattern": False}
+
+
+def openai_errors():
+    import openai
+
+    return openai
+
+
+def _fatal(err) -> bool:
+    """Errors no retry or other head can fix: a refused key, no permission, an unknown model, no quota."""
+    o = openai_errors()
+    if isinstance(err, (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError)):
+        return True
+    return isinstance(err, o.RateLimitError) and "insufficient_quota" in f"{getattr(err, 'code', '')} {err}"
+
 @dataclass
 class Describer:
     """Describes prompts through the ``openai`` client, with a response cache, retries and per-prompt failures.
@@ -515,6 +568,9 @@ class Describer:
         self.cache = ResponseCache(self.cache_path)
         self.max_tokens = int(self.max_tokens or MAX_TOKENS[self.endpoint.kind])
         self._checkpoint = local_checkpoint(self.endpoint.model, self.cache_dir) if self.endpoint.kind == "local" else None
+        if self.endpoint.kind != "local" and not self.endpoint.model:
+            # the cache key and the provenance must name the model: ask the server now
+            self.endpoint = replace(self.endpoint, model=self._only_model(self.endpoint.base_url))
 
     @property
     def params(self) -> dict:
@@ -574,11 +630,11 @@ class Describer:
                 return {"content": choice.message.content or "", "finish_reason": choice.finish_reason,
                         "usage": usage, "response_model": getattr(r, "model", None)}, attempt + 1
             except transient as err:
-                if attempt == self.max_retries:
+                if attempt == self.max_retries or _fatal(err):
                     err.maps_attempts = attempt + 1
                     raise
                 wait = self._retry_after(err)
-                wait = min(self.max_backoff, wait if wait is not None else self.backoff * 2 ** attempt)
+                wait = max(0.0, min(self.max_backoff, wait if wait is not None else self.backoff * 2 ** attempt))
                 log.info("describer: %s; retry %d in %.1f s", type(err).__name__, attempt + 1, wait)
                 self.sleep(wait)
         raise AssertionError("unreachable")
@@ -586,10 +642,13 @@ class Describer:
     def _unreachable(self, err) -> DescriberError:
         where = self.endpoint.label
         fix = {"openai": "check the network and OPENAI_API_KEY, or unset the key to use the local describer",
-               "server": "start that server or fix base_url, or leave base_url empty to use the local describer",
-               "local": "see the server log above, or pass base_url / set OPENAI_API_KEY"}[self.endpoint.kind]
-        return DescriberError(f"The describer {where} cannot be reached ({redact(type(err).__name__)}: "
-                              f"{redact(str(err), self._api_key())}); {fix}. Responses so far are cached in {self.cache.path}.")
+               "server": "start that server or fix base_url (name describer_model to replay cached answers with the "
+                         "server down), or leave base_url empty to use the local describer",
+               "local": "pass base_url / set OPENAI_API_KEY, or see the server's log"}[self.endpoint.kind]
+        tail = f"\nThe local server's log ends:\n{self.server.log_tail()}" if self.server is not None else ""
+        return DescriberError(f"The describer {where} cannot be reached ({type(err).__name__}: "
+                              f"{redact(str(err), self._api_key())}); {fix}. Responses so far are cached in "
+                              f"{self.cache.path}.{tail}")
 
     def describe(self, prompts: dict, *, progress: bool = True) -> pd.DataFrame:
         """Describe every prompt (``{id: prompt}``); returns one row per id with the parsed description, the raw
@@ -617,16 +676,16 @@ class Describer:
                     t0 = time.perf_counter()
                     try:
                         got, attempts = self._complete(client, model, prompt)
-                    except openai.AuthenticationError as err:
-                        raise DescriberError(f"The describer {self.endpoint.label} refused the API key "
-                                             f"({redact(str(err), self._api_key())}); set a valid OPENAI_API_KEY.") from None
                     except (openai.APIError, MalformedResponse) as err:
+                        if _fatal(err):
+                            raise self._fatal_error(err) from None
                         connection = isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
                         consecutive = consecutive + 1 if connection else 0
                         if consecutive >= self.max_consecutive_failures:
                             raise self._unreachable(err) from None
                         row.update(status="failed", error=redact(f"{type(err).__name__}: {err}", self._api_key()),
-                                   attempts=getattr(err, "maps_attempts", 1), seconds=time.perf_counter() - t0, raw="")
+                                   attempts=getattr(err, "maps_attempts", 1), seconds=time.perf_counter() - t0,
+                                   raw="", finish_reason=None, **FAILED_FIELDS)
                         rows[ident] = row
                         continue
                     consecutive = 0
@@ -642,6 +701,19 @@ class Describer:
         for col, value in self.provenance.items():
             out[col] = value
         return out
+
+    def _fatal_error(self, err) -> DescriberError:
+        detail = redact(str(err), self._api_key())
+        if isinstance(err, openai_errors().AuthenticationError):
+            what = f"refused the API key ({detail}); set a valid {self.endpoint.key_env or 'key'}"
+        elif isinstance(err, openai_errors().NotFoundError):
+            what = f"does not know the model {self.endpoint.model!r} ({detail}); name one it serves with describer_model"
+        elif isinstance(err, openai_errors().PermissionDeniedError):
+            what = f"denied access ({detail}); check the key's permissions for {self.endpoint.model!r}"
+        else:
+            what = f"reports that the account has no quota left ({detail}); add credit or use another describer"
+        return DescriberError(f"The describer {self.endpoint.label} {what}. Responses so far are cached in "
+                              f"{self.cache.path}.")
 
     def _only_model(self, base_url: str) -> str:
         """The model to ask a server for when none was named: the only one it lists."""
@@ -675,7 +747,7 @@ class DescriptionResult:
     def clearest(self, n: int = 5) -> pd.DataFrame:
         """Up to ``n`` heads whose answer was valid JSON with both an input description and a pattern (neither
         Unclear), deepest first; then heads with only a pattern."""
-        t = self.table[self.table.has_pattern].copy()
+        t = self.table[self.table.has_pattern.fillna(False).astype(bool)].copy()
         t["clarity"] = (t.parse == "json").astype(int) + (~t.inputs.map(is_unclear)).astype(int)
         return t.sort_values(["clarity", "layer", "head"], ascending=[False, False, True]).head(n)
 
@@ -691,7 +763,8 @@ class DescriptionResult:
 
 def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     labels = quartile_labels(n_layers)
-    cat = np.select([table.status != "ok", table.parse == "unparsed", table.has_pattern],
+    cat = np.select([(table.status != "ok").to_numpy(), table.parse.isin(["unparsed", "no_keys"]).to_numpy(),
+                     table.has_pattern.fillna(False).astype(bool).to_numpy()],
                     ["failed", "unparsed", "pattern"], "unclear")
     t = table.assign(outcome=cat)
     counts = pd.crosstab(t.quartile, t.outcome).reindex(index=range(4), columns=["pattern", "unclear", "unparsed", "failed"],

@@ -26,6 +26,7 @@ from maps_utils.models import LoadedModel
 from .conftest import make_tiny, word_tokenizer
 
 SECRET = "sk-test-DoNotLeak-4242424242"
+OPENAI_SECRET = "sk-openai-AlsoSecret-1717171717"
 
 
 # ---- head selection ---------------------------------------------------------------------------------
@@ -43,10 +44,14 @@ def test_stratified_sample_is_even_seeded_and_overridable():
     assert per_q == [10, 10, 10, 10]
     assert a == D.select_heads(30, 9, "sample", n=40, seed=0)
     assert a != D.select_heads(30, 9, "sample", n=40, seed=1)
-    assert D.select_heads(30, 9, 41, seed=0) != a and len(D.select_heads(30, 9, 41, seed=0)) == 41
+    b = D.select_heads(30, 9, 41, seed=0)
+    assert len(b) == 41 and len(set(b)) == 41
     assert len(D.select_heads(30, 9, "all")) == 270
     assert D.select_heads(30, 9, 1000) == D.select_heads(30, 9, "all")
     assert D.select_heads(30, 9, [(3, 1), [0, 2], (3, 1)]) == [(0, 2), (3, 1)]
+    assert D.select_heads(30, 9, "[[3, 1], [0, 2]]") == [(0, 2), (3, 1)]  # as papermill passes a list written as text
+    with pytest.raises(ValueError, match="give a list of"):
+        D.select_heads(30, 9, (2, 3))
     # a 2-layer model has two empty quartiles; the sample still has the size asked for
     assert len(D.select_heads(2, 4, "sample", n=5)) == 5
     with pytest.raises(ValueError, match="must lie in 30 layers x 9 heads"):
@@ -85,6 +90,12 @@ def test_parse_strict_then_first_object_then_raw():
     assert cut["parse"] == "unparsed" and not cut["has_pattern"] and cut["pattern"] == ""
     assert D.parse_description('[1, 2] and then {"Observed pattern": "x"}')["parse"] == "extracted"
     assert D.parse_description(None)["parse"] == "unparsed"
+    # JSON without any of the keys is not the requested form; extraction skips such objects
+    assert D.parse_description('{"answer": 42}')["parse"] == "no_keys"
+    skip = D.parse_description('{"a": 1} then {"Observed pattern": "Plural forms."}')
+    assert skip["parse"] == "extracted" and skip["pattern"] == "Plural forms."
+    for none in ("None", "N/A", "No pattern."):
+        assert not D.parse_description(json.dumps({"Observed pattern": none}))["has_pattern"]
     # a "pattern" that says there is none counts as Unclear
     for hedge in ("The output is not clear, it is unclear how", "There is no clear pattern.", "UNCLEAR"):
         assert D.is_unclear(hedge)
@@ -104,6 +115,19 @@ def test_cache_survives_a_cut_line_and_keeps_everything(tmp_path):
     assert {k: v["content"] for k, v in again.entries.items()} == {"a": "one", "c": "three"}
 
 
+def test_cache_keeps_answers_with_line_separators_and_survives_a_cut_character(tmp_path):
+    path = tmp_path / "c.jsonl"
+    cache = D.ResponseCache(path)
+    cache.append({"key": "a", "content": "odd\u2028line\u2029breaks\x85é"})
+    assert path.read_bytes().isascii()
+    with open(path, "ab") as f:
+        f.write('{"key": "b", "content": "caf\u00e9'.encode()[:-1])  # cut inside the UTF-8 of é
+    again = D.ResponseCache(path)
+    assert again.get("a")["content"] == "odd\u2028line\u2029breaks\x85é" and again.bad_lines == 1
+    again.append({"key": "c", "content": "ok"})
+    assert set(D.ResponseCache(path).entries) == {"a", "c"}
+
+
 def test_cache_key_depends_on_model_prompt_and_parameters():
     k = D.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 10})
     assert k == D.cache_key("m", "p", {"max_tokens": 10, "temperature": 0.0})
@@ -114,6 +138,7 @@ def test_cache_key_depends_on_model_prompt_and_parameters():
 
 def test_redaction_and_safe_urls():
     assert SECRET not in D.redact(f"Incorrect API key provided: {SECRET}", SECRET)
+    assert D.redact("not-needed here", "x") == "not-needed here"  # short placeholder keys are not redacted
     assert "sk-" not in D.redact("Incorrect API key provided: sk-abc***********xyz")
     assert D.safe_url("https://user:pw@example.org:8443/v1?x=1") == "https://example.org:8443/v1"
 
@@ -121,7 +146,9 @@ def test_redaction_and_safe_urls():
 def test_endpoint_choice(monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     assert D.resolve_endpoint() == D.Endpoint("local", "smollm2-135m")
-    assert D.resolve_endpoint(base_url="http://127.0.0.1:9/v1/").base_url == "http://127.0.0.1:9/v1"
+    server = D.resolve_endpoint(base_url="http://127.0.0.1:9/v1/")
+    assert server.base_url == "http://127.0.0.1:9/v1" and server.key_env == D.SERVER_KEY_ENV
+    assert D.resolve_endpoint(base_url="https://api.openai.com/v1").key_env == "OPENAI_API_KEY"
     with pytest.raises(D.DescriberError, match="not an embedded model"):
         D.resolve_endpoint("gpt-4o")
     with pytest.raises(D.DescriberError, match="not an http"):
@@ -204,7 +231,7 @@ def scripted():
 def _describer(tmp_path, url, **kw):
     sleeps = []
     kw = {"max_retries": 2, "backoff": 0.01, "sleep": sleeps.append, **kw}
-    d = D.Describer(D.Endpoint("server", "scripted-model", url, "OPENAI_API_KEY"), tmp_path / "cache.jsonl", **kw)
+    d = D.Describer(D.Endpoint("server", "scripted-model", url, D.SERVER_KEY_ENV), tmp_path / "cache.jsonl", **kw)
     return d, sleeps
 
 
@@ -250,16 +277,47 @@ def test_unreachable_endpoint_stops_with_a_clear_message(tmp_path):
     d, _ = _describer(tmp_path, f"http://127.0.0.1:{port}/v1", max_retries=1, max_consecutive_failures=2)
     with pytest.raises(D.DescriberError, match=r"cannot be reached .*start that server or fix base_url"):
         d.describe({"a": "p1", "b": "p2", "c": "p3"}, progress=False)
-    nameless = D.Describer(D.Endpoint("server", "", f"http://127.0.0.1:{port}/v1"), tmp_path / "c2.jsonl", max_retries=0)
     with pytest.raises(D.DescriberError, match="cannot be reached"):
-        nameless.describe({"a": "p"}, progress=False)
+        D.Describer(D.Endpoint("server", "", f"http://127.0.0.1:{port}/v1"), tmp_path / "c2.jsonl", max_retries=0)
 
 
 def test_server_model_is_asked_for_when_not_named(scripted, tmp_path):
     srv = scripted(("ok", '{"Observed pattern": "x"}'))
     d = D.Describer(D.Endpoint("server", "", srv.url), tmp_path / "c.jsonl")
-    assert d.describe({"a": "p"}, progress=False).iloc[0].status == "ok"
+    assert d.endpoint.model == "scripted-model" and "scripted-model@" in d.model_id  # in the cache key and provenance
+    out = d.describe({"a": "p"}, progress=False).iloc[0]
+    assert out.status == "ok" and out.describer_model == "scripted-model"
     assert srv.requests[0]["body"]["model"] == "scripted-model"
+
+
+@pytest.mark.parametrize("status,message,match", [
+    (404, "The model `nope` does not exist", "does not know the model"),
+    (403, "forbidden", "denied access"),
+    (429, "You exceeded your current quota (insufficient_quota)", "no quota left"),
+])
+def test_errors_no_retry_can_fix_stop_the_run_at_once(scripted, tmp_path, status, message, match):
+    srv = scripted(("status", status, message), ("ok", "{}"))
+    d, sleeps = _describer(tmp_path, srv.url)
+    with pytest.raises(D.DescriberError, match=match):
+        d.describe({"a": "p1", "b": "p2"}, progress=False)
+    assert len(srv.requests) == 1 and sleeps == []
+
+
+def test_failed_heads_still_give_shares_and_examples(scripted, tmp_path):
+    loaded = _tiny_loaded()
+    srv = scripted(*[("status", 500)] * 8)
+    res = D.describe_heads(loaded, heads="all", base_url=srv.url, describer_model="scripted-model", n_salient=2,
+                           n_mappings=2, results_dir=tmp_path, progress=False, max_retries=0)
+    assert (res.table.status == "failed").all() and (res.table.parse == "failed").all()
+    assert res.table.has_pattern.dtype == bool and not res.table.has_pattern.any()
+    assert res.shares().share_failed.dropna().tolist() == [1.0, 1.0] and res.clearest().empty
+    srv = scripted(("status", 500), ("ok", '{"Observed pattern": "Copies tokens."}'))
+    one = D.Describer(D.Endpoint("server", "scripted-model", srv.url), tmp_path / "c2.jsonl", max_retries=0)
+    res = D.describe_heads(loaded, heads=[(0, 0), (1, 1)], describer=one, n_salient=2, n_mappings=2,
+                           results_dir=tmp_path / "two", progress=False)
+    shares = res.shares()
+    assert shares.share_failed.tolist()[0] == 1.0 and shares.share_pattern.tolist()[2] == 1.0
+    assert res.clearest().pattern.tolist() == ["Copies tokens."]
 
 
 def _tiny_loaded():
@@ -268,25 +326,31 @@ def _tiny_loaded():
                        "test", 0.0)
 
 
-def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch, capsys, caplog):
+    caplog.set_level("DEBUG")
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)
+    monkeypatch.setenv(D.SERVER_KEY_ENV, SECRET)
     srv = scripted(("ok", '{"Observed pattern": "p"}'), ("status", 500, f"boom for key {SECRET}"),
                    ("status", 500, f"boom for key {SECRET}"), ("status", 500, f"boom for key {SECRET}"),
                    ("ok", '{"Observed pattern": "q"}'), ("ok", '{"Observed pattern": "r"}'))
     res = D.describe_heads(_tiny_loaded(), heads="all", base_url=srv.url, describer_model="scripted-model",
                            n_salient=3, n_mappings=2, results_dir=tmp_path, progress=False, max_retries=2,
                            backoff=0.0)
-    assert srv.requests[0]["auth"] == f"Bearer {SECRET}"  # the key was used
+    assert srv.requests[0]["auth"] == f"Bearer {SECRET}"  # the server's key was used; the OpenAI key went nowhere
+    assert all(OPENAI_SECRET not in (r["auth"] or "") for r in srv.requests)
     assert (res.table.status == "failed").sum() == 1 and "[redacted]" in res.table.error.str.cat()
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert {p.name for p in files} >= {"descriptions.csv", "descriptions.ops.csv", "descriptions.manifest.json",
                                        "descriptions.cache.jsonl"}
     for p in files:
         assert SECRET not in p.read_text(errors="replace"), p
+        assert OPENAI_SECRET not in p.read_text(errors="replace"), p
+    shown = capsys.readouterr()
+    assert SECRET not in shown.out + shown.err + caplog.text
     # a refused key stops the run with a sentence, and the message does not carry the key either
     srv = scripted(("status", 401, f"Incorrect API key provided: {SECRET}"))
     d, _ = _describer(tmp_path, srv.url)
-    with pytest.raises(D.DescriberError, match="set a valid OPENAI_API_KEY") as err:
+    with pytest.raises(D.DescriberError, match=f"set a valid {D.SERVER_KEY_ENV}") as err:
         d.describe({"a": "p-new"}, progress=False)
     assert SECRET not in str(err.value)
 
@@ -349,7 +413,6 @@ def test_end_to_end_with_the_local_server(described):
     assert (t.status == "ok").all() and (~t.cached).all()
     assert (t.raw.str.len() > 0).all() and t.finish_reason.isin(["stop", "length"]).all()
     assert (t.describer_kind == "local").all() and (t.describer_model == "smollm2-135m").all()
-    assert set(t.parse) <= {"json", "extracted", "unparsed"}
     assert len(res.ops) == 30 and res.shares().n_heads.tolist() == [1, 0, 1, 0]
     entries = D.ResponseCache(out / "smollm2-135m" / "descriptions.cache.jsonl").entries
     assert len(entries) == 2

@@ -103,3 +103,29 @@ def test_descriptions_notebook_runs_offline_with_the_local_describer(smollm2, tm
         assert (out / name).is_file(), name
     for ext in ("png", "svg"):
         assert (tmp_path / "fig" / "smollm2-135m" / f"04_description_shares.{ext}").is_file()
+
+
+@pytest.mark.embedded
+def test_descriptions_notebook_with_a_server_shows_failures_and_never_the_key(smollm2, tmp_path, monkeypatch):
+    from maps_utils.describe import SERVER_KEY_ENV
+
+    from .test_describe import OPENAI_SECRET, SECRET, Scripted
+
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_SECRET)
+    monkeypatch.setenv(SERVER_KEY_ENV, SECRET)
+    srv = Scripted([("status", 400, f"bad request {SECRET}"),  # not retried; fails that head only
+                    ("ok", '{"Reasoning": "r", "Input strings": "Words.", "Observed pattern": "Plurals."}')])
+    try:
+        text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m",
+                            device="cpu", heads="[[2, 3], [21, 4]]", base_url=srv.url, describer_model="scripted-model",
+                            figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert srv.requests[0]["auth"] == f"Bearer {SECRET}"
+    assert "describer: scripted-model (http://127.0.0.1:" in text and "1 failed" in text
+    assert "(failed: BadRequestError" in text and "[redacted]" in text and "Plurals." in text
+    for path in [tmp_path / "04.ipynb", *(tmp_path / "res").rglob("*")]:
+        if path.is_file():
+            body = path.read_text(errors="replace")
+            assert SECRET not in body and OPENAI_SECRET not in body, path
