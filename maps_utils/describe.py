@@ -117,21 +117,28 @@ def select_heads(n_layers: int, n_heads: int, heads="sample", *, n: int = DEFAUL
         raise ValueError(f"heads: a sample needs at least one head (got {n}).")
     if n >= len(every):
         return every
-    rng = np.random.default_rng(seed)
     by_q = [[p for p in every if layer_quartile(p[0], n_layers) == q] for q in range(4)]
-    want = [n // 4 + (1 if q < n % 4 else 0) for q in range(4)]
-    # a quartile with too few heads gives what it has; the shortfall goes to the others in order
-    take = [min(w, len(b)) for w, b in zip(want, by_q, strict=True)]
+    return sorted(stratified_pick(by_q, n, seed))
+
+
+def stratified_pick(groups: Sequence[Sequence], n: int, seed: int = 0) -> list:
+    """``n`` items drawn without replacement, as evenly as possible over ``groups`` (``n // len(groups)`` each,
+    the remainder to the first groups); a group with too few items gives what it has and the shortfall goes to
+    the others in order. Seeded; the result keeps group order."""
+    rng = np.random.default_rng(seed)
+    g = len(groups)
+    want = [n // g + (1 if q < n % g else 0) for q in range(g)]
+    take = [min(w, len(b)) for w, b in zip(want, groups, strict=True)]
     short = n - sum(take)
-    for q in range(4):
-        extra = min(short, len(by_q[q]) - take[q])
+    for q in range(g):
+        extra = min(short, len(groups[q]) - take[q])
         take[q] += extra
         short -= extra
     chosen = []
-    for q in range(4):
-        idx = rng.choice(len(by_q[q]), size=take[q], replace=False)
-        chosen += [by_q[q][i] for i in idx]
-    return sorted(chosen)
+    for q in range(g):
+        idx = rng.choice(len(groups[q]), size=take[q], replace=False)
+        chosen += [groups[q][i] for i in idx]
+    return chosen
 
 
 # ---- salient operations and the prompt ----------------------------------------------------------------

@@ -187,24 +187,33 @@ def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
     return fig
 
 
-def description_shares(shares, title: str = "") -> plt.Figure:
-    """Stacked bars per layer quartile: the share of described heads with a pattern / Unclear / unparsed / failed
-    (from :meth:`maps_utils.describe.DescriptionResult.shares`), with the head count over each bar."""
-    colors = {"pattern": "#1b7837", "unclear": "#bdbdbd", "unparsed": "#fdae61", "failed": "#d73027"}
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    x = np.arange(len(shares))
-    bottom = np.zeros(len(shares))
-    for name, color in colors.items():
-        values = shares[f"share_{name}"].fillna(0).to_numpy()
+def stacked_quartiles(table, categories, title: str = "", colors=None, ylabel: str = "share") -> plt.Figure:
+    """Stacked bars per layer quartile: ``table`` has one row per quartile with ``layers``, ``n`` and a share column
+    per category; the count is written over each bar (the layout of the paper's salient-operation charts)."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    x = np.arange(len(table))
+    bottom = np.zeros(len(table))
+    palette = colors or [plt.cm.tab10(i) for i in range(len(categories))]
+    for name, color in zip(categories, palette, strict=False):
+        values = np.nan_to_num(table[name].to_numpy(dtype=float))
         ax.bar(x, values, bottom=bottom, color=color, label=name, width=0.65)
         bottom += values
-    for xi, n in zip(x, shares.n_heads, strict=True):
+    for xi, n in zip(x, table["n"], strict=True):
         ax.text(xi, 1.02, f"n={n}", ha="center", va="bottom", fontsize=9)
-    ax.set_xticks(x, [f"Q{q + 1}\n{lab}" for q, lab in zip(shares.quartile, shares.layers, strict=True)])
+    ax.set_xticks(x, [f"Q{q + 1}\n{lab}" for q, lab in enumerate(table["layers"])])
     ax.set_ylim(0, 1.12)
     ax.set_xlabel("layer quartile")
-    ax.set_ylabel("share of described heads")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     fig.tight_layout()
     return fig
+
+
+def description_shares(shares, title: str = "") -> plt.Figure:
+    """Stacked bars per layer quartile: the share of described heads with a pattern / Unclear / unparsed / failed
+    (from :meth:`maps_utils.describe.DescriptionResult.shares`), with the head count over each bar."""
+    cats = ["pattern", "unclear", "unparsed", "failed"]
+    table = shares.rename(columns={f"share_{c}": c for c in cats} | {"n_heads": "n"})
+    return stacked_quartiles(table, cats, title, colors=["#1b7837", "#bdbdbd", "#fdae61", "#d73027"],
+                             ylabel="share of described heads")

@@ -129,3 +129,37 @@ def test_descriptions_notebook_with_a_server_shows_failures_and_never_the_key(sm
         if path.is_file():
             body = path.read_text(errors="replace")
             assert SECRET not in body and OPENAI_SECRET not in body, path
+
+
+def test_human_study_notebook_without_annotations_says_so_and_renders_the_material(tmp_path):
+    from .test_human_study import write_descriptions
+
+    write_descriptions(tmp_path / "res")
+    text = run_notebook("05_human_study.ipynb", tmp_path / "05.ipynb", model="tiny-model", n_items=8,
+                        results_dir=str(tmp_path / "res"), figures_dir=str(tmp_path / "fig"),
+                        annotations_dir=str(tmp_path / "ann"))
+    assert "8 items from" in text and "=== item-001" in text
+    assert "No annotations yet" in text and "does not invent or simulate judgments" in text
+    assert "Charts B (correctness) and C (kinds) need annotations; none yet." in text
+    study = tmp_path / "res" / "tiny-model" / "human_study"
+    assert {p.name for p in (study / "sheets").iterdir()} == {"annotator-1.csv", "annotator-2.csv"}
+    assert (tmp_path / "fig" / "tiny-model" / "05_describer_outcome.png").is_file()
+    assert not (tmp_path / "ann").exists()  # nothing was written in the annotators' place
+
+
+def test_human_study_notebook_analyses_fixture_annotations(tmp_path):
+    from maps_utils import human_study as HS
+
+    from .test_human_study import A, B, _fixture_annotations, write_descriptions
+
+    desc = write_descriptions(tmp_path / "res")
+    _fixture_annotations(tmp_path / "ann", HS.build_material(desc, n=8, seed=0), {"a": A, "b": B})
+    text = run_notebook("05_human_study.ipynb", tmp_path / "05.ipynb", model="tiny-model", n_items=8,
+                        results_dir=str(tmp_path / "res"), figures_dir=str(tmp_path / "fig"),
+                        annotations_dir=str(tmp_path / "ann"), annotator="dave", n_boot=200)
+    assert "2 annotator(s), 16 complete answers on 8 of 8 items" in text
+    assert "pattern_observable: Cohen kappa 0.75" in text and "raw agreement 88%" in text
+    assert "Descriptions judged correct: 62% of answers" in text
+    assert "application/vnd.jupyter.widget-view+json" in text  # the annotator view for "dave"
+    for name in ("05_correctness", "05_kinds"):
+        assert (tmp_path / "fig" / "tiny-model" / f"{name}.png").is_file()

@@ -1,0 +1,479 @@
+"""The human study: blind annotation material, a JupyterLab annotator, validation and agreement statistics.
+
+People judge the automatic descriptions of notebook 04 (MAPS-SPEC §4.3). :func:`build_material` draws a seeded
+sample of described heads, stratified by layer quartile, shuffles it, and hides which head and which describer each
+item comes from: annotators see an item id, the salient operations and the description. The *key* (item → layer,
+head, describer) is kept apart, for the analysis. Each annotator answers three questions per item (see
+``data/human_study/PROTOCOL.md``): is a pattern observable, is the description correct, and what kind of operation
+it is. Answers go to ``data/human_study/annotations/<annotator>.csv``, written atomically after every answer, by
+the :class:`Annotator` widget or by filling a sheet in a spreadsheet.
+
+Nothing here produces judgments: the analysis reads only the files people wrote, and says so when there are none.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .describe import layer_quartile, quartile_labels, show_token, stratified_pick
+from .errors import MapsError
+from .io import atomic_write_text
+from .manifest import build_manifest, write_manifest
+
+PATTERN = ("yes", "no")
+CORRECTNESS = ("correct", "partially", "incorrect")
+KINDS = ("semantic", "lexical-morphological", "algorithmic-string", "translation-multilingual", "other")
+QUESTIONS = {"pattern_observable": PATTERN, "description_correct": CORRECTNESS, "operation_kind": KINDS}
+ANSWER_COLUMNS = ["item", "material", "pattern_observable", "description_correct", "operation_kind", "comment",
+                  "annotated_at"]
+NO_ANSWER = "(the describer gave no usable answer)"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AnnotationError(MapsError):
+    """An annotation file or value is invalid."""
+
+
+# ---- material -------------------------------------------------------------------------------------
+def load_descriptions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """``descriptions.csv`` (notebook 04), its ``descriptions.ops.csv`` and manifest, from the same folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "descriptions.csv"
+    ops_path = path.with_name("descriptions.ops.csv")
+    if not path.is_file() or not ops_path.is_file():
+        raise MapsError(f"No descriptions at {path} (with descriptions.ops.csv beside it); run notebook 04 for this "
+                        "model first (`make all`, or papermill notebooks/04_salient_descriptions.ipynb).")
+    table = pd.read_csv(path, keep_default_na=False)
+    ops = pd.read_csv(ops_path, keep_default_na=False)
+    ops["mappings"] = ops.mappings.map(json.loads)
+    man_path = path.with_name("descriptions.manifest.json")
+    manifest = json.loads(man_path.read_text()) if man_path.is_file() else {}
+    table["has_pattern"] = table.has_pattern.astype(str).str.lower().eq("true")
+    return table, ops, manifest
+
+
+def description_text(row) -> str:
+    """What annotators read as the description: the pattern (with the input description), "Unclear", or a note
+    that the describer gave no usable answer."""
+    if row.status != "ok" or row.parse in ("unparsed", "no_keys", "failed"):
+        return NO_ANSWER
+    if not row.has_pattern:
+        return "Unclear"
+    inputs = str(row.inputs).strip()
+    return f"{row.pattern.strip()}" + (f"  (inputs: {inputs})" if inputs and inputs.lower() != "unclear" else "")
+
+
+def operations_text(ops: pd.DataFrame) -> str:
+    """One line per salient token, ``token: m1, m2, …``, tokens shown as in the describer's prompt."""
+    return "\n".join(f"{show_token(o.token)}: " + ", ".join(show_token(m) for m in o.mappings)
+                     for o in ops.sort_values("rank").itertuples())
+
+
+def _material_hash(operations: str, description: str) -> str:
+    return hashlib.sha256(f"{operations}\n--\n{description}".encode()).hexdigest()[:12]
+
+
+@dataclass
+class Material:
+    """A blind study: ``items`` (what annotators see, in shuffled order) and ``key`` (item → head, describer)."""
+
+    model: str
+    items: pd.DataFrame  # item, material, operations, description
+    key: pd.DataFrame  # item, material, layer, head, quartile, describer, describer_has_pattern, parse
+    n_layers: int
+    manifest: dict
+
+    def sheet(self, annotator: str, seed: int = 0) -> pd.DataFrame:
+        """The annotator's sheet: every item, in an order shuffled for this annotator, with empty answer columns."""
+        check_annotator(annotator)
+        rng = np.random.default_rng([seed, int(hashlib.sha256(annotator.encode()).hexdigest()[:8], 16)])
+        order = rng.permutation(len(self.items))
+        sheet = self.items.iloc[order].reset_index(drop=True)
+        for col in ANSWER_COLUMNS[2:]:
+            sheet[col] = ""
+        return sheet
+
+    def write(self, out_dir: str | Path, annotators: Sequence[str] = (), seed: int = 0) -> Path:
+        """``items.csv`` (blind), ``key.csv`` (not for annotators), ``sheets/<annotator>.csv`` and a manifest."""
+        out = Path(out_dir)
+        atomic_write_text(out / "items.csv", self.items.to_csv(index=False))
+        atomic_write_text(out / "key.csv", self.key.to_csv(index=False))
+        for name in annotators:
+            atomic_write_text(out / "sheets" / f"{name}.csv", self.sheet(name, seed).to_csv(index=False))
+        write_manifest(out / "material.manifest.json", self.manifest)
+        return out
+
+
+def build_material(descriptions: str | Path, n: int | None = 40, seed: int = 0) -> Material:
+    """A seeded sample of ``n`` described heads (``None``: all), stratified by layer quartile, shuffled and blind.
+
+    Item ids (``item-001`` …) follow the shuffled order, so neither the id nor the order reveals the layer.
+    ``material`` is a hash of what the annotator sees; annotations carry it, so answers given on other material
+    (e.g. after the descriptions were regenerated) are caught.
+    """
+    table, ops, manifest = load_descriptions(descriptions)
+    model = (manifest.get("model") or {}).get("model") or Path(descriptions).resolve().parent.name
+    n_layers = int(((manifest.get("model") or {}).get("architecture") or {}).get("n_layers") or table.layer.max() + 1)
+    table = table.assign(quartile=[layer_quartile(la, n_layers) for la in table.layer])
+    rows = list(table.itertuples(index=False))
+    if n is None or n >= len(rows):
+        picked = rows
+    else:
+        if n < 1:
+            raise ValueError(f"The sample needs at least one head (got n={n}).")
+        by_q = [[r for r in rows if r.quartile == q] for q in range(4)]
+        picked = stratified_pick(by_q, n, seed)
+    rng = np.random.default_rng(seed)
+    picked = [picked[i] for i in rng.permutation(len(picked))]
+    items, key = [], []
+    for i, r in enumerate(picked, start=1):
+        o = ops[(ops.layer == r.layer) & (ops["head"] == r.head)]
+        if o.empty:
+            raise MapsError(f"descriptions.ops.csv has no salient operations for head {r.layer}.{r.head}; rerun notebook 04.")
+        text, desc = operations_text(o), description_text(r)
+        item, mat = f"item-{i:03d}", _material_hash(text, desc)
+        items.append({"item": item, "material": mat, "operations": text, "description": desc})
+        key.append({"item": item, "material": mat, "layer": int(r.layer), "head": int(r.head), "quartile": int(r.quartile),
+                    "describer": r.describer, "describer_has_pattern": bool(r.has_pattern), "parse": r.parse,
+                    "status": r.status})
+    params = {"descriptions": str(descriptions), "n": n, "seed": seed, "n_items": len(items),
+              "describer": sorted(set(table.describer))}
+    man = build_manifest(parameters=params, wall_seconds=0.0, model=manifest.get("model"))
+    return Material(str(model), pd.DataFrame(items), pd.DataFrame(key), n_layers, man)
+
+
+# ---- annotation files --------------------------------------------------------------------------------
+def check_annotator(name: str) -> str:
+    if not _NAME.match(str(name)):
+        raise AnnotationError(f"Annotator name {name!r}: use letters, digits, '_', '-' or '.' (it names the file).")
+    return name
+
+
+class AnnotationStore:
+    """One annotator's answers, ``{item: row}``, saved atomically to CSV after every change.
+
+    Reading an existing file resumes it; a crash mid-write leaves the previous file whole (write to a temporary
+    file, then rename).
+    """
+
+    def __init__(self, path: str | Path, material: Material | None = None):
+        self.path = Path(path)
+        self.material = material
+        self.rows: dict[str, dict] = {}
+        if self.path.is_file():
+            df = read_annotations(self.path, material)
+            self.rows = {r["item"]: r for r in df.to_dict("records")}
+
+    def answer(self, item: str, **answers) -> dict:
+        if self.material is not None and item not in set(self.material.items.item):
+            raise AnnotationError(f"{item!r} is not an item of this study.")
+        row = self.rows.get(item) or {c: "" for c in ANSWER_COLUMNS} | {"item": item}
+        if self.material is not None:
+            row["material"] = self.material.items.set_index("item").material[item]
+        for field, value in answers.items():
+            if field not in QUESTIONS and field != "comment":
+                raise AnnotationError(f"Unknown answer field {field!r}; use {', '.join([*QUESTIONS, 'comment'])}.")
+            value = "" if value is None else str(value)
+            if field in QUESTIONS and value and value not in QUESTIONS[field]:
+                raise AnnotationError(f"{field}={value!r}: use one of {', '.join(QUESTIONS[field])}.")
+            row[field] = value
+        row["annotated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+        self.rows[item] = row
+        self.save()
+        return row
+
+    def complete(self, item: str) -> bool:
+        r = self.rows.get(item)
+        return bool(r) and is_complete(r)
+
+    def save(self) -> Path:
+        df = pd.DataFrame(list(self.rows.values()), columns=ANSWER_COLUMNS)
+        return atomic_write_text(self.path, df.to_csv(index=False))
+
+
+def is_complete(row) -> bool:
+    """An item is answered when pattern and correctness are given, and the kind too when a pattern is observable."""
+    get = row.get if isinstance(row, dict) else lambda k: getattr(row, k)
+    return bool(get("pattern_observable")) and bool(get("description_correct")) and (
+        get("pattern_observable") == "no" or bool(get("operation_kind")))
+
+
+def read_annotations(path: str | Path, material: Material | None = None) -> pd.DataFrame:
+    """Read and validate one annotator's file: the columns, every value, no duplicate item, and (given the
+    material) every item known and answered on the same material. Errors name the file, row and fix."""
+    path = Path(path)
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise AnnotationError(f"{path}: not a readable CSV ({err}); fix or remove the file.") from None
+    missing = [c for c in ("item", *QUESTIONS) if c not in df.columns]
+    if missing:
+        raise AnnotationError(f"{path}: missing column(s) {', '.join(missing)}; an annotation file needs "
+                              f"{', '.join(ANSWER_COLUMNS[:-1])}.")
+    for col in ANSWER_COLUMNS:
+        if col not in df.columns:
+            df[col] = ""
+    df = df[ANSWER_COLUMNS]
+    for col in df.columns:
+        df[col] = df[col].str.strip()
+    df[list(QUESTIONS)] = df[list(QUESTIONS)].apply(lambda s: s.str.lower())
+    for i, row in enumerate(df.itertuples(index=False), start=2):  # row 1 is the header
+        for field, allowed in QUESTIONS.items():
+            value = getattr(row, field)
+            if value and value not in allowed:
+                raise AnnotationError(f"{path}, row {i} ({row.item}): {field}={value!r} is not one of "
+                                      f"{', '.join(allowed)}.")
+    dup = df.item[df.item.duplicated()].unique().tolist()
+    if dup:
+        raise AnnotationError(f"{path}: item(s) {', '.join(dup)} appear more than once; keep one row per item.")
+    if material is not None:
+        known = material.items.set_index("item").material
+        unknown = sorted(set(df.item) - set(known.index))
+        if unknown:
+            raise AnnotationError(f"{path}: unknown item(s) {', '.join(unknown[:5])}; these answers belong to another "
+                                  "study (model, sample size or seed).")
+        stale = df[(df.material != "") & (df.material != df.item.map(known))].item.tolist()
+        if stale:
+            raise AnnotationError(f"{path}: item(s) {', '.join(stale[:5])} were answered on different material "
+                                  "(the descriptions or the sample changed since); annotate the new material in a new "
+                                  "file, or regenerate the old material.")
+    return df
+
+
+def load_annotations(folder: str | Path, material: Material) -> pd.DataFrame:
+    """Every ``<annotator>.csv`` in ``folder``, validated, as one long table (annotator, item, answers) joined with
+    the key; only answered items are kept."""
+    folder = Path(folder)
+    frames = []
+    for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
+        df = read_annotations(path, material)
+        frames.append(df.assign(annotator=path.stem))
+    if not frames:
+        return pd.DataFrame(columns=["annotator", *ANSWER_COLUMNS, "layer", "head", "quartile", "describer_has_pattern"])
+    long = pd.concat(frames, ignore_index=True)
+    long = long[long.apply(is_complete, axis=1)]
+    key = material.key[["item", "layer", "head", "quartile", "describer_has_pattern"]]
+    return long.merge(key, on="item", how="left")[["annotator", *ANSWER_COLUMNS, "layer", "head", "quartile",
+                                                    "describer_has_pattern"]]
+
+
+# ---- statistics -------------------------------------------------------------------------------------
+def rates(ann: pd.DataFrame) -> pd.DataFrame:
+    """Per annotator and pooled: items, share with a pattern observable, the correctness shares, and the kind
+    shares among items with a pattern."""
+    def one(g: pd.DataFrame) -> dict:
+        out = {"items": len(g), "pattern_yes": (g.pattern_observable == "yes").mean() if len(g) else np.nan}
+        for c in CORRECTNESS:
+            out[c] = (g.description_correct == c).mean() if len(g) else np.nan
+        pat = g[g.pattern_observable == "yes"]
+        for k in KINDS:
+            out[f"kind:{k}"] = (pat.operation_kind == k).mean() if len(pat) else np.nan
+        return out
+
+    rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
+    rows["pooled"] = one(ann)
+    return pd.DataFrame(rows).T
+
+
+def quartile_table(ann: pd.DataFrame, field: str, categories: Sequence[str], n_layers: int,
+                   where: pd.Series | None = None) -> pd.DataFrame:
+    """Per layer quartile, the pooled share of each answer to ``field`` (over answers, all annotators)."""
+    a = ann if where is None else ann[where]
+    counts = pd.crosstab(a.quartile, a[field]).reindex(index=range(4), columns=list(categories), fill_value=0)
+    n = counts.sum(axis=1)
+    out = counts.div(n.replace(0, np.nan), axis=0)
+    out.insert(0, "n", n)
+    out.insert(0, "layers", quartile_labels(n_layers))
+    return out
+
+
+def cohen_kappa(a: Sequence, b: Sequence, categories: Sequence | None = None) -> float:
+    """Cohen's κ of two raters' labels for the same items; NaN when chance agreement is 1 (one category only)."""
+    a, b = np.asarray(a, dtype=object), np.asarray(b, dtype=object)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError("cohen_kappa needs two equally long, non-empty label lists.")
+    cats = list(categories) if categories is not None else sorted(set(a) | set(b))
+    po = float(np.mean(a == b))
+    pe = sum(float(np.mean(a == c)) * float(np.mean(b == c)) for c in cats)
+    return float("nan") if np.isclose(pe, 1.0) else (po - pe) / (1 - pe)
+
+
+def fleiss_kappa(counts: np.ndarray) -> float:
+    """Fleiss' κ from an items × categories count matrix (every item rated by the same number of raters)."""
+    counts = np.asarray(counts, dtype=float)
+    n = counts.sum(axis=1)
+    if counts.ndim != 2 or len(counts) == 0 or not np.allclose(n, n[0]) or n[0] < 2:
+        raise ValueError("fleiss_kappa needs a non-empty items x categories matrix with the same number (>= 2) of "
+                         "ratings per item.")
+    n = n[0]
+    p_i = (np.sum(counts**2, axis=1) - n) / (n * (n - 1))
+    p_j = counts.sum(axis=0) / counts.sum()
+    p_bar, pe = p_i.mean(), np.sum(p_j**2)
+    return float("nan") if np.isclose(pe, 1.0) else float((p_bar - pe) / (1 - pe))
+
+
+def _wide(ann: pd.DataFrame, field: str) -> pd.DataFrame:
+    """items × annotators table of one answer, keeping items every annotator answered."""
+    return ann.pivot(index="item", columns="annotator", values=field).dropna()
+
+
+def kappa(wide: pd.DataFrame, categories: Sequence[str]) -> float:
+    """Cohen's κ for two annotators, Fleiss' κ for more."""
+    if wide.shape[1] == 2:
+        return cohen_kappa(wide.iloc[:, 0], wide.iloc[:, 1], categories)
+    counts = np.stack([(wide == c).sum(axis=1).to_numpy() for c in categories], axis=1)
+    return fleiss_kappa(counts)
+
+
+def agreement(ann: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
+    """Inter-annotator agreement per question: method (Cohen / Fleiss), items rated by all, raw agreement, κ and a
+    percentile bootstrap confidence interval over items (seeded). Needs two or more annotators."""
+    annotators = sorted(ann.annotator.unique())
+    rows = []
+    if len(annotators) < 2:
+        return pd.DataFrame(rows)
+    rng = np.random.default_rng(seed)
+    for field, cats in QUESTIONS.items():
+        sub = ann if field != "operation_kind" else ann[ann.operation_kind != ""]
+        wide = _wide(sub, field)
+        if field == "operation_kind":
+            wide = wide[(wide != "").all(axis=1)]
+        n_items = len(wide)
+        row = {"question": field, "method": "Cohen" if len(annotators) == 2 else "Fleiss", "annotators": len(annotators),
+               "items": n_items, "raw_agreement": np.nan, "kappa": np.nan, "ci_low": np.nan, "ci_high": np.nan}
+        if n_items >= 2:
+            row["raw_agreement"] = float((wide.nunique(axis=1) == 1).mean())
+            row["kappa"] = kappa(wide, cats)
+            boots = []
+            for _ in range(n_boot):
+                idx = rng.integers(0, n_items, n_items)
+                with np.errstate(all="ignore"):
+                    boots.append(kappa(wide.iloc[idx], cats))
+            boots = np.array([b for b in boots if np.isfinite(b)])
+            if len(boots):
+                row["ci_low"], row["ci_high"] = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def describer_vs_people(ann: pd.DataFrame) -> pd.DataFrame:
+    """Did the describer's "pattern / Unclear" match people's "pattern observable yes / no"? One row per annotator
+    and pooled: items, agreement, Cohen's κ, and the four cells."""
+    def one(g):
+        d = np.where(g.describer_has_pattern.astype(bool), "yes", "no")
+        p = g.pattern_observable.to_numpy()
+        return {"items": len(g), "agreement": float(np.mean(d == p)) if len(g) else np.nan,
+                "kappa": cohen_kappa(d, p, PATTERN) if len(g) else np.nan,
+                "both_pattern": int(((d == "yes") & (p == "yes")).sum()),
+                "describer_only": int(((d == "yes") & (p == "no")).sum()),
+                "people_only": int(((d == "no") & (p == "yes")).sum()),
+                "both_none": int(((d == "no") & (p == "no")).sum())}
+
+    rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
+    rows["pooled"] = one(ann)
+    return pd.DataFrame(rows).T
+
+
+# ---- the JupyterLab annotator -------------------------------------------------------------------------
+class Annotator:
+    """One item at a time, with buttons for the three answers, a comment box, back / next and progress.
+
+    Every answer is saved at once (atomically) to ``<folder>/<annotator>.csv``; reopening resumes at the first
+    item not yet answered, in the annotator's own shuffled order. ``display(annotator.widget)`` shows it; the
+    methods (:meth:`go`, :meth:`next`, :meth:`back`) drive it from code too.
+    """
+
+    def __init__(self, material: Material, annotator: str, folder: str | Path = "data/human_study/annotations",
+                 seed: int = 0):
+        import ipywidgets as w
+
+        check_annotator(annotator)
+        self.material = material
+        self.annotator = annotator
+        self.store = AnnotationStore(Path(folder) / f"{annotator}.csv", material)
+        self.order = list(material.sheet(annotator, seed).item)
+        self._items = material.items.set_index("item")
+        self._loading = False
+        self.title = w.HTML()
+        self.progress = w.IntProgress(min=0, max=len(self.order), description="answered")
+        self.operations = w.HTML()
+        self.description = w.HTML()
+        self.buttons = {
+            "pattern_observable": w.ToggleButtons(options=list(PATTERN), value=None,
+                                                  description="Pattern observable?"),
+            "description_correct": w.ToggleButtons(options=list(CORRECTNESS), value=None,
+                                                   description="Description is"),
+            "operation_kind": w.ToggleButtons(options=list(KINDS), value=None, description="Kind"),
+        }
+        for b in self.buttons.values():
+            b.style.description_width = "140px"
+        self.comment = w.Textarea(placeholder="optional comment", continuous_update=False, layout=w.Layout(width="95%", height="48px"))
+        self.back_button = w.Button(description="◀ back")
+        self.next_button = w.Button(description="next ▶", button_style="primary")
+        self.status = w.HTML()
+        for field, b in self.buttons.items():
+            b.observe(lambda change, f=field: self._changed(f, change["new"]), names="value")
+        self.comment.observe(lambda change: self._changed("comment", change["new"]), names="value")
+        self.back_button.on_click(lambda _: self.back())
+        self.next_button.on_click(lambda _: self.next())
+        self.widget = w.VBox([self.title, self.progress, self.operations, self.description, *self.buttons.values(),
+                              self.comment, w.HBox([self.back_button, self.next_button]), self.status])
+        todo = [i for i, item in enumerate(self.order) if not self.store.complete(item)]
+        self.go(todo[0] if todo else len(self.order) - 1)
+
+    @property
+    def item(self) -> str:
+        return self.order[self.pos]
+
+    def answered(self) -> int:
+        return sum(self.store.complete(i) for i in self.order)
+
+    def go(self, pos: int) -> None:
+        import html
+
+        self.pos = max(0, min(len(self.order) - 1, pos))
+        row = self._items.loc[self.item]
+        saved = self.store.rows.get(self.item, {})
+        self._loading = True
+        try:
+            for field, b in self.buttons.items():
+                b.value = saved.get(field) or None
+            self.comment.value = saved.get("comment", "")
+        finally:
+            self._loading = False
+        self.title.value = f"<b>{html.escape(self.annotator)}</b> · {self.item} ({self.pos + 1} of {len(self.order)})"
+        self.operations.value = ("<p>Salient tokens and their top mappings (<code>token: m1, m2, …</code>):</p>"
+                                 f"<pre>{html.escape(row.operations)}</pre>")
+        self.description.value = f"<p><b>Description:</b> {html.escape(row.description)}</p>"
+        self._refresh()
+
+    def next(self) -> None:
+        self.go(self.pos + 1)
+
+    def back(self) -> None:
+        self.go(self.pos - 1)
+
+    def _changed(self, field: str, value) -> None:
+        if self._loading:
+            return
+        self.store.answer(self.item, **{field: value or ""})
+        self._refresh()
+
+    def _refresh(self) -> None:
+        done = self.answered()
+        self.progress.value = done
+        need_kind = self.buttons["pattern_observable"].value != "no"
+        self.buttons["operation_kind"].disabled = not need_kind
+        state = "answered" if self.store.complete(self.item) else "not answered yet"
+        self.status.value = (f"{done} of {len(self.order)} answered; this item: {state}. "
+                             f"Saved to <code>{self.store.path}</code>.")

@@ -1,0 +1,283 @@
+"""Human study: material, annotation files, the annotator widget, and the statistics against hand-computed values.
+
+Annotation files here are small fixtures written by the tests themselves; nothing in the package produces judgments.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from maps_utils import human_study as HS
+from maps_utils import io as IO
+from maps_utils.describe import DescriptionResult
+
+N_LAYERS, N_HEADS = 8, 2  # quartiles of 2 layers, 4 heads each
+
+
+def write_descriptions(folder, n_layers=N_LAYERS, n_heads=N_HEADS):
+    """A descriptions folder in notebook 04's format (written by DescriptionResult.write), 16 heads."""
+    rows, ops = [], []
+    for la in range(n_layers):
+        for h in range(n_heads):
+            i = la * n_heads + h
+            kind = ["pattern", "unclear", "unparsed", "failed"][i % 4]
+            rows.append({"layer": la, "head": h, "quartile": la * 4 // n_layers, "salient_tokens": f"t{i}, u{i}",
+                         "top_saliency": 1.0, "has_pattern": kind == "pattern",
+                         "pattern": {"pattern": f"Maps t{i} to itself.", "unclear": "Unclear"}.get(kind, ""),
+                         "inputs": "Words." if kind == "pattern" else "", "reasoning": "",
+                         "parse": {"unparsed": "unparsed", "failed": "failed"}.get(kind, "json"),
+                         "status": "failed" if kind == "failed" else "ok", "error": "", "raw": "",
+                         "describer": "tiny (test)"})
+            for rank, tok in enumerate([f" t{i}", f"u{i}\n"]):
+                ops.append({"layer": la, "head": h, "quartile": la * 4 // n_layers, "rank": rank, "token_id": rank,
+                            "token": tok, "saliency": 2.0 - rank, "mapping_ids": [1, 2], "mappings": [tok, tok.upper()]})
+    manifest = {"model": {"model": "tiny-model", "architecture": {"n_layers": n_layers}}}
+    DescriptionResult("tiny-model", pd.DataFrame(ops), pd.DataFrame(rows), manifest, n_layers).write(folder)
+    return folder / "tiny-model" / "descriptions.csv"
+
+
+@pytest.fixture
+def material(tmp_path):
+    return HS.build_material(write_descriptions(tmp_path), n=8, seed=0)
+
+
+# ---- material ---------------------------------------------------------------------------------------
+def test_material_is_stratified_seeded_shuffled_and_blind(tmp_path, material):
+    assert material.key.quartile.value_counts().sort_index().tolist() == [2, 2, 2, 2]
+    assert list(material.items.columns) == ["item", "material", "operations", "description"]  # no head, layer, describer
+    assert material.items.item.tolist() == [f"item-{i:03d}" for i in range(1, 9)]
+    assert material.key.quartile.tolist() != sorted(material.key.quartile)  # shuffled
+    again = HS.build_material(tmp_path / "tiny-model" / "descriptions.csv", n=8, seed=0)
+    pd.testing.assert_frame_equal(again.key, material.key)
+    other = HS.build_material(tmp_path / "tiny-model", n=8, seed=1)
+    assert set(zip(other.key.layer, other.key["head"], strict=True)) != set(
+        zip(material.key.layer, material.key["head"], strict=True))
+    assert len(HS.build_material(tmp_path / "tiny-model", n=None).items) == 16
+    first = material.items.iloc[0]
+    assert first.operations.splitlines()[0].startswith(" t") and "\\n" in first.operations  # shown as in the prompt
+
+
+def test_what_annotators_read_as_the_description(material):
+    by_kind = dict(zip(material.key.parse + "/" + material.key.status, material.items.description, strict=True))
+    for k, text in by_kind.items():
+        if k.startswith("failed") or k.startswith("unparsed"):
+            assert text == HS.NO_ANSWER
+    texts = set(material.items.description)
+    assert "Unclear" in texts and any(t.startswith("Maps t") and "(inputs: Words.)" in t for t in texts)
+
+
+def test_sheets_differ_in_order_and_read_back_as_empty_annotations(tmp_path, material):
+    out = material.write(tmp_path / "study", ["ann-a", "ann-b"], seed=0)
+    a = pd.read_csv(out / "sheets" / "ann-a.csv")
+    b = pd.read_csv(out / "sheets" / "ann-b.csv")
+    assert set(a.item) == set(b.item) == set(material.items.item) and a.item.tolist() != b.item.tolist()
+    assert (out / "key.csv").is_file() and (out / "items.csv").is_file()
+    read = HS.read_annotations(out / "sheets" / "ann-a.csv", material)  # a blank sheet is a valid file
+    assert len(read) == 8 and not read.apply(HS.is_complete, axis=1).any()
+    with pytest.raises(HS.AnnotationError, match="use letters, digits"):
+        material.sheet("../evil")
+
+
+def test_missing_descriptions_say_what_to_run(tmp_path):
+    with pytest.raises(HS.MapsError, match="run notebook 04"):
+        HS.build_material(tmp_path / "nothing" / "descriptions.csv")
+
+
+# ---- annotation files -------------------------------------------------------------------------------
+def _write(path, rows, columns=("item", "pattern_observable", "description_correct", "operation_kind")):
+    pd.DataFrame(rows, columns=list(columns)).to_csv(path, index=False)
+    return path
+
+
+def test_validation_errors_name_the_problem(tmp_path, material):
+    f = tmp_path / "x.csv"
+    with pytest.raises(HS.AnnotationError, match=r"row 3 \(item-002\): pattern_observable='maybe' is not one of yes, no"):
+        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic"), ("item-002", "maybe", "correct", "")]))
+    with pytest.raises(HS.AnnotationError, match="operation_kind='syntax' is not one of semantic"):
+        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "syntax")]))
+    with pytest.raises(HS.AnnotationError, match="item-001 appear more than once"):
+        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic"), ("item-001", "no", "correct", "")]))
+    with pytest.raises(HS.AnnotationError, match="unknown item.*item-999"):
+        HS.read_annotations(_write(f, [("item-999", "yes", "correct", "semantic")]), material)
+    with pytest.raises(HS.AnnotationError, match="missing column.*description_correct"):
+        HS.read_annotations(_write(f, [("item-001", "yes")], columns=("item", "pattern_observable")))
+    stale = [("item-001", "deadbeef0000", "yes", "correct", "semantic")]
+    with pytest.raises(HS.AnnotationError, match="answered on different material"):
+        HS.read_annotations(_write(f, stale, ("item", "material", "pattern_observable", "description_correct",
+                                              "operation_kind")), material)
+    ok = HS.read_annotations(_write(f, [("item-001", " YES ", "Correct", "semantic")]), material)
+    assert ok.pattern_observable.tolist() == ["yes"] and ok.description_correct.tolist() == ["correct"]
+
+
+def test_store_saves_each_answer_and_resumes(tmp_path, material):
+    path = tmp_path / "ann" / "alice.csv"
+    store = HS.AnnotationStore(path, material)
+    store.answer("item-003", pattern_observable="yes")
+    assert path.is_file() and not store.complete("item-003")
+    store.answer("item-003", description_correct="partially", operation_kind="semantic", comment="half, the lines")
+    store.answer("item-001", pattern_observable="no", description_correct="correct")
+    back = HS.AnnotationStore(path, material)
+    assert back.complete("item-003") and back.complete("item-001")
+    assert back.rows["item-003"]["comment"] == "half, the lines"
+    assert back.rows["item-003"]["material"] == material.items.set_index("item").material["item-003"]
+    with pytest.raises(HS.AnnotationError, match="use one of yes, no"):
+        back.answer("item-002", pattern_observable="maybe")
+    with pytest.raises(HS.AnnotationError, match="not an item of this study"):
+        back.answer("item-099", pattern_observable="yes")
+
+
+def test_a_crash_mid_write_keeps_the_earlier_file(tmp_path, material, monkeypatch):
+    path = tmp_path / "ann" / "bob.csv"
+    store = HS.AnnotationStore(path, material)
+    store.answer("item-001", pattern_observable="yes", description_correct="correct", operation_kind="semantic")
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("power cut during rename")
+
+    monkeypatch.setattr(IO.os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        store.answer("item-002", pattern_observable="no", description_correct="correct")
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["bob.csv"]  # no temporary file left behind
+    assert set(HS.AnnotationStore(path, material).rows) == {"item-001"}
+
+
+# ---- statistics --------------------------------------------------------------------------------------
+def test_cohen_kappa_by_hand():
+    a = ["yes"] * 5 + ["no"] * 5
+    b = ["yes"] * 4 + ["no"] * 5 + ["yes"]
+    # p_o = 8/10, p_e = .5*.5 + .5*.5 = .5, kappa = (.8 - .5) / .5 = .6
+    assert HS.cohen_kappa(a, b) == pytest.approx(0.6)
+    assert HS.cohen_kappa(a, a) == pytest.approx(1.0)
+    assert np.isnan(HS.cohen_kappa(["yes"] * 3, ["yes"] * 3))  # chance agreement 1: undefined
+    # 3 categories: p_o = 4/6; marginals a = (3, 2, 1)/6, b = (2, 2, 2)/6; p_e = (6 + 4 + 2)/36 = 1/3; kappa = .5
+    assert HS.cohen_kappa(list("aaabbc"), list("aabbcc")) == pytest.approx(0.5)
+
+
+def test_fleiss_kappa_by_hand():
+    # 4 items, 3 raters, 2 categories: P_i = 1, 1, 1/3, 1/3 -> mean 2/3; p_j = .5, .5 -> P_e = .5; kappa = 1/3
+    assert HS.fleiss_kappa([[3, 0], [0, 3], [2, 1], [1, 2]]) == pytest.approx(1 / 3)
+    # the textbook example (Fleiss 1971 layout as in most references): 10 items, 14 raters, 5 categories -> 0.210
+    table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
+             [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
+    assert HS.fleiss_kappa(table) == pytest.approx(0.2099, abs=1e-4)
+    with pytest.raises(ValueError, match="same number"):
+        HS.fleiss_kappa([[2, 0], [1, 2]])
+
+
+def _fixture_annotations(folder, material, answers):
+    """answers: {annotator: [(pattern, correct, kind), ...]} over the material's items in id order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    items = material.items.item.tolist()
+    for name, rows in answers.items():
+        store = HS.AnnotationStore(folder / f"{name}.csv", material)
+        for item, (p, c, k) in zip(items, rows, strict=False):
+            store.answer(item, pattern_observable=p, description_correct=c, operation_kind=k)
+    return folder
+
+
+A = [("yes", "correct", "semantic"), ("yes", "correct", "semantic"), ("yes", "partially", "algorithmic-string"),
+     ("no", "correct", ""), ("no", "incorrect", ""), ("yes", "incorrect", "other"), ("no", "correct", ""),
+     ("yes", "correct", "semantic")]
+B = [("yes", "correct", "semantic"), ("no", "correct", ""), ("yes", "partially", "algorithmic-string"),
+     ("no", "correct", ""), ("no", "incorrect", ""), ("yes", "correct", "other"), ("no", "correct", ""),
+     ("yes", "partially", "lexical-morphological")]
+
+
+def test_rates_quartiles_and_agreement_on_fixture_files(tmp_path, material):
+    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B}), material)
+    assert len(ann) == 16 and set(ann.annotator) == {"a", "b"}
+    r = HS.rates(ann)
+    assert r.loc["a", "pattern_yes"] == pytest.approx(5 / 8) and r.loc["b", "pattern_yes"] == pytest.approx(4 / 8)
+    # correct: a has items 1, 2, 4, 7, 8; b has 1, 2, 4, 6, 7
+    assert r.loc["a", "correct"] == pytest.approx(5 / 8) and r.loc["pooled", "correct"] == pytest.approx(10 / 16)
+    assert r.loc["pooled", "partially"] == pytest.approx(3 / 16)
+    assert r.loc["a", "kind:semantic"] == pytest.approx(3 / 5)  # among a's 5 pattern items
+    assert r.loc["pooled", "kind:semantic"] == pytest.approx(4 / 9)
+    # quartile split: every quartile holds 2 items x 2 annotators
+    qt = HS.quartile_table(ann, "description_correct", HS.CORRECTNESS, N_LAYERS)
+    assert qt.n.tolist() == [4, 4, 4, 4] and np.allclose(qt[list(HS.CORRECTNESS)].sum(axis=1), 1)
+    key = material.key.set_index("item")
+    q0 = ann[ann["item"].map(key.quartile) == 0]
+    assert qt.loc[0, "correct"] == pytest.approx((q0.description_correct == "correct").mean())
+    agree = HS.agreement(ann, n_boot=200, seed=3).set_index("question")
+    # pattern: a = y y y n n y n y, b = y n y n n y n y -> p_o = 7/8; p_e = (5/8)(4/8) + (3/8)(4/8) = 1/2 -> 0.75
+    assert agree.loc["pattern_observable", "kappa"] == pytest.approx(0.75)
+    assert agree.loc["pattern_observable", "raw_agreement"] == pytest.approx(7 / 8)
+    assert agree.loc["pattern_observable", "method"] == "Cohen" and agree.loc["pattern_observable", "items"] == 8
+    # kind: only items both call a pattern with a kind: 1, 3, 6, 8 -> agree on 3 of 4
+    assert agree.loc["operation_kind", "items"] == 4 and agree.loc["operation_kind", "raw_agreement"] == 0.75
+    lo, hi = agree.loc["pattern_observable", ["ci_low", "ci_high"]]
+    assert lo <= 0.75 <= hi and hi <= 1.0
+    again = HS.agreement(ann, n_boot=200, seed=3)
+    pd.testing.assert_frame_equal(again.set_index("question"), agree)  # the bootstrap is seeded
+    assert not HS.agreement(ann, n_boot=200, seed=4).set_index("question").equals(agree)
+
+
+def test_three_annotators_use_fleiss(tmp_path, material):
+    C = [(p, c, k) for p, c, k in A]
+    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B, "c": C}), material)
+    agree = HS.agreement(ann, n_boot=50, seed=0).set_index("question")
+    assert agree.loc["pattern_observable", "method"] == "Fleiss"
+    wide = ann.pivot(index="item", columns="annotator", values="pattern_observable")
+    counts = np.stack([(wide == c).sum(axis=1) for c in HS.PATTERN], axis=1)
+    assert agree.loc["pattern_observable", "kappa"] == pytest.approx(HS.fleiss_kappa(counts))
+
+
+def test_describer_against_people(tmp_path, material):
+    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A}), material)
+    vs = HS.describer_vs_people(ann)
+    d = material.key.set_index("item").describer_has_pattern.loc[material.items.item].to_numpy()
+    p = np.array([x[0] for x in A]) == "yes"
+    assert vs.loc["a", "both_pattern"] == int((d & p).sum()) and vs.loc["a", "people_only"] == int((~d & p).sum())
+    assert vs.loc["a", "agreement"] == pytest.approx(float(np.mean(d == p)))
+    assert vs.loc["pooled", "items"] == 8
+
+
+def test_incomplete_answers_are_left_out(tmp_path, material):
+    folder = tmp_path / "ann"
+    _fixture_annotations(folder, material, {"a": [("yes", "correct", "")] + A[1:3]})
+    ann = HS.load_annotations(folder, material)
+    assert ann["item"].tolist() == ["item-002", "item-003"]  # item-001 has a pattern but no kind yet
+    assert HS.load_annotations(tmp_path / "none", material).empty
+
+
+# ---- the widget, driven from code ---------------------------------------------------------------------
+def test_annotator_saves_every_click_and_resumes(tmp_path, material):
+    folder = tmp_path / "ann"
+    tool = HS.Annotator(material, "carol", folder, seed=0)
+    first = tool.item
+    assert tool.pos == 0 and tool.progress.value == 0 and first in tool.title.value
+    tool.buttons["pattern_observable"].value = "no"
+    assert tool.buttons["operation_kind"].disabled
+    tool.buttons["description_correct"].value = "correct"
+    saved = pd.read_csv(folder / "carol.csv", dtype=str, keep_default_na=False)
+    assert saved.set_index("item").loc[first, ["pattern_observable", "description_correct"]].tolist() == ["no", "correct"]
+    assert tool.progress.value == 1
+    tool.next_button.click()
+    second = tool.item
+    tool.buttons["pattern_observable"].value = "yes"  # half-answered
+    tool.comment.value = "looks like plurals"
+    # a new session (kernel restart) resumes at the first unanswered item, with the half answer shown
+    again = HS.Annotator(material, "carol", folder, seed=0)
+    assert again.item == second and again.buttons["pattern_observable"].value == "yes"
+    assert again.comment.value == "looks like plurals" and not again.buttons["operation_kind"].disabled
+    again.back_button.click()
+    assert again.item == first and again.buttons["description_correct"].value == "correct"
+    again.buttons["description_correct"].value = "incorrect"  # changing an answer rewrites it, nothing else
+    rows = pd.read_csv(folder / "carol.csv", dtype=str, keep_default_na=False).set_index("item")
+    assert rows.loc[first, "description_correct"] == "incorrect" and rows.loc[second, "comment"] == "looks like plurals"
+    assert len(rows) == 2
+    # the saved file is a valid annotation file for the analysis
+    assert HS.load_annotations(folder, material)["item"].tolist() == [first]
+
+
+def test_material_manifest_names_the_describer(material):
+    params = material.manifest["parameters"]
+    assert params["describer"] == ["tiny (test)"] and params["n_items"] == 8 and json.dumps(material.manifest)
