@@ -62,12 +62,20 @@ def load_descriptions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
     return table, ops, manifest
 
 
+def describer_answer(row) -> str:
+    """"pattern", "unclear" (a usable answer without a pattern) or "none" (failed, unparsed or without the keys)."""
+    if row.status != "ok" or row.parse in ("unparsed", "no_keys", "failed"):
+        return "none"
+    return "pattern" if row.has_pattern else "unclear"
+
+
 def description_text(row) -> str:
     """What annotators read as the description: the pattern (with the input description), "Unclear", or a note
     that the describer gave no usable answer."""
-    if row.status != "ok" or row.parse in ("unparsed", "no_keys", "failed"):
+    answer = describer_answer(row)
+    if answer == "none":
         return NO_ANSWER
-    if not row.has_pattern:
+    if answer == "unclear":
         return "Unclear"
     inputs = str(row.inputs).strip()
     return f"{row.pattern.strip()}" + (f"  (inputs: {inputs})" if inputs and inputs.lower() != "unclear" else "")
@@ -109,7 +117,10 @@ class Material:
         atomic_write_text(out / "items.csv", self.items.to_csv(index=False))
         atomic_write_text(out / "key.csv", self.key.to_csv(index=False))
         for name in annotators:
-            atomic_write_text(out / "sheets" / f"{name}.csv", self.sheet(name, seed).to_csv(index=False))
+            path = out / "sheets" / f"{name}.csv"
+            if path.is_file() and _has_answers(path):
+                continue  # someone is filling it in: never overwrite answers
+            atomic_write_text(path, self.sheet(name, seed).to_csv(index=False))
         write_manifest(out / "material.manifest.json", self.manifest)
         return out
 
@@ -144,12 +155,21 @@ def build_material(descriptions: str | Path, n: int | None = 40, seed: int = 0) 
         item, mat = f"item-{i:03d}", _material_hash(text, desc)
         items.append({"item": item, "material": mat, "operations": text, "description": desc})
         key.append({"item": item, "material": mat, "layer": int(r.layer), "head": int(r.head), "quartile": int(r.quartile),
-                    "describer": r.describer, "describer_has_pattern": bool(r.has_pattern), "parse": r.parse,
+                    "describer": r.describer, "describer_answer": describer_answer(r), "parse": r.parse,
                     "status": r.status})
     params = {"descriptions": str(descriptions), "n": n, "seed": seed, "n_items": len(items),
               "describer": sorted(set(table.describer))}
     man = build_manifest(parameters=params, wall_seconds=0.0, model=manifest.get("model"))
     return Material(str(model), pd.DataFrame(items), pd.DataFrame(key), n_layers, man)
+
+
+def _has_answers(path: Path) -> bool:
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return True  # unreadable: leave it alone
+    cols = [c for c in QUESTIONS if c in df.columns]
+    return bool(cols) and bool((df[cols] != "").any().any())
 
 
 # ---- annotation files --------------------------------------------------------------------------------
@@ -175,9 +195,13 @@ class AnnotationStore:
             self.rows = {r["item"]: r for r in df.to_dict("records")}
 
     def answer(self, item: str, **answers) -> dict:
+        """Set some answers of one item and save at once. The file is re-read first, so answers saved meanwhile
+        by another view of the same file are kept. Answering "no" to the pattern question clears the kind."""
         if self.material is not None and item not in set(self.material.items.item):
             raise AnnotationError(f"{item!r} is not an item of this study.")
-        row = self.rows.get(item) or {c: "" for c in ANSWER_COLUMNS} | {"item": item}
+        if self.path.is_file():
+            self.rows = {r["item"]: r for r in read_annotations(self.path, self.material).to_dict("records")}
+        row = dict(self.rows.get(item) or {c: "" for c in ANSWER_COLUMNS} | {"item": item})
         if self.material is not None:
             row["material"] = self.material.items.set_index("item").material[item]
         for field, value in answers.items():
@@ -187,6 +211,8 @@ class AnnotationStore:
             if field in QUESTIONS and value and value not in QUESTIONS[field]:
                 raise AnnotationError(f"{field}={value!r}: use one of {', '.join(QUESTIONS[field])}.")
             row[field] = value
+        if row.get("pattern_observable") == "no":
+            row["operation_kind"] = ""
         row["annotated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         self.rows[item] = row
         self.save()
@@ -214,6 +240,8 @@ def read_annotations(path: str | Path, material: Material | None = None) -> pd.D
     path = Path(path)
     try:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise AnnotationError(f"{path} is empty; remove it, or restore it from your sheet.") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         raise AnnotationError(f"{path}: not a readable CSV ({err}); fix or remove the file.") from None
     missing = [c for c in ("item", *QUESTIONS) if c not in df.columns]
@@ -225,7 +253,8 @@ def read_annotations(path: str | Path, material: Material | None = None) -> pd.D
             df[col] = ""
     df = df[ANSWER_COLUMNS]
     for col in df.columns:
-        df[col] = df[col].str.strip()
+        df[col] = df[col].astype(str).str.strip()
+    df = df[(df != "").any(axis=1)].reset_index(drop=True)  # blank spreadsheet rows
     df[list(QUESTIONS)] = df[list(QUESTIONS)].apply(lambda s: s.str.lower())
     for i, row in enumerate(df.itertuples(index=False), start=2):  # row 1 is the header
         for field, allowed in QUESTIONS.items():
@@ -233,6 +262,12 @@ def read_annotations(path: str | Path, material: Material | None = None) -> pd.D
             if value and value not in allowed:
                 raise AnnotationError(f"{path}, row {i} ({row.item}): {field}={value!r} is not one of "
                                       f"{', '.join(allowed)}.")
+    for i, row in enumerate(df.itertuples(index=False), start=2):
+        if row.pattern_observable == "no" and row.operation_kind:
+            raise AnnotationError(f"{path}, row {i} ({row.item}): operation_kind={row.operation_kind!r} with no pattern "
+                                  "observable; leave the kind empty when pattern_observable is no.")
+        if not row.item:
+            raise AnnotationError(f"{path}, row {i}: the item id is empty; keep the item column from your sheet.")
     dup = df.item[df.item.duplicated()].unique().tolist()
     if dup:
         raise AnnotationError(f"{path}: item(s) {', '.join(dup)} appear more than once; keep one row per item.")
@@ -242,6 +277,11 @@ def read_annotations(path: str | Path, material: Material | None = None) -> pd.D
         if unknown:
             raise AnnotationError(f"{path}: unknown item(s) {', '.join(unknown[:5])}; these answers belong to another "
                                   "study (model, sample size or seed).")
+        answered = (df[list(QUESTIONS)] != "").any(axis=1)
+        nomat = df[answered & (df.material == "")].item.tolist()
+        if nomat:
+            raise AnnotationError(f"{path}: item(s) {', '.join(nomat[:5])} have answers but no material hash; keep the "
+                                  "material column from your sheet (it ties each answer to what you were shown).")
         stale = df[(df.material != "") & (df.material != df.item.map(known))].item.tolist()
         if stale:
             raise AnnotationError(f"{path}: item(s) {', '.join(stale[:5])} were answered on different material "
@@ -252,44 +292,67 @@ def read_annotations(path: str | Path, material: Material | None = None) -> pd.D
 
 def load_annotations(folder: str | Path, material: Material) -> pd.DataFrame:
     """Every ``<annotator>.csv`` in ``folder``, validated, as one long table (annotator, item, answers) joined with
-    the key; only answered items are kept."""
+    the key (layer, head, quartile, ``describer_answer``); rows with no answer at all are left out. Each statistic
+    then uses the rows that answer its question (see :func:`answered`)."""
     folder = Path(folder)
     frames = []
     for path in sorted(folder.glob("*.csv")) if folder.is_dir() else []:
         df = read_annotations(path, material)
         frames.append(df.assign(annotator=path.stem))
+    cols = ["annotator", *ANSWER_COLUMNS, "layer", "head", "quartile", "describer_answer"]
     if not frames:
-        return pd.DataFrame(columns=["annotator", *ANSWER_COLUMNS, "layer", "head", "quartile", "describer_has_pattern"])
+        return pd.DataFrame(columns=cols)
     long = pd.concat(frames, ignore_index=True)
-    long = long[long.apply(is_complete, axis=1)]
-    key = material.key[["item", "layer", "head", "quartile", "describer_has_pattern"]]
-    return long.merge(key, on="item", how="left")[["annotator", *ANSWER_COLUMNS, "layer", "head", "quartile",
-                                                    "describer_has_pattern"]]
+    long = long[(long[list(QUESTIONS)] != "").any(axis=1)]
+    key = material.key[["item", "layer", "head", "quartile", "describer_answer"]]
+    return long.merge(key, on="item", how="left")[cols].reset_index(drop=True)
 
 
-# ---- statistics -------------------------------------------------------------------------------------
+# ---- statistics --------------------------------------------------------------------------------------
+POOLED = "(pooled)"  # cannot be an annotator name
+
+
+def answered(ann: pd.DataFrame, question: str) -> pd.DataFrame:
+    """The rows that answer ``question``, as each statistic counts them:
+
+    * ``pattern_observable``: every row where it is answered;
+    * ``description_correct``: answered, on items where the describer gave a pattern — the paper judged the
+      descriptions of heads GPT-4o described (MAPS-SPEC §4.3); for "Unclear" items the verdict only restates the
+      pattern question;
+    * ``operation_kind``: rows with a pattern observable and a kind given.
+    """
+    if question == "pattern_observable":
+        return ann[ann.pattern_observable != ""]
+    if question == "description_correct":
+        return ann[(ann.description_correct != "") & (ann.describer_answer == "pattern")]
+    if question == "operation_kind":
+        return ann[(ann.pattern_observable == "yes") & (ann.operation_kind != "")]
+    raise ValueError(f"Unknown question {question!r}; use {', '.join(QUESTIONS)}.")
+
+
 def rates(ann: pd.DataFrame) -> pd.DataFrame:
-    """Per annotator and pooled: items, share with a pattern observable, the correctness shares, and the kind
-    shares among items with a pattern."""
+    """Per annotator and pooled: answers to the pattern question and the share "yes"; answers on described items
+    and the correctness shares; answers with a kind and the kind shares (each over :func:`answered` rows)."""
+    def share(rows, field, value):
+        return (rows[field] == value).mean() if len(rows) else np.nan
+
     def one(g: pd.DataFrame) -> dict:
-        out = {"items": len(g), "pattern_yes": (g.pattern_observable == "yes").mean() if len(g) else np.nan}
-        for c in CORRECTNESS:
-            out[c] = (g.description_correct == c).mean() if len(g) else np.nan
-        pat = g[g.pattern_observable == "yes"]
-        for k in KINDS:
-            out[f"kind:{k}"] = (pat.operation_kind == k).mean() if len(pat) else np.nan
+        p, c, k = answered(g, "pattern_observable"), answered(g, "description_correct"), answered(g, "operation_kind")
+        out = {"pattern_answers": len(p), "pattern_yes": share(p, "pattern_observable", "yes"), "described_answers": len(c)}
+        out |= {v: share(c, "description_correct", v) for v in CORRECTNESS}
+        out["kind_answers"] = len(k)
+        out |= {f"kind:{v}": share(k, "operation_kind", v) for v in KINDS}
         return out
 
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
-    rows["pooled"] = one(ann)
+    rows[POOLED] = one(ann)
     return pd.DataFrame(rows).T
 
 
-def quartile_table(ann: pd.DataFrame, field: str, categories: Sequence[str], n_layers: int,
-                   where: pd.Series | None = None) -> pd.DataFrame:
-    """Per layer quartile, the pooled share of each answer to ``field`` (over answers, all annotators)."""
-    a = ann if where is None else ann[where]
-    counts = pd.crosstab(a.quartile, a[field]).reindex(index=range(4), columns=list(categories), fill_value=0)
+def quartile_table(rows: pd.DataFrame, field: str, categories: Sequence[str], n_layers: int) -> pd.DataFrame:
+    """Per layer quartile, the share of each value of ``field`` over ``rows`` (pass :func:`answered` rows for an
+    annotation question), with the count ``n``."""
+    counts = pd.crosstab(rows.quartile, rows[field]).reindex(index=range(4), columns=list(categories), fill_value=0)
     n = counts.sum(axis=1)
     out = counts.div(n.replace(0, np.nan), axis=0)
     out.insert(0, "n", n)
@@ -322,13 +385,8 @@ def fleiss_kappa(counts: np.ndarray) -> float:
     return float("nan") if np.isclose(pe, 1.0) else float((p_bar - pe) / (1 - pe))
 
 
-def _wide(ann: pd.DataFrame, field: str) -> pd.DataFrame:
-    """items × annotators table of one answer, keeping items every annotator answered."""
-    return ann.pivot(index="item", columns="annotator", values=field).dropna()
-
-
 def kappa(wide: pd.DataFrame, categories: Sequence[str]) -> float:
-    """Cohen's κ for two annotators, Fleiss' κ for more."""
+    """κ of an items × annotators table of labels: Cohen's for two annotators, Fleiss' for more."""
     if wide.shape[1] == 2:
         return cohen_kappa(wide.iloc[:, 0], wide.iloc[:, 1], categories)
     counts = np.stack([(wide == c).sum(axis=1).to_numpy() for c in categories], axis=1)
@@ -336,30 +394,25 @@ def kappa(wide: pd.DataFrame, categories: Sequence[str]) -> float:
 
 
 def agreement(ann: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 0.95) -> pd.DataFrame:
-    """Inter-annotator agreement per question: method (Cohen / Fleiss), items rated by all, raw agreement, κ and a
-    percentile bootstrap confidence interval over items (seeded). Needs two or more annotators."""
-    annotators = sorted(ann.annotator.unique())
-    rows = []
-    if len(annotators) < 2:
-        return pd.DataFrame(rows)
+    """Inter-annotator agreement per question, over the items answered (:func:`answered`) by every annotator who
+    answered that question: method (Cohen's κ for two annotators, Fleiss' for more), annotators, items, raw
+    agreement, κ, and a percentile bootstrap interval over items (seeded). Resamples whose κ is undefined (all
+    labels one category) are left out; ``boot_valid`` counts the rest. Fewer than two annotators or items: NaN."""
     rng = np.random.default_rng(seed)
+    rows = []
     for field, cats in QUESTIONS.items():
-        sub = ann if field != "operation_kind" else ann[ann.operation_kind != ""]
-        wide = _wide(sub, field)
-        if field == "operation_kind":
-            wide = wide[(wide != "").all(axis=1)]
-        n_items = len(wide)
-        row = {"question": field, "method": "Cohen" if len(annotators) == 2 else "Fleiss", "annotators": len(annotators),
-               "items": n_items, "raw_agreement": np.nan, "kappa": np.nan, "ci_low": np.nan, "ci_high": np.nan}
-        if n_items >= 2:
+        sub = answered(ann, field)
+        wide = sub.pivot(index="item", columns="annotator", values=field).dropna() if len(sub) else pd.DataFrame()
+        m, n_items = wide.shape[1], len(wide)
+        row = {"question": field, "method": {0: "-", 1: "-", 2: "Cohen"}.get(m, "Fleiss"), "annotators": m,
+               "items": n_items, "raw_agreement": np.nan, "kappa": np.nan, "ci_low": np.nan, "ci_high": np.nan,
+               "boot_valid": 0}
+        if m >= 2 and n_items >= 2:
             row["raw_agreement"] = float((wide.nunique(axis=1) == 1).mean())
             row["kappa"] = kappa(wide, cats)
-            boots = []
-            for _ in range(n_boot):
-                idx = rng.integers(0, n_items, n_items)
-                with np.errstate(all="ignore"):
-                    boots.append(kappa(wide.iloc[idx], cats))
-            boots = np.array([b for b in boots if np.isfinite(b)])
+            boots = np.array([kappa(wide.iloc[rng.integers(0, n_items, n_items)], cats) for _ in range(n_boot)])
+            boots = boots[np.isfinite(boots)]
+            row["boot_valid"] = len(boots)
             if len(boots):
                 row["ci_low"], row["ci_high"] = np.quantile(boots, [(1 - ci) / 2, 1 - (1 - ci) / 2])
         rows.append(row)
@@ -367,20 +420,23 @@ def agreement(ann: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 
 
 
 def describer_vs_people(ann: pd.DataFrame) -> pd.DataFrame:
-    """Did the describer's "pattern / Unclear" match people's "pattern observable yes / no"? One row per annotator
-    and pooled: items, agreement, Cohen's κ, and the four cells."""
+    """Did the describer's pattern / "Unclear" match people's "pattern observable" yes / no? Over items where the
+    describer gave a usable answer (``no_answer`` counts the answers left out because it gave none); one row per
+    annotator and pooled: items, agreement, Cohen's κ and the four cells."""
     def one(g):
-        d = np.where(g.describer_has_pattern.astype(bool), "yes", "no")
-        p = g.pattern_observable.to_numpy()
-        return {"items": len(g), "agreement": float(np.mean(d == p)) if len(g) else np.nan,
-                "kappa": cohen_kappa(d, p, PATTERN) if len(g) else np.nan,
+        usable = g[(g.describer_answer != "none") & (g.pattern_observable != "")]
+        d = np.where(usable.describer_answer == "pattern", "yes", "no")
+        p = usable.pattern_observable.to_numpy()
+        return {"items": len(usable), "no_answer": int((g.describer_answer == "none").sum()),
+                "agreement": float(np.mean(d == p)) if len(usable) else np.nan,
+                "kappa": cohen_kappa(d, p, PATTERN) if len(usable) else np.nan,
                 "both_pattern": int(((d == "yes") & (p == "yes")).sum()),
                 "describer_only": int(((d == "yes") & (p == "no")).sum()),
                 "people_only": int(((d == "no") & (p == "yes")).sum()),
                 "both_none": int(((d == "no") & (p == "no")).sum())}
 
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
-    rows["pooled"] = one(ann)
+    rows[POOLED] = one(ann)
     return pd.DataFrame(rows).T
 
 
@@ -454,7 +510,7 @@ class Annotator:
         self.title.value = f"<b>{html.escape(self.annotator)}</b> · {self.item} ({self.pos + 1} of {len(self.order)})"
         self.operations.value = ("<p>Salient tokens and their top mappings (<code>token: m1, m2, …</code>):</p>"
                                  f"<pre>{html.escape(row.operations)}</pre>")
-        self.description.value = f"<p><b>Description:</b> {html.escape(row.description)}</p>"
+        self._description = row.description
         self._refresh()
 
     def next(self) -> None:
@@ -467,9 +523,21 @@ class Annotator:
         if self._loading:
             return
         self.store.answer(self.item, **{field: value or ""})
+        if field == "pattern_observable" and value == "no":  # the store cleared the kind; so does the view
+            self._loading = True
+            try:
+                self.buttons["operation_kind"].value = None
+            finally:
+                self._loading = False
         self._refresh()
 
     def _refresh(self) -> None:
+        import html
+
+        if self.buttons["pattern_observable"].value is None:  # judge the operations before reading the description
+            self.description.value = "<p><i>Answer the first question to see the description.</i></p>"
+        else:
+            self.description.value = f"<p><b>Description:</b> {html.escape(self._description)}</p>"
         done = self.answered()
         self.progress.value = done
         need_kind = self.buttons["pattern_observable"].value != "no"

@@ -55,6 +55,8 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())  # the data is on disk before the rename makes it the file
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; results should read like any other file
         os.replace(tmp, path)
     except BaseException:

@@ -24,7 +24,7 @@ def write_descriptions(folder, n_layers=N_LAYERS, n_heads=N_HEADS):
     for la in range(n_layers):
         for h in range(n_heads):
             i = la * n_heads + h
-            kind = ["pattern", "unclear", "unparsed", "failed"][i % 4]
+            kind = ["pattern", "unclear", "pattern", "unparsed", "pattern", "failed", "pattern", "unclear"][i % 8]
             rows.append({"layer": la, "head": h, "quartile": la * 4 // n_layers, "salient_tokens": f"t{i}, u{i}",
                          "top_saliency": 1.0, "has_pattern": kind == "pattern",
                          "pattern": {"pattern": f"Maps t{i} to itself.", "unclear": "Unclear"}.get(kind, ""),
@@ -109,8 +109,20 @@ def test_validation_errors_name_the_problem(tmp_path, material):
     with pytest.raises(HS.AnnotationError, match="answered on different material"):
         HS.read_annotations(_write(f, stale, ("item", "material", "pattern_observable", "description_correct",
                                               "operation_kind")), material)
-    ok = HS.read_annotations(_write(f, [("item-001", " YES ", "Correct", "semantic")]), material)
-    assert ok.pattern_observable.tolist() == ["yes"] and ok.description_correct.tolist() == ["correct"]
+    with pytest.raises(HS.AnnotationError, match="leave the kind empty when pattern_observable is no"):
+        HS.read_annotations(_write(f, [("item-001", "no", "correct", "semantic")]))
+    with pytest.raises(HS.AnnotationError, match="have answers but no material hash"):
+        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic")]), material)
+    f.write_text("")
+    with pytest.raises(HS.AnnotationError, match="is empty; remove it"):
+        HS.read_annotations(f)
+    f.write_text("item,material,pattern_observable,description_correct,operation_kind\n")
+    assert HS.read_annotations(f, material).empty  # a header alone is a valid, empty file
+    mat = material.items.material.tolist()
+    ok = HS.read_annotations(_write(f, [("item-001", mat[0], " YES ", "Correct", "semantic"), ("", "", "", "", "")],
+                                    ("item", "material", "pattern_observable", "description_correct", "operation_kind")),
+                             material)
+    assert ok.pattern_observable.tolist() == ["yes"] and ok.description_correct.tolist() == ["correct"]  # blank row dropped
 
 
 def test_store_saves_each_answer_and_resumes(tmp_path, material):
@@ -128,6 +140,32 @@ def test_store_saves_each_answer_and_resumes(tmp_path, material):
         back.answer("item-002", pattern_observable="maybe")
     with pytest.raises(HS.AnnotationError, match="not an item of this study"):
         back.answer("item-099", pattern_observable="yes")
+    back.answer("item-003", pattern_observable="no")  # no pattern: the kind given earlier goes
+    assert HS.AnnotationStore(path, material).rows["item-003"]["operation_kind"] == ""
+
+
+def test_two_views_of_one_file_keep_each_others_answers(tmp_path, material):
+    path = tmp_path / "ann" / "erin.csv"
+    one, two = HS.AnnotationStore(path, material), HS.AnnotationStore(path, material)
+    one.answer("item-001", pattern_observable="no", description_correct="correct")
+    two.answer("item-002", pattern_observable="no", description_correct="incorrect")
+    assert set(HS.AnnotationStore(path, material).rows) == {"item-001", "item-002"}
+
+
+def test_writing_the_material_never_overwrites_a_sheet_with_answers(tmp_path, material):
+    out = material.write(tmp_path / "study", ["fred"], seed=0)
+    sheet = out / "sheets" / "fred.csv"
+    filled = pd.read_csv(sheet, dtype=str, keep_default_na=False)
+    filled.loc[0, "pattern_observable"] = "no"
+    filled.to_csv(sheet, index=False)
+    material.write(tmp_path / "study", ["fred"], seed=0)
+    assert pd.read_csv(sheet, dtype=str, keep_default_na=False).loc[0, "pattern_observable"] == "no"
+
+
+def test_an_annotator_called_pooled_does_not_replace_the_pooled_row(tmp_path, material):
+    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"pooled": A, "b": B}), material)
+    r = HS.rates(ann)
+    assert r.loc["pooled", "pattern_yes"] == pytest.approx(5 / 8) and r.loc[HS.POOLED, "pattern_yes"] == pytest.approx(9 / 16)
 
 
 def test_a_crash_mid_write_keeps_the_earlier_file(tmp_path, material, monkeypatch):
@@ -182,12 +220,22 @@ def _fixture_annotations(folder, material, answers):
     return folder
 
 
+# The fixture material (seed 0, 8 of the 16 heads) pins which items the describer gave a pattern for:
+DESCRIBER = ["none", "none", "pattern", "pattern", "pattern", "pattern", "none", "unclear"]  # items 1..8
 A = [("yes", "correct", "semantic"), ("yes", "correct", "semantic"), ("yes", "partially", "algorithmic-string"),
      ("no", "correct", ""), ("no", "incorrect", ""), ("yes", "incorrect", "other"), ("no", "correct", ""),
      ("yes", "correct", "semantic")]
 B = [("yes", "correct", "semantic"), ("no", "correct", ""), ("yes", "partially", "algorithmic-string"),
      ("no", "correct", ""), ("no", "incorrect", ""), ("yes", "correct", "other"), ("no", "correct", ""),
      ("yes", "partially", "lexical-morphological")]
+C = [("yes", "correct", "semantic"), ("yes", "correct", "semantic"), ("yes", "partially", "algorithmic-string"),
+     ("yes", "correct", "other"), ("no", "incorrect", ""), ("no", "correct", ""), ("no", "correct", ""),
+     ("no", "correct", "")]
+
+
+def test_fixture_material_is_as_the_hand_computations_assume(material):
+    assert material.key.describer_answer.tolist() == DESCRIBER
+    assert material.key.quartile.tolist() == [1, 2, 1, 3, 2, 0, 0, 3]
 
 
 def test_rates_quartiles_and_agreement_on_fixture_files(tmp_path, material):
@@ -195,56 +243,75 @@ def test_rates_quartiles_and_agreement_on_fixture_files(tmp_path, material):
     assert len(ann) == 16 and set(ann.annotator) == {"a", "b"}
     r = HS.rates(ann)
     assert r.loc["a", "pattern_yes"] == pytest.approx(5 / 8) and r.loc["b", "pattern_yes"] == pytest.approx(4 / 8)
-    # correct: a has items 1, 2, 4, 7, 8; b has 1, 2, 4, 6, 7
-    assert r.loc["a", "correct"] == pytest.approx(5 / 8) and r.loc["pooled", "correct"] == pytest.approx(10 / 16)
-    assert r.loc["pooled", "partially"] == pytest.approx(3 / 16)
-    assert r.loc["a", "kind:semantic"] == pytest.approx(3 / 5)  # among a's 5 pattern items
-    assert r.loc["pooled", "kind:semantic"] == pytest.approx(4 / 9)
-    # quartile split: every quartile holds 2 items x 2 annotators
-    qt = HS.quartile_table(ann, "description_correct", HS.CORRECTNESS, N_LAYERS)
-    assert qt.n.tolist() == [4, 4, 4, 4] and np.allclose(qt[list(HS.CORRECTNESS)].sum(axis=1), 1)
-    key = material.key.set_index("item")
-    q0 = ann[ann["item"].map(key.quartile) == 0]
-    assert qt.loc[0, "correct"] == pytest.approx((q0.description_correct == "correct").mean())
+    # correctness counts only items the describer gave a pattern for (3-6): a = P C I I, b = P C I C
+    assert r.loc["a", "described_answers"] == 4
+    assert r.loc["a", ["correct", "partially", "incorrect"]].tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 4])
+    assert r.loc["b", ["correct", "partially", "incorrect"]].tolist() == pytest.approx([2 / 4, 1 / 4, 1 / 4])
+    assert r.loc[HS.POOLED, ["correct", "partially", "incorrect"]].tolist() == pytest.approx([3 / 8, 2 / 8, 3 / 8])
+    assert r.loc["a", "kind:semantic"] == pytest.approx(3 / 5)  # a's kinds: items 1, 2, 3, 6, 8
+    assert r.loc[HS.POOLED, "kind:semantic"] == pytest.approx(4 / 9)
+    # quartiles of the described items: 6 -> Q1, 3 -> Q2, 5 -> Q3, 4 -> Q4
+    qt = HS.quartile_table(HS.answered(ann, "description_correct"), "description_correct", HS.CORRECTNESS, N_LAYERS)
+    assert qt.n.tolist() == [2, 2, 2, 2]
+    assert qt[list(HS.CORRECTNESS)].to_numpy().tolist() == [[0.5, 0, 0.5], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
     agree = HS.agreement(ann, n_boot=200, seed=3).set_index("question")
     # pattern: a = y y y n n y n y, b = y n y n n y n y -> p_o = 7/8; p_e = (5/8)(4/8) + (3/8)(4/8) = 1/2 -> 0.75
     assert agree.loc["pattern_observable", "kappa"] == pytest.approx(0.75)
     assert agree.loc["pattern_observable", "raw_agreement"] == pytest.approx(7 / 8)
     assert agree.loc["pattern_observable", "method"] == "Cohen" and agree.loc["pattern_observable", "items"] == 8
-    # kind: only items both call a pattern with a kind: 1, 3, 6, 8 -> agree on 3 of 4
+    # correctness on items 3-6: p_o = 3/4; p_e = (1/4)(2/4) + (1/4)(1/4) + (2/4)(1/4) = 5/16 -> (12 - 5) / 11
+    assert agree.loc["description_correct", "items"] == 4
+    assert agree.loc["description_correct", "kappa"] == pytest.approx(7 / 11)
+    # kind: items both call a pattern with a kind: 1, 3, 6, 8 -> agree on 3 of 4
     assert agree.loc["operation_kind", "items"] == 4 and agree.loc["operation_kind", "raw_agreement"] == 0.75
     lo, hi = agree.loc["pattern_observable", ["ci_low", "ci_high"]]
-    assert lo <= 0.75 <= hi and hi <= 1.0
+    assert lo <= 0.75 <= hi and hi <= 1.0 and 0 < agree.loc["pattern_observable", "boot_valid"] <= 200
     again = HS.agreement(ann, n_boot=200, seed=3)
     pd.testing.assert_frame_equal(again.set_index("question"), agree)  # the bootstrap is seeded
     assert not HS.agreement(ann, n_boot=200, seed=4).set_index("question").equals(agree)
 
 
-def test_three_annotators_use_fleiss(tmp_path, material):
-    C = [(p, c, k) for p, c, k in A]
+def test_three_annotators_use_fleiss_by_hand(tmp_path, material):
     ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B, "c": C}), material)
     agree = HS.agreement(ann, n_boot=50, seed=0).set_index("question")
-    assert agree.loc["pattern_observable", "method"] == "Fleiss"
-    wide = ann.pivot(index="item", columns="annotator", values="pattern_observable")
-    counts = np.stack([(wide == c).sum(axis=1) for c in HS.PATTERN], axis=1)
-    assert agree.loc["pattern_observable", "kappa"] == pytest.approx(HS.fleiss_kappa(counts))
+    # pattern counts (yes, no) per item: 1 (3,0) 2 (2,1) 3 (3,0) 4 (1,2) 5 (0,3) 6 (2,1) 7 (0,3) 8 (2,1)
+    # mean P_i = (4 * 1 + 4 * 1/3) / 8 = 2/3; p_yes = 13/24; P_e = (169 + 121) / 576; kappa = 94 / 286
+    assert agree.loc["pattern_observable", "method"] == "Fleiss" and agree.loc["pattern_observable", "annotators"] == 3
+    assert agree.loc["pattern_observable", "kappa"] == pytest.approx(94 / 286)
 
 
-def test_describer_against_people(tmp_path, material):
+def test_agreement_with_an_annotator_who_never_sees_a_pattern(tmp_path, material):
+    never = [("no", "correct", "")] * 8
+    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "d": never}), material)
+    agree = HS.agreement(ann, n_boot=20, seed=0).set_index("question")
+    assert agree.loc["operation_kind", "annotators"] == 1 and np.isnan(agree.loc["operation_kind", "kappa"])
+    assert agree.loc["pattern_observable", "method"] == "Cohen"
+    # with three annotators of whom one never sees a pattern, the kind question is Cohen's on the other two
+    ann3 = HS.load_annotations(_fixture_annotations(tmp_path / "ann3", material, {"a": A, "b": B, "d": never}), material)
+    kind = HS.agreement(ann3, n_boot=20, seed=0).set_index("question").loc["operation_kind"]
+    assert kind["method"] == "Cohen" and kind["annotators"] == 2 and kind["items"] == 4
+
+
+def test_describer_against_people_by_hand(tmp_path, material):
     ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A}), material)
-    vs = HS.describer_vs_people(ann)
-    d = material.key.set_index("item").describer_has_pattern.loc[material.items.item].to_numpy()
-    p = np.array([x[0] for x in A]) == "yes"
-    assert vs.loc["a", "both_pattern"] == int((d & p).sum()) and vs.loc["a", "people_only"] == int((~d & p).sum())
-    assert vs.loc["a", "agreement"] == pytest.approx(float(np.mean(d == p)))
-    assert vs.loc["pooled", "items"] == 8
+    vs = HS.describer_vs_people(ann).loc["a"]
+    # usable items 3, 4, 5, 6 (pattern) and 8 (Unclear); a says yes on 3, 6, 8 and no on 4, 5; items 1, 2, 7 left out
+    assert (vs["items"], vs.no_answer) == (5, 3)
+    assert (vs.both_pattern, vs.describer_only, vs.people_only, vs.both_none) == (2, 2, 1, 0)
+    assert vs.agreement == pytest.approx(2 / 5)
+    # describer yes x4 / no x1, a yes x3 / no x2: p_e = (4/5)(3/5) + (1/5)(2/5) = 14/25; kappa = (10 - 14) / 11
+    assert vs.kappa == pytest.approx(-4 / 11)
 
 
-def test_incomplete_answers_are_left_out(tmp_path, material):
+def test_partial_answers_count_where_they_answer(tmp_path, material):
     folder = tmp_path / "ann"
-    _fixture_annotations(folder, material, {"a": [("yes", "correct", "")] + A[1:3]})
+    store = HS.AnnotationStore(folder / "a.csv", material)
+    store.answer("item-003", pattern_observable="yes", description_correct="correct")  # no kind yet
+    store.answer("item-004", pattern_observable="no")
     ann = HS.load_annotations(folder, material)
-    assert ann["item"].tolist() == ["item-002", "item-003"]  # item-001 has a pattern but no kind yet
+    r = HS.rates(ann).loc["a"]
+    assert r.pattern_answers == 2 and r.pattern_yes == 0.5 and r.described_answers == 1 and r.correct == 1.0
+    assert r.kind_answers == 0
     assert HS.load_annotations(tmp_path / "none", material).empty
 
 
@@ -254,11 +321,16 @@ def test_annotator_saves_every_click_and_resumes(tmp_path, material):
     tool = HS.Annotator(material, "carol", folder, seed=0)
     first = tool.item
     assert tool.pos == 0 and tool.progress.value == 0 and first in tool.title.value
-    tool.buttons["pattern_observable"].value = "no"
-    assert tool.buttons["operation_kind"].disabled
+    assert "Answer the first question to see the description" in tool.description.value
+    tool.buttons["pattern_observable"].value = "yes"
+    assert "Description:" in tool.description.value
+    tool.buttons["operation_kind"].value = "semantic"
+    tool.buttons["pattern_observable"].value = "no"  # changing one's mind clears the kind, in the view and the file
+    assert tool.buttons["operation_kind"].disabled and tool.buttons["operation_kind"].value is None
     tool.buttons["description_correct"].value = "correct"
     saved = pd.read_csv(folder / "carol.csv", dtype=str, keep_default_na=False)
-    assert saved.set_index("item").loc[first, ["pattern_observable", "description_correct"]].tolist() == ["no", "correct"]
+    assert saved.set_index("item").loc[first, ["pattern_observable", "description_correct", "operation_kind"]].tolist() == [
+        "no", "correct", ""]
     assert tool.progress.value == 1
     tool.next_button.click()
     second = tool.item
@@ -274,8 +346,8 @@ def test_annotator_saves_every_click_and_resumes(tmp_path, material):
     rows = pd.read_csv(folder / "carol.csv", dtype=str, keep_default_na=False).set_index("item")
     assert rows.loc[first, "description_correct"] == "incorrect" and rows.loc[second, "comment"] == "looks like plurals"
     assert len(rows) == 2
-    # the saved file is a valid annotation file for the analysis
-    assert HS.load_annotations(folder, material)["item"].tolist() == [first]
+    # the saved file is a valid annotation file for the analysis (the half-answered item counts where it answers)
+    assert HS.load_annotations(folder, material)["item"].tolist() == [first, second]
 
 
 def test_material_manifest_names_the_describer(material):

@@ -36,6 +36,17 @@ def run_notebook(name: str, out: Path, **parameters) -> str:
     return out.read_text()
 
 
+def outputs_text(path: Path) -> str:
+    """Everything an executed notebook shows (streams, text and markdown outputs), without its source."""
+    parts = []
+    for cell in json.loads(path.read_text())["cells"]:
+        for out in cell.get("outputs", []):
+            parts.append("".join(out.get("text", "")))
+            for mime in ("text/plain", "text/markdown", "text/html"):
+                parts.append("".join(out.get("data", {}).get(mime, "")))
+    return "\n".join(parts)
+
+
 @pytest.mark.embedded
 def test_model_overview_runs_under_papermill(smollm2, tmp_path):
     text = run_notebook("00_model_overview.ipynb", tmp_path / "00.ipynb", model="smollm2-135m", device="cpu",
@@ -154,12 +165,21 @@ def test_human_study_notebook_analyses_fixture_annotations(tmp_path):
 
     desc = write_descriptions(tmp_path / "res")
     _fixture_annotations(tmp_path / "ann", HS.build_material(desc, n=8, seed=0), {"a": A, "b": B})
-    text = run_notebook("05_human_study.ipynb", tmp_path / "05.ipynb", model="tiny-model", n_items=8,
-                        results_dir=str(tmp_path / "res"), figures_dir=str(tmp_path / "fig"),
-                        annotations_dir=str(tmp_path / "ann"), annotator="dave", n_boot=200)
-    assert "2 annotator(s), 16 complete answers on 8 of 8 items" in text
+    common = dict(model="tiny-model", n_items=8, results_dir=str(tmp_path / "res"), figures_dir=str(tmp_path / "fig"),
+                  annotations_dir=str(tmp_path / "ann"), n_boot=200)
+    text = run_notebook("05_human_study.ipynb", tmp_path / "05.ipynb", **common)
+    assert "2 annotator(s), 16 answered rows on 8 of 8 items (16 complete)" in text
     assert "pattern_observable: Cohen kappa 0.75" in text and "raw agreement 88%" in text
-    assert "Descriptions judged correct: 62% of answers" in text
-    assert "application/vnd.jupyter.widget-view+json" in text  # the annotator view for "dave"
+    assert "description_correct: Cohen kappa 0.64" in text
+    assert "Described patterns judged correct: 38% of 8 answers" in text
+    assert "3 answers were on items where it gave no usable answer" not in text  # pooled over both: 6
+    assert "6 answers were on items where it gave no usable answer (left out)" in text
     for name in ("05_correctness", "05_kinds"):
         assert (tmp_path / "fig" / "tiny-model" / f"{name}.png").is_file()
+    # annotating: the view is shown, and the analysis and the describer's name are not
+    text = run_notebook("05_human_study.ipynb", tmp_path / "05b.ipynb", annotator="dave", **common)
+    assert "application/vnd.jupyter.widget-view+json" in text
+    shown = outputs_text(tmp_path / "05b.ipynb")
+    assert "(analysis hidden while annotating)" in shown and "Cohen kappa" not in shown and "judged correct" not in shown
+    assert "tiny (test)" not in shown  # the describer stays hidden from annotators
+    assert not (tmp_path / "ann" / "dave.csv").exists()  # nothing is written until dave answers
