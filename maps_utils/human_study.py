@@ -346,7 +346,7 @@ def rates(ann: pd.DataFrame) -> pd.DataFrame:
 
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
     rows[POOLED] = one(ann)
-    return pd.DataFrame(rows).T
+    return _counts_as_int(pd.DataFrame(rows).T)
 
 
 def quartile_table(rows: pd.DataFrame, field: str, categories: Sequence[str], n_layers: int) -> pd.DataFrame:
@@ -358,6 +358,13 @@ def quartile_table(rows: pd.DataFrame, field: str, categories: Sequence[str], n_
     out.insert(0, "n", n)
     out.insert(0, "layers", quartile_labels(n_layers))
     return out
+
+
+def _counts_as_int(table: pd.DataFrame) -> pd.DataFrame:
+    counts = ["pattern_answers", "described_answers", "kind_answers", "items", "no_answer", "both_pattern",
+              "describer_only", "people_only", "both_none"]
+    return table.astype({c: int for c in counts if c in table.columns} | {
+        c: float for c in table.columns if c not in counts})
 
 
 def cohen_kappa(a: Sequence, b: Sequence, categories: Sequence | None = None) -> float:
@@ -437,7 +444,7 @@ def describer_vs_people(ann: pd.DataFrame) -> pd.DataFrame:
 
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
     rows[POOLED] = one(ann)
-    return pd.DataFrame(rows).T
+    return _counts_as_int(pd.DataFrame(rows).T)
 
 
 # ---- the JupyterLab annotator -------------------------------------------------------------------------
