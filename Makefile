@@ -18,10 +18,11 @@ REPORT_DIR   := reports/$(MODEL_SLUG)
 NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED     := $(patsubst notebooks/%.ipynb,$(REPORT_DIR)/%.ipynb,$(NOTEBOOKS))
 HTML         := $(EXECUTED:.ipynb=.html)
+ATLAS        := $(REPORT_DIR)/atlas.html
 
 .DEFAULT_GOAL := help
 .SECONDARY: $(EXECUTED)
-.PHONY: help setup test all notebooks lab lint bench relations clean clean-venv
+.PHONY: help setup test all notebooks atlas browser lab lint bench relations clean clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -43,10 +44,23 @@ $(STAMP): pyproject.toml
 	"$(BIN)/python" -m ipykernel install --sys-prefix --name python3 >/dev/null; \
 	touch "$(STAMP)"
 
-test: $(STAMP) ## run the offline test suite (tiny random models + the embedded models)
+test: $(STAMP) browser ## run the offline test suite (tiny random models + the embedded models)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-all: $(STAMP) notebooks ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
+all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
+	@echo "report: $(REPORT_DIR)/ (notebooks as .html; head atlas: $(ATLAS))"
+
+atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
+
+$(ATLAS): $(HTML) $(wildcard maps_utils/*.py)
+	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" --out $@
+
+browser: ## a headless chromium for the atlas test (installed with apt-get if missing)
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  echo "installing chromium (the atlas test opens the atlas in a headless browser)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium || { \
+	    $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
 
 notebooks: $(HTML)
 

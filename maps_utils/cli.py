@@ -4,6 +4,13 @@
     maps info [MODEL] [--device D]    load a model and print its head geometry as JSON
     maps relations [--models M ...]   usable single-token pairs per shipped relation and model
     maps relations FILE ...           the same for relation files of your own (JSON pairs or CSV)
+    maps score [MODEL] [--relation R ...] [--variant V]
+                                      static relation scores (cached under results/); prints the top heads
+    maps atlas [MODEL] [--out PATH]   write the self-contained HTML head atlas (default reports/MODEL/atlas.html)
+
+Examples:
+    maps score smollm2-135m --relation country_capital name_copying
+    maps atlas gemma3-270m
 """
 
 from __future__ import annotations
@@ -43,6 +50,31 @@ def _relations(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from . import scores as SC
+    from .models import default_variant
+
+    loaded = load(args.model, device=args.device, dtype=args.dtype)
+    res = SC.static_scores(loaded, args.relation or None, variant=args.variant or default_variant(args.model),
+                           results_dir=args.results_dir)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 120):
+        print(SC.top_heads(res.table(), n=args.top).to_string(index=False))
+    where = "read from" if res.from_cache else "written to"
+    print(f"\nscores ({res.variant}) {where} {args.results_dir}/ (tidy table: scores.csv with a manifest)")
+    return 0
+
+
+def _atlas(args: argparse.Namespace) -> int:
+    from .atlas import build_atlas
+
+    loaded = load(args.model, device=args.device, dtype=args.dtype)
+    path = build_atlas(loaded, args.results_dir, args.out, variant=args.variant)
+    print(f"atlas: {path}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     for name, description in available_models().items():
         print(f"{name:16s} {description}")
@@ -65,6 +97,20 @@ def main(argv: list[str] | None = None) -> int:
     rel.add_argument("--min-pairs", type=int, default=30)
     rel.add_argument("--show-dropped", action="store_true", help="list the pairs the filter drops")
     rel.set_defaults(func=_relations)
+    for name, func, text in (("score", _score, "static relation scores of a model; prints the top heads"),
+                             ("atlas", _atlas, "write the HTML head atlas of a model from its results")):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"embedded name, HF id or path (default {DEFAULT_MODEL})")
+        cmd.add_argument("--device", default="auto")
+        cmd.add_argument("--dtype", default="float32")
+        cmd.add_argument("--variant", default=None, help="embedding variant (default: the model's registered one)")
+        cmd.add_argument("--results-dir", default="results", help="where result tables and caches live")
+        cmd.set_defaults(func=func)
+        if name == "score":
+            cmd.add_argument("--relation", nargs="+", help="relation names or files (default: every shipped relation)")
+            cmd.add_argument("--top", type=int, default=5, help="heads listed per relation")
+        else:
+            cmd.add_argument("--out", default=None, help="the HTML file (default reports/<model>/atlas.html)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

@@ -1,0 +1,140 @@
+"""The head atlas: its data against the score tables, a self-contained page, and the page in a real headless browser."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from maps_utils import HeadWeights, LoadedModel
+from maps_utils import atlas as AT
+from maps_utils import scores as SC
+
+from .conftest import make_tiny, word_tokenizer
+
+
+@pytest.fixture
+def tiny_static(tmp_path):
+    model = make_tiny("llama-gqa").to(torch.float32)
+    loaded = LoadedModel("tiny-llama", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+                         "test", 0.0)
+    rels = []
+    for name, pairs in {"same": [[f"t{i}", f"t{i}"] for i in range(40)],
+                        "shift": [[f"t{i}", f"t{(i * 7) % 100}"] for i in range(40)]}.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(pairs))
+        rels.append(path)
+    return loaded, SC.static_scores(loaded, rels, results_dir=None, progress=False)
+
+
+def _fake_tables(H):
+    ops = pd.DataFrame([{"layer": 1, "head": 2, "rank": r, "token": f"t{r}", "saliency": 3.0 - r,
+                         "mappings": json.dumps([f"t{r + 1}", "t99"])} for r in range(3)])
+    desc = pd.DataFrame([{"layer": 1, "head": 2, "pattern": "Maps tN to tN+1.", "inputs": "Tokens.", "parse": "json",
+                          "status": "ok", "has_pattern": True, "describer": "tiny-describer (test)", "raw": "{}"}])
+    heads = pd.DataFrame([{"relation": "same", "rank": 1, "layer": 0, "head": 3, "score": 0.5}])
+    summary = pd.DataFrame([{"relation": "same", "tr_change_pct": -75.0, "heads_removed": 1}])
+    return ops, desc, heads, summary
+
+
+def test_atlas_data_matches_the_score_table(tiny_static):
+    loaded, static = tiny_static
+    H = loaded.heads.n_heads
+    ops, desc, heads, summary = _fake_tables(H)
+    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary)
+    table = static.table()
+    assert (data["n_layers"], data["n_heads"]) == (2, 4) and [r["name"] for r in data["relations"]] == ["same", "shift"]
+    for j, rel in enumerate(data["relations"]):
+        g = table[table.relation == rel["name"]].sort_values(["layer", "head"])
+        assert data["scores"][j] == pytest.approx(g.score.round(3).tolist(), abs=1e-6)
+        assert data["suppression"][j] == pytest.approx(g.suppression_score.round(3).tolist(), abs=1e-6)
+        # hits: a head's share of hit pairs is its score
+        per_head = np.zeros(8)
+        for _, hs in data["hits"][j]:
+            per_head[hs] += 1
+        assert per_head / rel["n"] == pytest.approx(g.score.to_numpy(), abs=1e-6)
+    assert data["ops"]["6"][0] == ["t0", ["t1", "t99"], 3.0]  # head 1.2 = 1 * 4 + 2
+    assert data["descriptions"]["6"]["describer"] == "tiny-describer (test)"
+    assert data["ablation"]["3"] == [["same", 1, -75.0, 1]]
+    page = AT.render_atlas(data)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing loads from the network
+    embedded = re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(embedded.replace("<\\/", "</")) == json.loads(json.dumps(data))
+
+
+def test_script_endings_in_data_cannot_break_the_page(tiny_static):
+    _, static = tiny_static
+    desc = pd.DataFrame([{"layer": 0, "head": 0, "pattern": "</script><script>alert(1)</script>", "inputs": "",
+                          "parse": "json", "status": "ok", "has_pattern": True, "describer": "x", "raw": ""}])
+    page = AT.render_atlas(AT.atlas_data(static, descriptions=desc))
+    assert page.count("</script>") == 2  # the data block's and the code's own
+
+
+def _chromium():
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _dom(path, fragment):
+    exe = _chromium()
+    assert exe, "no chromium: `make test` installs it (apt-get install chromium); install it to run this test"
+    out = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--dump-dom",
+                          f"{path.resolve().as_uri()}#{fragment}"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
+    loaded, static = tiny_static
+    ops, desc, heads, summary = _fake_tables(loaded.heads.n_heads)
+    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary)
+    page = tmp_path / "atlas.html"
+    page.write_text(AT.render_atlas(data))
+    # the grid renders: one cell per head, coloured
+    dom = _dom(page, "")
+    assert len(re.findall(r'class="cell[^"]*" data-head="\d+\.\d+"', dom)) == 8
+    assert 'style="background: rgb(' in dom
+    # clicking a head (a real click event on its cell) opens its panel with scores, operations and description
+    dom = _dom(page, "head=1.2")
+    assert '<h2 id="panel-title">Head 1.2</h2>' in dom and "Maps tN to tN+1." in dom and "t0: t1, t99" in dom
+    assert "tiny-describer (test)" in dom
+    dom = _dom(page, "head=0.3")
+    assert "relation head #1 of same" in dom and "-75% accuracy" in dom
+    # search: a pair some heads hit, found exactly; and a relation's heads
+    j = 0
+    pair_index, expected = data["hits"][j][0]
+    s, t = data["relations"][j]["pairs"][pair_index]
+    dom = _dom(page, f"q={s} -> {t}")
+    found = set(re.findall(r'<a data-head="(\d+\.\d+)"', dom))
+    assert found == {f"{i // 4}.{i % 4}" for i in expected}
+    dom = _dom(page, "q=t0 -> t1")  # a salient operation of head 1.2
+    assert "1.2" in set(re.findall(r'<a data-head="(\d+\.\d+)"', dom))
+    best = int(np.argmax(data["scores"][1]))
+    dom = _dom(page, "q=shift")
+    assert f'data-head="{best // 4}.{best % 4}"' in dom or max(data["scores"][1]) < data["tau"]
+    assert "heads implementing shift" in dom
+
+
+@pytest.mark.embedded
+def test_maps_score_and_atlas_commands_on_smollm2(smollm2, tmp_path, capsys):
+    from maps_utils.cli import main
+
+    res = str(tmp_path / "res")
+    assert main(["score", "smollm2-135m", "--relation", "country_capital", "--results-dir", res, "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "country_capital" in out and "top heads" in out and f"written to {res}/" in out
+    page = tmp_path / "atlas.html"
+    assert main(["atlas", "smollm2-135m", "--results-dir", res, "--out", str(page), "--device", "cpu"]) == 0
+    assert f"atlas: {page}" in capsys.readouterr().out
+    table = pd.read_csv(tmp_path / "res" / "smollm2-135m" / "static" / "first_mlp" / "scores.csv")
+    strong = table[(table.relation == "country_capital") & (table.score >= SC.TAU)]  # the atlas scored every relation
+    expected = {f"{r.layer}.{r.head}" for r in strong.itertuples()}
+    assert expected  # SmolLM2 has country_capital heads (23.4, 23.5, …)
+    dom = _dom(page, "q=country_capital")
+    assert set(re.findall(r'<a data-head="(\d+\.\d+)"', dom)) == expected
+    assert len(re.findall(r'class="cell[^"]*" data-head=', dom)) == 270
