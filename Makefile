@@ -10,11 +10,28 @@ DEVICE       ?= auto
 DTYPE        ?= float32
 PAPERMILL_ARGS ?=
 PYTEST_ARGS  ?=
+SMOKE        ?=
 
 BIN          := $(VENV)/bin
 STAMP        := $(VENV)/.maps-setup-stamp
 MODEL_SLUG   := $(subst /,__,$(MODEL))
-REPORT_DIR   := reports/$(MODEL_SLUG)
+# SMOKE=1: every notebook in a small configuration (a few relations, pairs and heads), kept apart from the full
+# run's results: reports/smoke/, results/smoke/, figures/smoke/. CI runs it (tests/test_make.py).
+ifeq ($(SMOKE),1)
+RUN_DIR      := smoke/
+SMOKE_ARGS    = -p results_dir ../results/smoke -p figures_dir ../figures/smoke $(SMOKE_$(firstword $(subst _, ,$*)))
+else
+RUN_DIR      :=
+SMOKE_ARGS    =
+endif
+SMOKE_00     := -p figures_dir ../figures/smoke
+SMOKE_01     := -y '{relations: [name_copying, country_capital], n_permutations: 50, compare_variants: false}'
+SMOKE_02     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"], multi_token_modes: [], compare_variants: false}'
+SMOKE_03     := -y '{relations: [name_copying, country_capital], max_pairs: 30, n_random: 2, max_heads: 6}'
+SMOKE_04     := -p n_heads 2
+SMOKE_05     := -p n_items 2
+REPORT_DIR   := reports/$(RUN_DIR)$(MODEL_SLUG)
+RESULTS_DIR  := results/$(RUN_DIR:/=)
 NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED     := $(patsubst notebooks/%.ipynb,$(REPORT_DIR)/%.ipynb,$(NOTEBOOKS))
 HTML         := $(EXECUTED:.ipynb=.html)
@@ -53,7 +70,7 @@ all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every n
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
 
 $(ATLAS): $(HTML) $(wildcard maps_utils/*.py)
-	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" --out $@
+	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" --results-dir $(RESULTS_DIR) --out $@
 
 browser: ## a headless chromium for the atlas test (installed with apt-get if missing)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -66,11 +83,18 @@ notebooks: $(HTML)
 
 $(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(wildcard maps_utils/*.py)
 	@mkdir -p $(REPORT_DIR)
-	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" -p dtype "$(DTYPE)" $(PAPERMILL_ARGS)
-	@mv $@.partial.ipynb $@
+	@start=$$(date +%s); \
+	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" \
+	  -p dtype "$(DTYPE)" $(SMOKE_ARGS) $(PAPERMILL_ARGS) || { echo "make: notebook $< FAILED; the partial run is $@.partial.ipynb" >&2; exit 1; }; \
+	mv $@.partial.ipynb $@; \
+	$(BIN)/maps run-manifest "$(MODEL)" --step $* --notebook $@ --seconds $$(( $$(date +%s) - start )) --results-dir $(RESULTS_DIR)
 
 $(REPORT_DIR)/%.html: $(REPORT_DIR)/%.ipynb
-	$(BIN)/jupyter nbconvert --to html --log-level WARN $< --output $(notdir $@)
+	$(BIN)/jupyter nbconvert --to html --no-input --log-level WARN $< --output $(notdir $@)
+
+# notebooks run in order: each one reruns when the one before it did (later notebooks read earlier results)
+$(foreach i,$(wordlist 2,$(words $(EXECUTED)),$(shell seq 1 $(words $(EXECUTED)))),\
+  $(eval $(word $(i),$(EXECUTED)): $(word $(shell expr $(i) - 1),$(EXECUTED))))
 
 lab: $(STAMP) ## open JupyterLab on the notebooks
 	$(BIN)/jupyter lab notebooks/

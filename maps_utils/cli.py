@@ -7,6 +7,8 @@
     maps score [MODEL] [--relation R ...] [--variant V]
                                       static relation scores (cached under results/); prints the top heads
     maps atlas [MODEL] [--out PATH]   write the self-contained HTML head atlas (default reports/MODEL/atlas.html)
+    maps run-manifest MODEL --step S --seconds T [--notebook NB]
+                                      record a step in results/MODEL/manifest.json (`make all` calls it)
 
 Examples:
     maps score smollm2-135m --relation country_capital name_copying
@@ -75,6 +77,14 @@ def _atlas(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_manifest(args: argparse.Namespace) -> int:
+    from .manifest import record_step
+
+    path = record_step(args.results_dir, args.model, args.step, args.seconds, args.notebook)
+    print(f"run manifest: {path} ({args.step}: {args.seconds:.0f} s)")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     for name, description in available_models().items():
         print(f"{name:16s} {description}")
@@ -111,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--top", type=int, default=5, help="heads listed per relation")
         else:
             cmd.add_argument("--out", default=None, help="the HTML file (default reports/<model>/atlas.html)")
+    man = sub.add_parser("run-manifest", help="record one executed notebook in results/MODEL/manifest.json (make all)")
+    man.add_argument("model")
+    man.add_argument("--step", required=True, help="the step's name, e.g. 01_static_scores")
+    man.add_argument("--seconds", type=float, required=True, help="its wall time")
+    man.add_argument("--notebook", default=None, help="the executed notebook (its papermill parameters are recorded)")
+    man.add_argument("--results-dir", default="results")
+    man.set_defaults(func=_run_manifest)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:

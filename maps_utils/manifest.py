@@ -50,3 +50,66 @@ def build_manifest(*, parameters: dict, wall_seconds: float, model: dict | None 
 def write_manifest(path: str | Path, manifest: dict) -> Path:
     """Write ``manifest`` as pretty JSON, atomically."""
     return atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def model_file_hash(name: str) -> dict:
+    """Where a model's weights came from and their sha256 (embedded GGUF, local .gguf or safetensors); HF ids and
+    unknown layouts get only the name."""
+    from pathlib import Path
+
+    from .models import EMBEDDED, _sha256, default_cache_dir
+
+    path = None
+    if name in EMBEDDED:
+        path = EMBEDDED[name].locate_gguf(default_cache_dir())
+    elif Path(name).is_file():
+        path = Path(name)
+    elif (Path(name) / "model.safetensors").is_file():
+        path = Path(name) / "model.safetensors"
+    return {"name": name, "file": str(path) if path else None, "sha256": _sha256(path) if path else None}
+
+
+def notebook_defaults(nb: dict) -> dict:
+    """The literal defaults of a notebook's cell tagged ``parameters`` (what papermill did not override)."""
+    import ast
+
+    out = {}
+    for cell in nb.get("cells", []):
+        if "parameters" not in cell.get("metadata", {}).get("tags", []):
+            continue
+        src = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+        for node in ast.parse(src).body:
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                try:
+                    out[node.targets[0].id] = ast.literal_eval(node.value)
+                except ValueError:
+                    continue
+    return out
+
+
+def record_step(results_dir: str | Path, model: str, step: str, seconds: float, notebook: str | Path | None = None) -> Path:
+    """Add one executed step (a notebook) to the run manifest ``<results_dir>/<model>/manifest.json``: versions, git
+    commit, the model and its weights' hash, and per step its wall time, papermill parameters (device, dtype,
+    seeds …) and report path. Written atomically; earlier steps are kept."""
+    from pathlib import Path
+
+    from .plots import model_slug
+
+    path = Path(results_dir) / model_slug(model) / "manifest.json"
+    run = json.loads(path.read_text()) if path.is_file() else {}
+    params = {}
+    if notebook is not None and Path(notebook).is_file():
+        nb = json.loads(Path(notebook).read_text())
+        params = notebook_defaults(nb) | nb.get("metadata", {}).get("papermill", {}).get("parameters", {})
+    base = build_manifest(parameters={}, wall_seconds=0.0)
+    run.update({k: base[k] for k in ("git_commit", "python", "machine", "versions")})
+    run["model"] = run.get("model") or model_file_hash(model)
+    run["updated"] = base["created"]
+    steps = run.setdefault("steps", {})
+    steps[step] = {"seconds": round(float(seconds), 1), "finished": base["created"], "parameters": params,
+                   "report": str(notebook) if notebook else None}
+    run["device"] = sorted({str(s["parameters"].get("device")) for s in steps.values() if s["parameters"]})
+    run["dtype"] = sorted({str(s["parameters"].get("dtype")) for s in steps.values() if s["parameters"]})
+    run["seeds"] = {name: s["parameters"]["seed"] for name, s in steps.items() if "seed" in s["parameters"]}
+    run["total_seconds"] = round(sum(s["seconds"] for s in steps.values()), 1)
+    return write_manifest(path, run)
