@@ -251,6 +251,8 @@ function init() {
   const m = $("mode");
   D.relations.forEach((r, j) => { const o = document.createElement("option"); o.value = j; o.textContent = r.label; m.appendChild(o); });
   const o = document.createElement("option"); o.value = "__category"; o.textContent = "relation categories"; m.appendChild(o);
+  const best = D.relations.map((r, j) => j).sort((a, b) => Math.max(...D.scores[b]) - Math.max(...D.scores[a]))[0];
+  if (best !== undefined) m.value = String(best);  // start on the relation with the strongest head
   buildGrid(); colour();
   m.addEventListener("change", colour); $("supp").addEventListener("change", colour);
   $("go").addEventListener("click", search);
