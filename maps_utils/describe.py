@@ -768,19 +768,36 @@ class DescriptionResult:
         return out / "descriptions.csv"
 
 
-def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
-    labels = quartile_labels(n_layers)
-    cat = np.select([(table.status != "ok").to_numpy(), table.parse.isin(["unparsed", "no_keys"]).to_numpy(),
-                     table.has_pattern.fillna(False).astype(bool).to_numpy()],
-                    ["failed", "unparsed", "pattern"], "unclear")
-    t = table.assign(outcome=cat)
-    counts = pd.crosstab(t.quartile, t.outcome).reindex(index=range(4), columns=["pattern", "unclear", "unparsed", "failed"],
-                                                         fill_value=0)
+OUTCOMES = ("pattern", "unclear", "unparsed", "failed")
+
+
+def outcome(status: str, parse: str, has_pattern) -> str:
+    """One of :data:`OUTCOMES` for a described head: failed request, no usable answer, a pattern, or Unclear."""
+    if status != "ok":
+        return "failed"
+    if parse in ("unparsed", "no_keys", "failed"):
+        return "unparsed"
+    return "pattern" if str(has_pattern).lower() == "true" else "unclear"
+
+
+def quartile_table(rows: pd.DataFrame, field: str, categories: Sequence[str], n_layers: int) -> pd.DataFrame:
+    """Per layer quartile (index 0-3): ``layers``, the count ``n`` and the share of each value of ``field``."""
+    counts = pd.crosstab(rows.quartile, rows[field]).reindex(index=range(4), columns=list(categories), fill_value=0)
     n = counts.sum(axis=1)
-    shares = counts.div(n.replace(0, np.nan), axis=0)
-    out = pd.DataFrame({"quartile": range(4), "layers": labels, "n_heads": n.values})
-    for col in counts.columns:
-        out[f"share_{col}"] = shares[col].values
+    out = counts.div(n.replace(0, np.nan), axis=0)
+    out.insert(0, "n", n)
+    out.insert(0, "layers", quartile_labels(n_layers))
+    return out
+
+
+def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
+    """Per layer quartile: heads described and the share of each :data:`OUTCOMES` (``share_pattern`` …)."""
+    t = table.assign(outcome=[outcome(s, p, h) for s, p, h in zip(table.status, table.parse, table.has_pattern,
+                                                                  strict=True)])
+    q = quartile_table(t, "outcome", OUTCOMES, n_layers)
+    out = pd.DataFrame({"quartile": range(4), "layers": q.layers.values, "n_heads": q.n.values})
+    for col in OUTCOMES:
+        out[f"share_{col}"] = q[col].values
     return out
 
 

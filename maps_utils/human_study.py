@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .describe import layer_quartile, quartile_labels, show_token, stratified_pick
+from .describe import layer_quartile, outcome, quartile_table, show_token, stratified_pick  # noqa: F401 (quartile_table: re-exported for the analysis)
 from .errors import MapsError
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
@@ -64,9 +64,8 @@ def load_descriptions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
 
 def describer_answer(row) -> str:
     """"pattern", "unclear" (a usable answer without a pattern) or "none" (failed, unparsed or without the keys)."""
-    if row.status != "ok" or row.parse in ("unparsed", "no_keys", "failed"):
-        return "none"
-    return "pattern" if row.has_pattern else "unclear"
+    o = outcome(row.status, row.parse, row.has_pattern)
+    return o if o in ("pattern", "unclear") else "none"
 
 
 def description_text(row) -> str:
@@ -155,7 +154,8 @@ def build_material(descriptions: str | Path, n: int | None = 40, seed: int = 0) 
         item, mat = f"item-{i:03d}", _material_hash(text, desc)
         items.append({"item": item, "material": mat, "operations": text, "description": desc})
         key.append({"item": item, "material": mat, "layer": int(r.layer), "head": int(r.head), "quartile": int(r.quartile),
-                    "describer": r.describer, "describer_answer": describer_answer(r), "parse": r.parse,
+                    "describer": r.describer, "describer_answer": describer_answer(r),
+                    "describer_outcome": outcome(r.status, r.parse, r.has_pattern), "parse": r.parse,
                     "status": r.status})
     params = {"descriptions": str(descriptions), "n": n, "seed": seed, "n_items": len(items),
               "describer": sorted(set(table.describer))}
@@ -347,17 +347,6 @@ def rates(ann: pd.DataFrame) -> pd.DataFrame:
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
     rows[POOLED] = one(ann)
     return _counts_as_int(pd.DataFrame(rows).T)
-
-
-def quartile_table(rows: pd.DataFrame, field: str, categories: Sequence[str], n_layers: int) -> pd.DataFrame:
-    """Per layer quartile, the share of each value of ``field`` over ``rows`` (pass :func:`answered` rows for an
-    annotation question), with the count ``n``."""
-    counts = pd.crosstab(rows.quartile, rows[field]).reindex(index=range(4), columns=list(categories), fill_value=0)
-    n = counts.sum(axis=1)
-    out = counts.div(n.replace(0, np.nan), axis=0)
-    out.insert(0, "n", n)
-    out.insert(0, "layers", quartile_labels(n_layers))
-    return out
 
 
 def _counts_as_int(table: pd.DataFrame) -> pd.DataFrame:

@@ -213,7 +213,7 @@ def stacked_quartiles(table, categories, title: str = "", colors=None, ylabel: s
 def description_shares(shares, title: str = "") -> plt.Figure:
     """Stacked bars per layer quartile: the share of described heads with a pattern / Unclear / unparsed / failed
     (from :meth:`maps_utils.describe.DescriptionResult.shares`), with the head count over each bar."""
-    cats = ["pattern", "unclear", "unparsed", "failed"]
+    cats = ["pattern", "unclear", "unparsed", "failed"]  # describe.OUTCOMES (plots imports nothing from describe)
     table = shares.rename(columns={f"share_{c}": c for c in cats} | {"n_heads": "n"})
     return stacked_quartiles(table, cats, title, colors=["#1b7837", "#bdbdbd", "#fdae61", "#d73027"],
                              ylabel="share of described heads")
