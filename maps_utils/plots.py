@@ -153,7 +153,8 @@ def correlation_dot_plot(ours, paper, title: str = "", models=("GPT-2 xl", "Pyth
 
 def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
     """Accuracy against the number of heads removed, one panel per relation: its relation heads (red), the random
-    heads (grey: mean ± std over samples), and its relation heads removed on each control task (thin blue).
+    heads (grey: mean ± std over samples), and its relation heads removed on each control task (thin blue); baselines
+    evaluated at some steps only (``baseline_steps``) are drawn through those steps, with markers.
     ``result`` is a :class:`maps_utils.ablation.AblationResult`."""
     rels = list(relations) if relations is not None else list(result.tasks[result.tasks.status == "run"].relation)
     nrows = max(1, -(-len(rels) // ncols))
@@ -164,10 +165,13 @@ def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
         if not rnd.empty:
             mean, std = rnd.mean(1), rnd.std(1, ddof=0)
             ax.fill_between(rnd.index, mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
-            ax.plot(rnd.index, mean, color="0.4", lw=1.2, label="random heads (mean ± std)")
+            sparse = len(rnd.index) < rnd.index.max() + 1  # baselines evaluated at some steps only: mark them
+            ax.plot(rnd.index, mean, color="0.4", lw=1.2, marker="." if sparse else None, ms=4,
+                    label="random heads (mean ± std)")
         for i, (_, g) in enumerate(result.curve(rel, "control").groupby("task")):
             g = g.sort_values("step")
             ax.plot(g.step, g.accuracy, color="tab:blue", lw=0.8, alpha=0.7,
+                    marker="." if len(g) < g.step.max() + 1 else None, ms=3,
                     label="relation heads on a control task" if i == 0 else None)
         ax.plot(main.step, main.accuracy, color="tab:red", lw=1.8, label="relation heads")
         ax.set_title(rel, fontsize=9)

@@ -264,6 +264,37 @@ def test_summary_follows_the_paper_definitions(tiny_setup):
                                    "−TR (CTR)"]
 
 
+def test_curve_steps_spread_evenly_and_keep_the_table_step():
+    assert A.curve_steps(30, None) == list(range(1, 31)) == A.curve_steps(30, 30) == A.curve_steps(30, 99)
+    assert A.curve_steps(30, 8) == [1, 5, 9, 13, 18, 22, 26, 30]
+    assert A.curve_steps(30, 8, [7]) == [1, 5, 7, 9, 13, 18, 22, 26, 30]
+    assert A.curve_steps(5, 1, [9]) == [5] and A.curve_steps(0, 3) == []
+    with pytest.raises(ValueError, match="baseline_steps must be a positive integer"):
+        A.curve_steps(30, 0)
+
+
+def test_sparse_baselines_give_the_same_table_and_the_same_accuracies_where_evaluated(tiny_setup, tmp_path):
+    loaded, static, rels = tiny_setup
+    kw = dict(n_random=3, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=6, progress=False)
+    full = A.causal_experiment(loaded, static, rels[:4], results_dir=None, **kw)
+    sparse = A.causal_experiment(loaded, static, rels[:4], baseline_steps=2, results_dir=tmp_path, **kw)
+    pd.testing.assert_frame_equal(sparse.summary(), full.summary())
+    assert sparse.manifest["parameters"]["baseline_steps"] == 2
+    key = ["relation", "task", "curve", "sample", "step"]
+    merged = sparse.curves.merge(full.curves, on=key, suffixes=("", "_full"), validate="1:1")
+    assert len(merged) == len(sparse.curves) < len(full.curves)
+    assert (merged.accuracy == merged.accuracy_full).all() and (merged.removed == merged.removed_full).all()
+    summary = full.summary().set_index("relation")
+    for (rel, ctype, _, _), g in sparse.curves.groupby(["relation", "curve", "task", "sample"]):
+        m = len(full.curve(rel)) - 1
+        if ctype == "relation":  # the relation curves run every step
+            assert g.step.tolist() == list(range(m + 1))
+        else:  # the baselines: step 0, both ends, and the table's step
+            assert set(g.step) >= {0, 1, int(summary.loc[rel, "heads_removed"])} and g.step.max() <= m
+    with pytest.raises(ValueError, match="baseline_steps must be a positive integer"):
+        A.causal_experiment(loaded, static, rels[:4], baseline_steps=0, results_dir=None, **kw)
+
+
 def test_mean_ablation_runs_the_same_experiment_with_mean_z(tiny_setup, tmp_path):
     loaded, static, rels = tiny_setup
     kw = dict(n_random=1, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=3, progress=False)
