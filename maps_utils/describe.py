@@ -31,10 +31,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,6 +62,9 @@ DEFAULT_SAMPLE = 40  # heads described by default: stratified by layer quartile 
 # generation settings: greedy, so a rerun of an uncached prompt gives the same answer on the same server.
 # The local model answers in a few seconds per 100 tokens on a laptop CPU; its JSON is short when it is JSON at all.
 MAX_TOKENS = {"local": 150, "openai": 512, "server": 512}
+CONCURRENCY = {"local": 8, "openai": 4, "server": 4}
+"""Requests in flight at once, by endpoint kind. The local server batches concurrent requests (continuous
+batching): decoding a small model on a CPU is bound by reading its weights, so 8 answers cost little more than one."""
 SERVER_KEY_ENV = "MAPS_DESCRIBER_API_KEY"  # the key for a base_url server (OPENAI_API_KEY is never sent elsewhere)
 
 
@@ -387,7 +392,7 @@ class LocalServer:
             self._log_file = log_file
             self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop)
             cmd = [exe, "serve", str(self.checkpoint), "--host", self.host, "--port", str(self.port),
-                   "--device", self.device]
+                   "--device", self.device, "--continuous-batching"]  # concurrent requests decode as one batch
             log.info("starting local describer: %s", " ".join(cmd))
             self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, start_new_session=True,
@@ -555,6 +560,8 @@ class Describer:
             connection reset) with exponential backoff from ``backoff`` seconds (or the server's Retry-After).
         max_consecutive_failures: stop the run (keeping everything cached) after this many prompts in a row fail
             because the endpoint cannot be reached.
+        concurrency: requests in flight at once (default by endpoint kind, :data:`CONCURRENCY`); answers are
+            cached as they arrive, and rows come back in the prompts' order whatever the order of the answers.
     """
 
     endpoint: Endpoint
@@ -566,14 +573,19 @@ class Describer:
     backoff: float = 2.0
     max_backoff: float = 60.0
     max_consecutive_failures: int = 3
+    concurrency: int | None = None
     server_device: str = "auto"
     cache_dir: str | Path | None = None
     sleep: object = field(default=time.sleep, repr=False)
     server: LocalServer | None = field(default=None, init=False, repr=False)
+    _halt: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     def __post_init__(self):
         self.cache = ResponseCache(self.cache_path)
         self.max_tokens = int(self.max_tokens or MAX_TOKENS[self.endpoint.kind])
+        self.concurrency = int(self.concurrency or CONCURRENCY[self.endpoint.kind])
+        if self.concurrency < 1:
+            raise ValueError("concurrency must be a positive integer.")
         self._checkpoint = local_checkpoint(self.endpoint.model, self.cache_dir) if self.endpoint.kind == "local" else None
         if self.endpoint.kind != "local" and not self.endpoint.model:
             # the cache key and the provenance must name the model: ask the server now
@@ -623,6 +635,8 @@ class Describer:
 
         transient = (openai.RateLimitError, openai.APIConnectionError, openai.InternalServerError)
         for attempt in range(self.max_retries + 1):
+            if self._halt.is_set():  # the run stopped (an error elsewhere, or Ctrl-C): no more requests
+                raise openai.APIConnectionError(message="the run stopped", request=None)
             try:
                 try:
                     r = client.chat.completions.create(
@@ -673,37 +687,65 @@ class Describer:
                 base = self.server.base_url if self.server else self.endpoint.base_url
                 model = self.server.model if self.server else (self.endpoint.model or self._only_model(base))
                 client = self._client(base)
-            consecutive = 0
-            bar = tqdm(prompts.items(), total=len(prompts), desc=f"describing ({self.endpoint.kind})", disable=not progress)
-            for ident, prompt in bar:
-                key = self.key(prompt)
-                entry = self.cache.get(key)
-                row = {"key": key, "cached": entry is not None, "attempts": 0, "error": ""}
-                if entry is None:
-                    t0 = time.perf_counter()
-                    try:
-                        got, attempts = self._complete(client, model, prompt)
-                    except (openai.APIError, MalformedResponse) as err:
+
+            def ask(prompt: str):  # in a worker thread: (answer, attempts, seconds) or the error
+                t0 = time.perf_counter()
+                try:
+                    return (*self._complete(client, model, prompt), time.perf_counter() - t0)
+                except (openai.APIError, MalformedResponse) as err:
+                    return err, 0, time.perf_counter() - t0
+
+            def answered(ident, key: str, entry: dict, cached: bool) -> None:
+                rows[ident] = {"key": key, "cached": cached, "error": "", "status": "ok", "raw": entry["content"],
+                               "finish_reason": entry.get("finish_reason"), "seconds": entry.get("seconds"),
+                               "attempts": 0 if cached else entry.get("attempts", 0),
+                               **parse_description(entry["content"])}
+
+            bar = tqdm(total=len(prompts), desc=f"describing ({self.endpoint.kind})", disable=not progress)
+            for ident, prompt in prompts.items():
+                entry = self.cache.get(self.key(prompt))
+                if entry is not None:
+                    answered(ident, self.key(prompt), entry, True)
+                    bar.update(1)
+            self._halt.clear()
+            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="describer") if todo else None
+            try:
+                same: dict[str, list] = {}  # one request per distinct prompt
+                for i in todo:
+                    same.setdefault(self.key(prompts[i]), []).append(i)
+                futures = {pool.submit(ask, prompts[ids[0]]): key for key, ids in same.items()} if pool else {}
+                consecutive = 0
+                for future in as_completed(futures):  # answers are cached as they come
+                    key = futures[future]
+                    got, attempts, seconds = future.result()
+                    bar.update(len(same[key]))
+                    if isinstance(got, Exception):
+                        err = got
                         if _fatal(err):
                             raise self._fatal_error(err) from None
                         connection = isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
                         consecutive = consecutive + 1 if connection else 0
                         if consecutive >= self.max_consecutive_failures:
                             raise self._unreachable(err) from None
-                        row.update(status="failed", error=redact(f"{type(err).__name__}: {err}", self._api_key()),
-                                   attempts=getattr(err, "maps_attempts", 1), seconds=time.perf_counter() - t0,
-                                   raw="", finish_reason=None, **FAILED_FIELDS)
-                        rows[ident] = row
+                        for ident in same[key]:
+                            rows[ident] = {"key": key, "cached": False, "status": "failed", "raw": "",
+                                           "finish_reason": None, "attempts": getattr(err, "maps_attempts", 1),
+                                           "error": redact(f"{type(err).__name__}: {err}", self._api_key()),
+                                           "seconds": seconds, **FAILED_FIELDS}
                         continue
                     consecutive = 0
                     entry = {"key": key, "created": datetime.now(UTC).isoformat(timespec="seconds"),
                              "model_id": self.model_id, "params": self.params, **self.provenance, **got,
-                             "attempts": attempts, "seconds": round(time.perf_counter() - t0, 3)}
+                             "attempts": attempts, "seconds": round(seconds, 3)}
                     self.cache.append(entry)
-                row.update(status="ok", raw=entry["content"], finish_reason=entry.get("finish_reason"),
-                           seconds=entry.get("seconds"), attempts=entry.get("attempts", 0) if not row["cached"] else 0,
-                           **parse_description(entry["content"]))
-                rows[ident] = row
+                    for ident in same[key]:
+                        answered(ident, key, entry, False)
+            finally:  # on an error or Ctrl-C: drop the queued requests and stop retries; those in flight are dropped
+                if pool is not None:
+                    self._halt.set()
+                    pool.shutdown(wait=False, cancel_futures=True)
+                bar.close()
+        rows = {i: rows[i] for i in prompts if i in rows}
         out = pd.DataFrame([{"id": i, **r} for i, r in rows.items()])
         for col, value in self.provenance.items():
             out[col] = value

@@ -230,7 +230,7 @@ def scripted():
 
 def _describer(tmp_path, url, **kw):
     sleeps = []
-    kw = {"max_retries": 2, "backoff": 0.01, "sleep": sleeps.append, **kw}
+    kw = {"max_retries": 2, "backoff": 0.01, "sleep": sleeps.append, "concurrency": 1, **kw}  # scripted: in order
     d = D.Describer(D.Endpoint("server", "scripted-model", url, D.SERVER_KEY_ENV), tmp_path / "cache.jsonl", **kw)
     return d, sleeps
 
@@ -281,6 +281,35 @@ def test_unreachable_endpoint_stops_with_a_clear_message(tmp_path):
         D.Describer(D.Endpoint("server", "", f"http://127.0.0.1:{port}/v1"), tmp_path / "c2.jsonl", max_retries=0)
 
 
+def test_concurrent_requests_overlap_and_rows_keep_the_prompts_order(scripted, tmp_path):
+    n = 8
+    srv = scripted(*[("sleep", 0.4)] * n)
+    d, _ = _describer(tmp_path, srv.url, concurrency=4)
+    prompts = {f"h{i}": f"prompt {i}" for i in range(n)}
+    prompts["dup"] = "prompt 3"  # the same prompt twice: asked once
+    t0 = time.perf_counter()
+    out = d.describe(prompts, progress=False)
+    wall = time.perf_counter() - t0
+    assert out.id.tolist() == list(prompts) and (out.status == "ok").all() and not out.cached.any()
+    assert len(srv.requests) == n and wall < n * 0.4 / 2  # 4 in flight at once: about n * 0.4 / 4
+    assert out.set_index("id").loc["dup", "key"] == out.set_index("id").loc["h3", "key"]
+    assert len(D.ResponseCache(tmp_path / "cache.jsonl")) == n
+    again = d.describe(prompts, progress=False)
+    assert again.cached.all() and len(srv.requests) == n
+    with pytest.raises(ValueError, match="concurrency must be a positive integer"):
+        _describer(tmp_path, srv.url, concurrency=-1)
+    assert D.Describer(D.Endpoint("server", "m", srv.url), tmp_path / "c.jsonl").concurrency == D.CONCURRENCY["server"]
+
+
+def test_a_fatal_error_under_concurrency_stops_the_queue(scripted, tmp_path):
+    srv = scripted(("status", 404, "The model `nope` does not exist"), *[("sleep", 0.3)] * 20)
+    d, _ = _describer(tmp_path, srv.url, concurrency=2)
+    with pytest.raises(D.DescriberError, match="does not know the model"):
+        d.describe({f"h{i}": f"p{i}" for i in range(20)}, progress=False)
+    time.sleep(0.8)  # what was in flight finishes; nothing queued is sent
+    assert len(srv.requests) <= 3
+
+
 def test_server_model_is_asked_for_when_not_named(scripted, tmp_path):
     srv = scripted(("ok", '{"Observed pattern": "x"}'))
     d = D.Describer(D.Endpoint("server", "", srv.url), tmp_path / "c.jsonl")
@@ -312,7 +341,8 @@ def test_failed_heads_still_give_shares_and_examples(scripted, tmp_path):
     assert res.table.has_pattern.dtype == bool and not res.table.has_pattern.any()
     assert res.shares().share_failed.dropna().tolist() == [1.0, 1.0] and res.clearest().empty
     srv = scripted(("status", 500), ("ok", '{"Observed pattern": "Copies tokens."}'))
-    one = D.Describer(D.Endpoint("server", "scripted-model", srv.url), tmp_path / "c2.jsonl", max_retries=0)
+    one = D.Describer(D.Endpoint("server", "scripted-model", srv.url), tmp_path / "c2.jsonl", max_retries=0,
+                      concurrency=1)
     res = D.describe_heads(loaded, heads=[(0, 0), (1, 1)], describer=one, n_salient=2, n_mappings=2,
                            results_dir=tmp_path / "two", progress=False)
     shares = res.shares()
@@ -335,7 +365,7 @@ def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch, caps
                    ("ok", '{"Observed pattern": "q"}'), ("ok", '{"Observed pattern": "r"}'))
     res = D.describe_heads(_tiny_loaded(), heads="all", base_url=srv.url, describer_model="scripted-model",
                            n_salient=3, n_mappings=2, results_dir=tmp_path, progress=False, max_retries=2,
-                           backoff=0.0)
+                           backoff=0.0, concurrency=1)
     assert srv.requests[0]["auth"] == f"Bearer {SECRET}"  # the server's key was used; the OpenAI key went nowhere
     assert all(OPENAI_SECRET not in (r["auth"] or "") for r in srv.requests)
     assert (res.table.status == "failed").sum() == 1 and "[redacted]" in res.table.error.str.cat()
