@@ -212,17 +212,41 @@ class HeadAblation:
         self._handles.clear()
 
 
+def shared_prefix_length(ids: Tensor) -> int:
+    """How many leading tokens every row of ``ids`` ``[B, T]`` has in common (at most ``T - 1``)."""
+    if ids.shape[0] == 1:
+        return ids.shape[1] - 1
+    same = (ids == ids[:1]).all(0)
+    differ = (~same).nonzero()
+    return min(int(differ[0]) if differ.numel() else ids.shape[1], ids.shape[1] - 1)
+
+
 class _Prefix:
     """One chunk of equal-length prompts with its prefix (all but the last token) run once; :meth:`step`
     runs the last token against the kept KV cache and rolls the cache back afterwards (or, where a sliding window
-    is already full and the cache cannot be rolled back, runs against a copy)."""
+    is already full and the cache cannot be rolled back, runs against a copy).
+
+    The tokens every prompt of the chunk shares (a few-shot template's demonstrations, the BOS) run once for the
+    whole chunk and their cache is repeated over the batch; only the rest of each prompt's prefix runs per prompt.
+    """
 
     def __init__(self, model, ids: Tensor):
         self.model, self.last = model, ids[:, -1:]
         self.cache = None
-        if ids.shape[1] > 1:
-            self.cache = model(input_ids=ids[:, :-1], use_cache=True, logits_to_keep=1).past_key_values
         n = ids.shape[1]
+        if n > 1:
+            shared = shared_prefix_length(ids) if ids.shape[0] > 1 else 0
+            if shared > 1:
+                self.cache = model(input_ids=ids[:1, :shared], use_cache=True, logits_to_keep=1).past_key_values
+                if not hasattr(self.cache, "batch_repeat_interleave"):
+                    self.cache, shared = None, 0
+                else:
+                    self.cache.batch_repeat_interleave(ids.shape[0])
+            else:
+                shared = 0
+            if shared < n - 1:
+                self.cache = model(input_ids=ids[:, shared:-1], past_key_values=self.cache, use_cache=True,
+                                   logits_to_keep=1).past_key_values
         layers = getattr(self.cache, "layers", [])
         self._copy = any(getattr(layer, "is_sliding", False) and n >= getattr(layer, "sliding_window", n + 1)
                          for layer in layers)
@@ -498,7 +522,7 @@ def causal_experiment(
     min_pairs: int = R.MIN_PAIRS,
     k_copying: int = 1,
     k_other: int = 10,
-    batch_size: int = 256,
+    batch_size: int = 512,
     baseline_steps: int | None = None,
     results_dir: str | Path | None = "results",
     use_cache: bool = True,

@@ -121,6 +121,28 @@ def test_curves_agree_with_direct_ablation_and_repeat_exactly(key):
     assert np.array_equal(acc, again)
 
 
+@pytest.mark.parametrize("key", list(TINY_CONFIGS))
+def test_a_shared_prefix_runs_once_and_changes_nothing(key):
+    """Prompts that share leading tokens (a few-shot template) run them once for the chunk; with and without heads
+    removed, that equals running every prompt on its own (no sharing in a chunk of one), also past Gemma's window."""
+    model = make_tiny(key)
+    loaded = _loaded(model)
+    g = torch.Generator().manual_seed(5)
+    vocab = model.config.vocab_size
+    for shared, rest in ((2, 3), (10, 2), (6, 1)):  # 10 + 2 > the tiny sliding window of 8; rest 1: only the last differs
+        common = torch.randint(0, vocab, (shared,), generator=g).tolist()
+        prompts = [common + torch.randint(0, vocab, (rest,), generator=g).tolist() for _ in range(5)]
+        task = A.Task("shared", None, "<X>", [("s", "t")] * 5, prompts, [0] * 5)
+        assert A.shared_prefix_length(torch.tensor(prompts)) >= shared
+        torch.testing.assert_close(A.last_token_logits(loaded, task, ()), _full_last_logits(model, task),
+                                   rtol=1e-10, atol=1e-10)
+        removed = [(0, 1), (1, 0)]
+        torch.testing.assert_close(A.last_token_logits(loaded, task, removed),
+                                   A.last_token_logits(loaded, task, removed, batch_size=1), rtol=1e-10, atol=1e-10)
+    assert A.shared_prefix_length(torch.tensor([[1, 2, 3], [1, 2, 3]])) == 2  # never the last token
+    assert A.shared_prefix_length(torch.tensor([[1, 2, 3], [4, 2, 3]])) == 0
+
+
 # ---- head-choice rules ------------------------------------------------------------------------------------
 def test_relation_head_cap_follows_the_paper():
     cases = {1: 30, 270: 30, 299: 30, 300: 50, 499: 50, 500: 100, 999: 100, 1000: 150, 1024: 150, 1200: 150,
