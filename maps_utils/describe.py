@@ -876,6 +876,7 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, seed: int
               "n_salient": n_salient, "n_mappings": n_mappings, "variant": variant, "n_heads_described": len(chosen),
               **describer.params, "describer": describer.provenance, "model_id": describer.model_id,
               "prompt_version": PROMPT_VERSION, "timeout": describer.timeout, "max_retries": describer.max_retries,
+              "concurrency": describer.concurrency,
               "new_responses": int((~table.cached & (table.status == "ok")).sum()), "failed": int((table.status != "ok").sum())}
     manifest = build_manifest(parameters=params, wall_seconds=wall, model=loaded.manifest())
     res = DescriptionResult(str(loaded.name), ops, table, manifest, h.n_layers)
