@@ -120,6 +120,31 @@ def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     assert "heads implementing shift" in dom
 
 
+def test_a_1440_head_atlas_renders_and_answers_in_a_headless_browser(tmp_path):
+    """The size of the paper's larger models (48 layers x 30 heads): the grid, a click and a search still work."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=60, num_hidden_layers=48, num_attention_heads=30,
+                                      num_key_value_heads=30, intermediate_size=64, vocab_size=101,
+                                      max_position_embeddings=16)
+    model = transformers.LlamaForCausalLM(config).eval()
+    loaded = LoadedModel("tiny-1440", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
+                         "test", 0.0)
+    path = tmp_path / "same.json"
+    path.write_text(json.dumps([[f"t{i}", f"t{i}"] for i in range(40)]))
+    static = SC.static_scores(loaded, [path], results_dir=None, progress=False)
+    data = AT.atlas_data(static)
+    page = tmp_path / "atlas.html"
+    page.write_text(AT.render_atlas(data))
+    dom = _dom(page, "head=47.29")
+    assert len(re.findall(r'class="cell[^"]*" data-head="\d+\.\d+"', dom)) == 48 * 30
+    assert '<h2 id="panel-title">Head 47.29</h2>' in dom
+    pair_index, expected = data["hits"][0][0]
+    s, t = data["relations"][0]["pairs"][pair_index]
+    found = set(re.findall(r'<a data-head="(\d+\.\d+)"', _dom(page, f"q={s} -> {t}")))
+    assert found == {f"{i // 30}.{i % 30}" for i in expected}
+
+
 @pytest.mark.embedded
 def test_maps_score_and_atlas_commands_on_smollm2(smollm2, tmp_path, capsys):
     from maps_utils.cli import main
