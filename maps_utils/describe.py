@@ -1,79 +1,49 @@
-"""Salient operations -> prompt -> OpenAI-compatible describer -> parsed, cached descriptions (MAPS-SPEC §4).
+"""Salient operations -> prompt -> describer (LLM and rules) -> parsed, cached descriptions (MAPS-SPEC §4).
 
-For each selected head, :func:`salient_ops` takes its top ``n_salient`` tokens by norm amplification and the
-top ``n_mappings`` targets of each (the static engine, MAPS-SPEC §1.7 and §4.1). :func:`build_prompt` writes
-them into a prompt with the paper's design (§4.2). A :class:`Describer` sends it through the ``openai`` client
-to one of three endpoints, chosen by :func:`resolve_endpoint`:
+For each selected head, :func:`salient_ops` takes its top tokens by norm amplification and the top
+``n_mappings`` targets of each (the static engine, MAPS-SPEC §1.7 and §4.1). The describer sees the first
+``n_salient`` (15 in the paper); the next ones, up to ``n_evidence`` (ranks 16-40 by default), are held out as
+evidence for scoring the descriptions (:mod:`maps_utils.detection`).
 
-* OpenAI's API (``gpt-4o`` by default) when ``OPENAI_API_KEY`` is set;
-* any OpenAI-compatible server given by a base URL (vLLM, llama.cpp server, Ollama, ``transformers serve`` …);
-* otherwise a local ``transformers serve`` of an embedded model (SmolLM2-135M-Instruct), started on a free port
-  on 127.0.0.1 by :class:`LocalServer` only when some prompt is not cached yet, and always stopped.
-
-Every response is appended to a JSONL cache keyed by a hash of (endpoint model, prompt, generation parameters),
-so reruns are free, offline and identical. :func:`parse_description` reads the answer strictly as JSON, then
-as the first JSON object in the text, else keeps the raw text marked unparsed. The API key is read from the
-environment when the client is built and never written anywhere; error messages are redacted before they are
-stored.
+:func:`build_prompt` writes the shown rows into the paper's prompt (§4.2); the ``"hinted"`` variant adds counted
+hints from the rule describer for weak local models. A :class:`~maps_utils.describer.Describer` answers it (GPT-4o,
+any OpenAI-compatible server, or a local llama.cpp model decoding under :data:`DESCRIPTION_SCHEMA`), and
+:func:`parse_description` reads the answer strictly as JSON, then as the first JSON object in the text, else keeps
+the raw text marked unparsed. Beside it, the rule describer (:mod:`maps_utils.rules`) describes every head by the
+named predicates that hold for most of its rows.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import logging
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
-from .errors import MapsError
+from .describer import Describer, DescriberError, resolve_endpoint
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
 from .plots import model_slug
 
-log = logging.getLogger(__name__)
-
 KEYS = ("Reasoning", "Input strings", "Observed pattern")
 PROMPT_VERSION = 1
-OPENAI_URL = "https://api.openai.com/v1"
-OPENAI_MODEL = "gpt-4o"
-LOCAL_MODEL = "smollm2-135m"
 DEFAULT_SAMPLE = 40  # heads described by default: stratified by layer quartile (the paper described ~135 per model)
-# generation settings: greedy, so a rerun of an uncached prompt gives the same answer on the same server.
-# The local model answers in a few seconds per 100 tokens on a laptop CPU; its JSON is short when it is JSON at all.
-MAX_TOKENS = {"local": 150, "openai": 512, "server": 512}
-CONCURRENCY = {"local": 8, "openai": 4, "server": 4}
-"""Requests in flight at once, by endpoint kind. The local server batches concurrent requests (continuous
-batching); on the 2-core CPU, 8 describer prompts at once took 6.6 s per answer against 10.0 s one at a time."""
-SERVER_KEY_ENV = "MAPS_DESCRIBER_API_KEY"  # the key for a base_url server (OPENAI_API_KEY is never sent elsewhere)
-
-
-class DescriberError(MapsError):
-    """The describer cannot be used (no endpoint reachable, bad key, no local server)."""
-
-
-class MalformedResponse(ValueError):
-    """An endpoint answered, but not with a chat completion (not JSON, or no choices)."""
+N_EVIDENCE = 40  # salient tokens computed per head: the describer sees the first n_salient, the rest are evidence
+DESCRIPTION_SCHEMA = {
+    "type": "object",
+    "properties": {"Reasoning": {"type": "string", "maxLength": 160},
+                   "Input strings": {"type": "string", "maxLength": 120},
+                   "Observed pattern": {"type": "string", "maxLength": 160}},
+    "required": list(KEYS),
+}
+"""The answer's form; the local model decodes under it (string lengths capped so an answer always closes)."""
+PROMPT_VARIANTS = ("paper", "hinted")
 
 
 # ---- head selection --------------------------------------------------------------------------------
@@ -195,20 +165,53 @@ Answer only with a valid JSON object with these keys:
 """
 
 
-def build_prompt(tokens: Sequence[str], mappings: Sequence[Sequence[str]]) -> str:
-    """The describer prompt for one head: its salient tokens and one line ``s: t1, t2, …`` per token."""
+HINTS = """
+Counted hints, computed exactly from the mappings above (use them only where they fit what you see):
+{lines}
+"""
+
+
+def rule_hints(tokens: Sequence[str], mappings: Sequence[Sequence[str]], library, *, min_share: float = 0.2,
+               max_lines: int = 4) -> str:
+    """Lines such as "- in 12 of 15 rows, the head copies the input token (…)" for the rule predicates that hold
+    on at least ``min_share`` of the rows (the ``"hinted"`` prompt); "" when none does."""
+    from .rules import row_holds
+
+    rows = list(zip(tokens, mappings, strict=True))
+    counts = [(sum(row_holds(p, s, ms) for s, ms in rows), p) for p in library]
+    counts = sorted([c for c in counts if c[0] >= max(1, min_share * len(rows))], key=lambda c: -c[0])[:max_lines]
+    return "\n".join(f"- in {k} of {len(rows)} rows, the head {p.sentence}" for k, p in counts)
+
+
+def build_prompt(tokens: Sequence[str], mappings: Sequence[Sequence[str]], hints: str = "") -> str:
+    """The describer prompt for one head: its salient tokens and one line ``s: t1, t2, …`` per token; ``hints``
+    (from :func:`rule_hints`) go after the mappings when given."""
     if len(tokens) != len(mappings) or not tokens:
         raise ValueError("build_prompt needs one list of mappings per salient token, and at least one token.")
     inputs = "[" + ", ".join(repr(show_token(t)) for t in tokens) + "]"
     lines = "\n".join(f"{show_token(t)}: " + ", ".join(show_token(m) for m in ms)
                       for t, ms in zip(tokens, mappings, strict=True))
+    if hints:
+        lines += "\n" + HINTS.format(lines=hints).rstrip("\n")
     return PROMPT.format(n=len(mappings[0]), inputs=inputs, mappings=lines)
 
 
-def head_prompts(ops: pd.DataFrame) -> dict[tuple[int, int], str]:
-    """``{(layer, head): prompt}`` from a :func:`salient_ops` table."""
-    return {(int(la), int(h)): build_prompt(list(g.token), list(g.mappings))
-            for (la, h), g in ops.sort_values("rank").groupby(["layer", "head"], sort=True)}
+def head_prompts(ops: pd.DataFrame, variant: str = "paper", library=None) -> dict[tuple[int, int], str]:
+    """``{(layer, head): prompt}`` from the rows of a :func:`salient_ops` table; ``variant`` "paper" (the paper's
+    prompt) or "hinted" (with :func:`rule_hints` from ``library``, default every predicate)."""
+    if variant not in PROMPT_VARIANTS:
+        raise ValueError(f"prompt_variant={variant!r}: use one of {', '.join(PROMPT_VARIANTS)}.")
+    if variant == "hinted" and library is None:
+        from .relations import load_all
+        from .rules import predicate_library
+
+        library = predicate_library(load_all())
+    out = {}
+    for (la, h), g in ops.sort_values("rank").groupby(["layer", "head"], sort=True):
+        tokens, maps = list(g.token), list(g.mappings)
+        hints = rule_hints(tokens, maps, library) if variant == "hinted" else ""
+        out[(int(la), int(h))] = build_prompt(tokens, maps, hints)
+    return out
 
 
 # ---- parsing ---------------------------------------------------------------------------------------
@@ -277,522 +280,34 @@ def parse_description(text: str | None) -> dict:
     pattern = fields["Observed pattern"]
     return {"parse": how, "reasoning": fields["Reasoning"], "inputs": fields["Input strings"],
             "pattern": pattern, "has_pattern": obj is not None and not is_unclear(pattern)}
-
-
-# ---- endpoints ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Endpoint:
-    """Where descriptions come from. ``kind`` is "openai", "server" (a base URL) or "local"; the key itself is
-    never stored, only the name of the environment variable it is read from."""
-
-    kind: str
-    model: str
-    base_url: str | None = None
-    key_env: str | None = None
-
-    @property
-    def label(self) -> str:
-        where = {"openai": "OpenAI API", "local": "local transformers serve"}.get(self.kind, safe_url(self.base_url))
-        return f"{self.model} ({where})"
-
-
-def safe_url(url: str | None) -> str | None:
-    """``url`` without any user:password part."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def resolve_endpoint(model: str | None = None, base_url: str | None = None) -> Endpoint:
-    """Pick the describer: a given ``base_url``; else OpenAI when ``OPENAI_API_KEY`` is set (``gpt-4o`` unless
-    ``model`` names another); else the local server of an embedded model (``model`` or SmolLM2-135M-Instruct)."""
-    if base_url:
-        if not re.match(r"^https?://", base_url):
-            raise DescriberError(f"base_url={base_url!r} is not an http(s) URL; give one like http://127.0.0.1:8000/v1.")
-        url = base_url.rstrip("/")
-        # an OpenAI key goes to OpenAI only; any other server gets its own variable
-        key_env = "OPENAI_API_KEY" if urlsplit(url).hostname == "api.openai.com" else SERVER_KEY_ENV
-        return Endpoint("server", model or "", url, key_env)
-    if os.environ.get("OPENAI_API_KEY"):
-        return Endpoint("openai", model or OPENAI_MODEL, OPENAI_URL, "OPENAI_API_KEY")
-    from .models import EMBEDDED
-
-    name = model or LOCAL_MODEL
-    if name not in EMBEDDED:
-        raise DescriberError(
-            f"No OPENAI_API_KEY and no base_url, so the describer would be a local server of {name!r}, which is not "
-            f"an embedded model ({', '.join(EMBEDDED)}). Set OPENAI_API_KEY, pass base_url, or pick an embedded model."
-        )
-    return Endpoint("local", name)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def _die_with_parent() -> None:  # runs in the child before exec (Linux): SIGTERM when the parent dies
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-class LocalServer:
-    """``transformers serve`` of a local checkpoint on 127.0.0.1, as a context manager.
-
-    It starts on a free port in its own process group, is health-checked (``/health``), and is stopped on exit,
-    errors and Ctrl-C alike (SIGTERM to the group, then SIGKILL); on Linux it also dies with its parent. The
-    server runs with the hub offline. ``model`` is the name requests must use (the checkpoint path).
-    """
-
-    def __init__(self, checkpoint: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
-                 device: str = "auto", startup_timeout: float = 180.0, log_path: str | Path | None = None):
-        self.checkpoint = Path(checkpoint)
-        self.host, self.port, self.device = host, port, device
-        self.startup_timeout = startup_timeout
-        self.log_path = Path(log_path) if log_path else None
-        self.proc: subprocess.Popen | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
-        self._log = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
-
-    @property
-    def model(self) -> str:
-        return str(self.checkpoint)
-
-    @staticmethod
-    def executable() -> str:
-        here = Path(sys.executable).parent / "transformers"
-        found = str(here) if here.is_file() else shutil.which("transformers")
-        if not found:
-            raise DescriberError("The local describer needs the `transformers` command with its serving extra; "
-                                 "install it with `pip install 'transformers[serving]'` (or run `make setup`).")
-        return found
-
-    def start(self) -> LocalServer:
-        if not (self.checkpoint / "config.json").is_file():
-            raise DescriberError(f"{self.checkpoint} is not a transformers checkpoint (no config.json).")
-        exe = self.executable()
-        self.port = self.port or free_port(self.host)
-        self._tmp = tempfile.TemporaryDirectory(prefix="maps-serve-")
-        try:
-            env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=self._tmp.name, TOKENIZERS_PARALLELISM="false")
-            for name in ("OPENAI_API_KEY", SERVER_KEY_ENV):  # the server has no use for them
-                env.pop(name, None)
-            log_file = self.log_path or Path(self._tmp.name) / "serve.log"
-            log_file.parent.mkdir(parents=True, exist_ok=True)
-            self._log_file = log_file
-            self._log = open(log_file, "ab")  # noqa: SIM115 (closed in stop)
-            cmd = [exe, "serve", str(self.checkpoint), "--host", self.host, "--port", str(self.port),
-                   "--device", self.device, "--continuous-batching"]  # concurrent requests decode as one batch
-            log.info("starting local describer: %s", " ".join(cmd))
-            self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env=env, start_new_session=True,
-                                         preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-            self._wait_healthy()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.startup_timeout
-        url = f"http://{self.host}:{self.port}/health"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DescriberError(f"The local describer server exited during start-up (code {self.proc.returncode}); "
-                                     f"its log ends:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.5)
-        raise DescriberError(f"The local describer server did not answer {url} within {self.startup_timeout:.0f} s; "
-                             f"its log ends:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 15) -> str:
-        try:
-            return "\n".join(self._log_file.read_text(errors="replace").splitlines()[-n:])
-        except (OSError, AttributeError):
-            return "(no log)"
-
-    def stop(self) -> None:
-        """SIGTERM to the server's process group, up to 15 s for it to exit, then SIGKILL to whatever is left of
-        the group, whatever happens in between (a second Ctrl-C included)."""
-        proc = self.proc
-        if proc is not None:
-            try:
-                if proc.poll() is None:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGTERM)
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        proc.wait(timeout=15)
-            finally:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.wait(timeout=5)
-                self.proc = None
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        if self._tmp is not None and self.log_path is None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> LocalServer:
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def local_checkpoint(name: str = LOCAL_MODEL, cache_dir: str | Path | None = None) -> Path:
-    """The converted checkpoint directory of an embedded model (written once by the loader)."""
-    from .models import EMBEDDED, convert_gguf, converted_dir, default_cache_dir
-
-    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    gguf = EMBEDDED[name].locate_gguf(cache)
-    target = converted_dir(gguf, cache)
-    if not (target / "model.safetensors").is_file():
-        convert_gguf(gguf, target)
-    return target
-
-
-# ---- cache -----------------------------------------------------------------------------------------
-class ResponseCache:
-    """Append-only JSONL of describer responses, one object per line, keyed by ``key``.
-
-    A line cut short by an interrupted run is ignored on reading (and a newline is written before the next
-    append), so nothing already written is lost.
-    """
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.entries: dict[str, dict] = {}
-        self.bad_lines = 0
-        if self.path.is_file():
-            for line in self.path.read_bytes().split(b"\n"):
-                if not line.strip():
-                    continue
-                try:
-                    entry = json.loads(line.decode("utf-8"))
-                    self.entries[entry["key"]] = entry
-                except (ValueError, KeyError, TypeError):  # UnicodeDecodeError is a ValueError
-                    self.bad_lines += 1
-
-    def get(self, key: str) -> dict | None:
-        return self.entries.get(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
-
-    def __len__(self) -> int:
-        return len(self.entries)
-
-    def append(self, entry: dict) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = False
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            with open(self.path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                needs_newline = f.read(1) != b"\n"
-        with open(self.path, "a", encoding="ascii") as f:  # ASCII JSON: no character can split a line
-            f.write(("\n" if needs_newline else "") + json.dumps(entry, ensure_ascii=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.entries[entry["key"]] = entry
-
-
-def cache_key(model_id: str, prompt: str, params: dict) -> str:
-    return hashlib.sha256(json.dumps({"model": model_id, "prompt": prompt, "params": params},
-                                     sort_keys=True).encode()).hexdigest()
-
-
-_SECRETISH = re.compile(r"(sk-[A-Za-z0-9_*\-]{3,}|Bearer\s+\S+)")
-
-
-def redact(text: str, secret: str | None = None) -> str:
-    """``text`` with ``secret`` and anything that looks like an API key removed."""
-    text = str(text)
-    if secret and len(secret) >= 8:
-        text = text.replace(secret, "[redacted]")
-    return _SECRETISH.sub("[redacted]", text)
-
-
-# ---- the describer -------------------------------------------------------------------------------------
-FAILED_FIELDS = {"parse": "failed", "reasoning": "", "inputs": "", "pattern": "", "has_pattern": False}
-
-
-def openai_errors():
-    import openai
-
-    return openai
-
-
-def _fatal(err) -> bool:
-    """Errors no retry or other head can fix: a refused key, no permission, an unknown model, no quota."""
-    o = openai_errors()
-    if isinstance(err, (o.AuthenticationError, o.PermissionDeniedError, o.NotFoundError)):
-        return True
-    return isinstance(err, o.RateLimitError) and "insufficient_quota" in f"{getattr(err, 'code', '')} {err}"
-
-@dataclass
-class Describer:
-    """Describes prompts through the ``openai`` client, with a response cache, retries and per-prompt failures.
-
-    Args:
-        endpoint: from :func:`resolve_endpoint`.
-        cache_path: the JSONL response cache.
-        temperature, max_tokens: generation parameters (part of the cache key); ``max_tokens`` defaults by
-            endpoint kind (:data:`MAX_TOKENS`).
-        timeout: seconds per request; max_retries: retries of a transient error (rate limit, 5xx, timeout,
-            connection reset) with exponential backoff from ``backoff`` seconds (or the server's Retry-After).
-        max_consecutive_failures: stop the run (keeping everything cached) after this many prompts in a row fail
-            because the endpoint cannot be reached.
-        concurrency: requests in flight at once (default by endpoint kind, :data:`CONCURRENCY`); answers are
-            cached as they arrive, and rows come back in the prompts' order whatever the order of the answers.
-    """
-
-    endpoint: Endpoint
-    cache_path: str | Path
-    temperature: float = 0.0
-    max_tokens: int | None = None
-    timeout: float = 120.0
-    max_retries: int = 4
-    backoff: float = 2.0
-    max_backoff: float = 60.0
-    max_consecutive_failures: int = 3
-    concurrency: int | None = None
-    server_device: str = "auto"
-    cache_dir: str | Path | None = None
-    sleep: object = field(default=time.sleep, repr=False)
-    server: LocalServer | None = field(default=None, init=False, repr=False)
-    _halt: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
-
-    def __post_init__(self):
-        self.cache = ResponseCache(self.cache_path)
-        self.max_tokens = int(self.max_tokens or MAX_TOKENS[self.endpoint.kind])
-        self.concurrency = int(self.concurrency or CONCURRENCY[self.endpoint.kind])
-        if self.concurrency < 1:
-            raise ValueError("concurrency must be a positive integer.")
-        self._checkpoint = local_checkpoint(self.endpoint.model, self.cache_dir) if self.endpoint.kind == "local" else None
-        if self.endpoint.kind != "local" and not self.endpoint.model:
-            # the cache key and the provenance must name the model: ask the server now
-            self.endpoint = replace(self.endpoint, model=self._only_model(self.endpoint.base_url))
-
-    @property
-    def params(self) -> dict:
-        return {"temperature": float(self.temperature), "max_tokens": self.max_tokens, "prompt_version": PROMPT_VERSION}
-
-    @property
-    def model_id(self) -> str:
-        """What the cache key names: the checkpoint's content-keyed directory name for the local model (the same on
-        every machine), else the model name at its endpoint."""
-        if self.endpoint.kind == "local":
-            return f"local:{self.endpoint.model}:{self._checkpoint.name}"
-        return f"{self.endpoint.kind}:{self.endpoint.model}@{safe_url(self.endpoint.base_url)}"
-
-    @property
-    def provenance(self) -> dict:
-        return {"describer_kind": self.endpoint.kind, "describer_model": self.endpoint.model,
-                "describer_url": safe_url(self.endpoint.base_url) if self.endpoint.kind != "local" else "127.0.0.1",
-                "describer": self.endpoint.label}
-
-    def key(self, prompt: str) -> str:
-        return cache_key(self.model_id, prompt, self.params)
-
-    # -- client
-    def _api_key(self) -> str:
-        return os.environ.get(self.endpoint.key_env or "", "") or "not-needed"
-
-    def _client(self, base_url: str):
-        import openai
-
-        return openai.OpenAI(base_url=base_url, api_key=self._api_key(), timeout=self.timeout, max_retries=0)
-
-    def _retry_after(self, err) -> float | None:
-        resp = getattr(err, "response", None)
-        value = resp.headers.get("retry-after") if resp is not None else None
-        try:
-            return float(value) if value is not None else None
-        except ValueError:
-            return None
-
-    def _complete(self, client, model: str, prompt: str) -> tuple[dict, int]:
-        """One chat completion with retries; returns (response fields, attempts)."""
-        import openai
-
-        transient = (openai.RateLimitError, openai.APIConnectionError, openai.InternalServerError)
-        for attempt in range(self.max_retries + 1):
-            if self._halt.is_set():  # the run stopped (an error elsewhere, or Ctrl-C): no more requests
-                raise openai.APIConnectionError(message="the run stopped", request=None)
-            try:
-                try:
-                    r = client.chat.completions.create(
-                        model=model, messages=[{"role": "user", "content": prompt}],
-                        temperature=self.temperature, max_tokens=self.max_tokens)
-                except ValueError as err:  # the body was not JSON
-                    raise MalformedResponse(f"the server's answer is not JSON ({err})") from None
-                if not r.choices or getattr(r.choices[0], "message", None) is None:
-                    raise MalformedResponse("the server's answer has no choices / message")
-                choice = r.choices[0]
-                usage = r.usage.model_dump() if getattr(r, "usage", None) is not None else None
-                return {"content": choice.message.content or "", "finish_reason": choice.finish_reason,
-                        "usage": usage, "response_model": getattr(r, "model", None)}, attempt + 1
-            except transient as err:
-                if attempt == self.max_retries or _fatal(err):
-                    err.maps_attempts = attempt + 1
-                    raise
-                wait = self._retry_after(err)
-                wait = max(0.0, min(self.max_backoff, wait if wait is not None else self.backoff * 2 ** attempt))
-                log.info("describer: %s; retry %d in %.1f s", type(err).__name__, attempt + 1, wait)
-                self.sleep(wait)
-        raise AssertionError("unreachable")
-
-    def _unreachable(self, err) -> DescriberError:
-        where = self.endpoint.label
-        fix = {"openai": "check the network and OPENAI_API_KEY, or unset the key to use the local describer",
-               "server": "start that server or fix base_url (name describer_model to replay cached answers with the "
-                         "server down), or leave base_url empty to use the local describer",
-               "local": "pass base_url / set OPENAI_API_KEY, or see the server's log"}[self.endpoint.kind]
-        tail = f"\nThe local server's log ends:\n{self.server.log_tail()}" if self.server is not None else ""
-        return DescriberError(f"The describer {where} cannot be reached ({type(err).__name__}: "
-                              f"{redact(str(err), self._api_key())}); {fix}. Responses so far are cached in "
-                              f"{self.cache.path}.{tail}")
-
-    def describe(self, prompts: dict, *, progress: bool = True) -> pd.DataFrame:
-        """Describe every prompt (``{id: prompt}``); returns one row per id with the parsed description, the raw
-        answer, status ("ok" | "failed"), error, attempts, seconds, cached and the describer's provenance."""
-        import openai
-
-        todo = [i for i, p in prompts.items() if self.key(p) not in self.cache]
-        rows: dict = {}
-        with contextlib.ExitStack() as stack:
-            if todo and self.endpoint.kind == "local":
-                self.server = stack.enter_context(LocalServer(self._checkpoint, device=self.server_device))
-                stack.callback(setattr, self, "server", None)
-            client = model = None
-            if todo:
-                base = self.server.base_url if self.server else self.endpoint.base_url
-                model = self.server.model if self.server else (self.endpoint.model or self._only_model(base))
-                client = self._client(base)
-
-            def ask(prompt: str):  # in a worker thread: (answer, attempts, seconds) or the error
-                t0 = time.perf_counter()
-                try:
-                    return (*self._complete(client, model, prompt), time.perf_counter() - t0)
-                except (openai.APIError, MalformedResponse) as err:
-                    return err, 0, time.perf_counter() - t0
-
-            def answered(ident, key: str, entry: dict, cached: bool) -> None:
-                rows[ident] = {"key": key, "cached": cached, "error": "", "status": "ok", "raw": entry["content"],
-                               "finish_reason": entry.get("finish_reason"), "seconds": entry.get("seconds"),
-                               "attempts": 0 if cached else entry.get("attempts", 0),
-                               **parse_description(entry["content"])}
-
-            bar = tqdm(total=len(prompts), desc=f"describing ({self.endpoint.kind})", disable=not progress)
-            for ident, prompt in prompts.items():
-                key = self.key(prompt)
-                entry = self.cache.get(key)
-                if entry is not None:
-                    answered(ident, key, entry, True)
-                    bar.update(1)
-            self._halt.clear()
-            pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix="describer") if todo else None
-            try:
-                same: dict[str, list] = {}  # one request per distinct prompt
-                for i in todo:
-                    same.setdefault(self.key(prompts[i]), []).append(i)
-                futures = {pool.submit(ask, prompts[ids[0]]): key for key, ids in same.items()} if pool else {}
-                consecutive = 0
-                for future in as_completed(futures):  # answers are cached as they come
-                    key = futures[future]
-                    got, attempts, seconds = future.result()
-                    bar.update(len(same[key]))
-                    if isinstance(got, Exception):
-                        err = got
-                        if _fatal(err):
-                            raise self._fatal_error(err) from None
-                        connection = isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
-                        consecutive = consecutive + 1 if connection else 0
-                        if consecutive >= self.max_consecutive_failures:
-                            raise self._unreachable(err) from None
-                        for ident in same[key]:
-                            rows[ident] = {"key": key, "cached": False, "status": "failed", "raw": "",
-                                           "finish_reason": None, "attempts": getattr(err, "maps_attempts", 1),
-                                           "error": redact(f"{type(err).__name__}: {err}", self._api_key()),
-                                           "seconds": seconds, **FAILED_FIELDS}
-                        continue
-                    consecutive = 0
-                    entry = {"key": key, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-                             "model_id": self.model_id, "params": self.params, **self.provenance, **got,
-                             "attempts": attempts, "seconds": round(seconds, 3)}
-                    self.cache.append(entry)
-                    for ident in same[key]:
-                        answered(ident, key, entry, False)
-            finally:  # on an error or Ctrl-C: drop the queued requests and stop retries; those in flight are dropped
-                if pool is not None:
-                    self._halt.set()
-                    pool.shutdown(wait=False, cancel_futures=True)
-                bar.close()
-        rows = {i: rows[i] for i in prompts if i in rows}
-        out = pd.DataFrame([{"id": i, **r} for i, r in rows.items()])
-        for col, value in self.provenance.items():
-            out[col] = value
-        return out
-
-    def _fatal_error(self, err) -> DescriberError:
-        detail = redact(str(err), self._api_key())
-        if isinstance(err, openai_errors().AuthenticationError):
-            what = f"refused the API key ({detail}); set a valid {self.endpoint.key_env or 'key'}"
-        elif isinstance(err, openai_errors().NotFoundError):
-            what = f"does not know the model {self.endpoint.model!r} ({detail}); name one it serves with describer_model"
-        elif isinstance(err, openai_errors().PermissionDeniedError):
-            what = f"denied access ({detail}); check the key's permissions for {self.endpoint.model!r}"
-        else:
-            what = f"reports that the account has no quota left ({detail}); add credit or use another describer"
-        return DescriberError(f"The describer {self.endpoint.label} {what}. Responses so far are cached in "
-                              f"{self.cache.path}.")
-
-    def _only_model(self, base_url: str) -> str:
-        """The model to ask a server for when none was named: the only one it lists."""
-        import openai
-
-        try:
-            listed = [m.id for m in self._client(base_url).models.list()]
-        except openai.APIError as err:
-            raise self._unreachable(err) from None
-        if len(listed) != 1:
-            raise DescriberError(f"The server at {safe_url(base_url)} serves {len(listed)} models "
-                                 f"({', '.join(listed[:5]) or 'none'}); name one with describer_model.")
-        return listed[0]
-
-
 # ---- the whole step ----------------------------------------------------------------------------------
 @dataclass
 class DescriptionResult:
-    """Salient operations (``ops``), one row per head (``table``), and the run's manifest."""
+    """Salient operations shown to the describer (``ops``) and held out (``evidence``), one row per head for the
+    LLM (``table``) and the rule describer (``rules``), and the run's manifest."""
 
     model: str
     ops: pd.DataFrame
     table: pd.DataFrame
     manifest: dict
     n_layers: int
+    evidence: pd.DataFrame | None = None
+    rules: pd.DataFrame | None = None
+    describer: Describer | None = None  # not written; the judge of notebook 04 reuses it
+    name: str = "descriptions"  # file stem under results/<model>/
 
     def shares(self) -> pd.DataFrame:
         """Per layer quartile: heads, and the share with a described pattern / Unclear / unparsed / failed."""
         return quartile_shares(self.table, self.n_layers)
+
+    def view(self) -> pd.DataFrame:
+        """Per head: salient tokens (cut), the LLM's description (or why there is none) and the rule describer's."""
+        rules = self.rules.set_index(["layer", "head"]).pattern if self.rules is not None else {}
+        t = self.table
+        return pd.DataFrame({
+            "layer": t.layer, "head": t["head"], "quartile": t.quartile, "salient": t.salient_tokens.str.slice(0, 60),
+            "llm": [verdict(r) for r in t.itertuples()],
+            "rules": [rules.get((la, h), "") for la, h in zip(t.layer, t["head"], strict=True)], "parse": t.parse})
 
     def clearest(self, n: int = 5) -> pd.DataFrame:
         """Up to ``n`` heads whose answer was valid JSON with both an input description and a pattern (neither
@@ -804,11 +319,24 @@ class DescriptionResult:
     def write(self, results_dir: str | Path) -> Path:
         out = Path(results_dir) / model_slug(self.model)
         out.mkdir(parents=True, exist_ok=True)
-        ops = self.ops.assign(mappings=self.ops.mappings.map(json.dumps), mapping_ids=self.ops.mapping_ids.map(json.dumps))
-        atomic_write_text(out / "descriptions.ops.csv", ops.to_csv(index=False))
-        atomic_write_text(out / "descriptions.csv", self.table.to_csv(index=False))
-        write_manifest(out / "descriptions.manifest.json", self.manifest)
-        return out / "descriptions.csv"
+        for name, ops in (("ops", self.ops), ("evidence", self.evidence)):
+            if ops is not None:
+                ops = ops.assign(mappings=ops.mappings.map(json.dumps), mapping_ids=ops.mapping_ids.map(json.dumps))
+                atomic_write_text(out / f"{self.name}.{name}.csv", ops.to_csv(index=False))
+        if self.rules is not None:
+            atomic_write_text(out / f"{self.name}.rules.csv", self.rules.to_csv(index=False))
+        atomic_write_text(out / f"{self.name}.csv", self.table.to_csv(index=False))
+        write_manifest(out / f"{self.name}.manifest.json", self.manifest)
+        return out / f"{self.name}.csv"
+
+
+def verdict(r) -> str:
+    """A description table row in a few words: the pattern, "Unclear", or why there is no answer."""
+    if r.status != "ok":
+        return "(failed: " + str(r.error)[:60] + ")"
+    if r.parse in ("unparsed", "no_keys"):
+        return f"({r.parse}) " + " ".join(str(r.raw).split())[:90]
+    return r.pattern if r.has_pattern else "Unclear"
 
 
 OUTCOMES = ("pattern", "unclear", "unparsed", "failed")
@@ -845,42 +373,79 @@ def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
 
 
 def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, seed: int = 0, n_salient: int = 15,
-                   n_mappings: int = 5, variant: str = "first_mlp_all", describer: Describer | None = None,
+                   n_mappings: int = 5, n_evidence: int = N_EVIDENCE, variant: str = "first_mlp_all",
+                   prompt_variant: str | None = None, describer: Describer | None = None,
                    describer_model: str | None = None, base_url: str | None = None,
-                   results_dir: str | Path | None = "results", progress: bool = True, **describer_kw) -> DescriptionResult:
-    """Salient operations of the selected heads, described by an LLM, with a manifest; written under
-    ``results/<model>/descriptions.*`` when ``results_dir`` is given. The response cache is
-    ``results/<model>/descriptions.cache.jsonl`` (or ``describer.cache_path``)."""
+                   results_dir: str | Path | None = "results", name: str = "descriptions", progress: bool = True,
+                   **describer_kw) -> DescriptionResult:
+    """Salient operations of the selected heads, described by an LLM and by the rule describer, with a manifest;
+    written under ``results/<model>/descriptions.*`` when ``results_dir`` is given. The response cache is
+    ``results/<model>/descriptions.cache.jsonl`` (or ``describer.cache_path``).
+
+    The describer sees ranks ``< n_salient``; ranks ``n_salient .. n_evidence - 1`` are kept as held-out evidence.
+    ``prompt_variant`` is "paper" (default for GPT-4o and servers) or "hinted" (default for the local model).
+    Raises :class:`~maps_utils.describer.DescriberError` (after writing the tables) when every head failed.
+    """
+    from .rules import describe_ops
+
     t0 = time.perf_counter()
     h = loaded.heads
     chosen = select_heads(h.n_layers, h.n_heads, heads, n=n, seed=seed)
-    ops = salient_ops(loaded, chosen, n_salient=n_salient, n_mappings=n_mappings, variant=variant, progress=progress)
-    prompts = head_prompts(ops)
+    everything = salient_ops(loaded, chosen, n_salient=max(n_salient, n_evidence), n_mappings=n_mappings,
+                             variant=variant, progress=progress)
+    ops = everything[everything["rank"] < n_salient].reset_index(drop=True)
+    evidence = everything[everything["rank"] >= n_salient].reset_index(drop=True)
     if describer is None:
         if results_dir is None and "cache_path" not in describer_kw:
             raise ValueError("describe_heads needs results_dir or a cache_path for the response cache.")
         cache_path = describer_kw.pop("cache_path", None) or Path(results_dir) / model_slug(loaded.name) / "descriptions.cache.jsonl"
         describer = Describer(resolve_endpoint(describer_model, base_url), cache_path, **describer_kw)
-    described = describer.describe(prompts, progress=progress)
+    prompt_variant = prompt_variant or ("hinted" if describer.endpoint.kind == "local" else "paper")
+    described = describe(describer, head_prompts(ops, prompt_variant), progress=progress)
+    table = _head_table(described, ops, h.n_layers)
+    params = {"heads": heads if isinstance(heads, (str, int)) else [list(p) for p in chosen], "n": n, "seed": seed,
+              "n_salient": n_salient, "n_mappings": n_mappings, "n_evidence": n_evidence, "variant": variant,
+              "prompt_variant": prompt_variant, "n_heads_described": len(chosen),
+              **describer.params(DESCRIPTION_SCHEMA, version=PROMPT_VERSION), "describer": describer.provenance,
+              "model_id": describer.model_id, "timeout": describer.timeout, "max_retries": describer.max_retries,
+              "deadline": describer.deadline, "concurrency": describer.concurrency,
+              "new_responses": int((~table.cached & (table.status == "ok")).sum()), "failed": int((table.status != "ok").sum())}
+    manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
+    res = DescriptionResult(str(loaded.name), ops, table, manifest, h.n_layers, evidence, describe_ops(ops), describer,
+                            name)
+    if results_dir is not None:
+        res.write(results_dir)
+    if len(table) and (table.status != "ok").all():
+        first = table.error.iloc[0]
+        raise DescriberError(f"Every one of the {len(table)} heads failed to get a description (first error: {first}); "
+                             f"fix the describer and rerun (answers that did arrive are cached).")
+    return res
+
+
+def describe(describer: Describer, prompts: dict, *, progress: bool = True) -> pd.DataFrame:
+    """Describe every prompt (``{id: prompt}``) under :data:`DESCRIPTION_SCHEMA`; one row per id with the parsed
+    description, the raw answer, status, error, attempts, seconds, cached and the describer's provenance."""
+    got = describer.complete_all(prompts, schema=DESCRIPTION_SCHEMA, version=PROMPT_VERSION, progress=progress)
+    rows = [{"id": i, **r, **(parse_description(r["raw"]) if r["status"] == "ok" else FAILED_FIELDS)}
+            for i, r in got.items()]
+    out = pd.DataFrame(rows)
+    for col, value in describer.provenance.items():
+        out[col] = value
+    return out
+
+
+FAILED_FIELDS = {"parse": "failed", "reasoning": "", "inputs": "", "pattern": "", "has_pattern": False}
+
+
+def _head_table(described: pd.DataFrame, ops: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     first = ops[ops["rank"] == 0].set_index(["layer", "head"])
     tokens = ops.groupby(["layer", "head"]).token.agg(lambda s: ", ".join(show_token(t) for t in s))
     described[["layer", "head"]] = pd.DataFrame(described.id.tolist(), index=described.index)
     table = described.drop(columns="id")
-    table.insert(2, "quartile", [layer_quartile(la, h.n_layers) for la in table.layer])
-    table.insert(3, "salient_tokens", [tokens[(la, hh)] for la, hh in zip(table.layer, table["head"], strict=True)])
-    table.insert(4, "top_saliency", [first.loc[(la, hh), "saliency"] for la, hh in zip(table.layer, table["head"], strict=True)])
+    pairs = list(zip(table.layer, table["head"], strict=True))
+    table.insert(2, "quartile", [layer_quartile(la, n_layers) for la in table.layer])
+    table.insert(3, "salient_tokens", [tokens[p] for p in pairs])
+    table.insert(4, "top_saliency", [first.loc[p, "saliency"] for p in pairs])
     front = ["layer", "head", "quartile", "salient_tokens", "top_saliency", "has_pattern", "pattern", "inputs", "reasoning",
              "parse", "status", "error"]
-    table = table[front + [c for c in table.columns if c not in front]]
-    wall = time.perf_counter() - t0
-    params = {"heads": heads if isinstance(heads, (str, int)) else [list(p) for p in chosen], "n": n, "seed": seed,
-              "n_salient": n_salient, "n_mappings": n_mappings, "variant": variant, "n_heads_described": len(chosen),
-              **describer.params, "describer": describer.provenance, "model_id": describer.model_id,
-              "prompt_version": PROMPT_VERSION, "timeout": describer.timeout, "max_retries": describer.max_retries,
-              "concurrency": describer.concurrency,
-              "new_responses": int((~table.cached & (table.status == "ok")).sum()), "failed": int((table.status != "ok").sum())}
-    manifest = build_manifest(parameters=params, wall_seconds=wall, model=loaded.manifest())
-    res = DescriptionResult(str(loaded.name), ops, table, manifest, h.n_layers)
-    if results_dir is not None:
-        res.write(results_dir)
-    return res
+    return table[front + [c for c in table.columns if c not in front]]

@@ -191,17 +191,23 @@ def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
     return fig
 
 
-def stacked_quartiles(table, categories, title: str = "", colors=None, ylabel: str = "share") -> plt.Figure:
+def stacked_quartiles(table, categories, title: str = "", colors=None, ylabel: str = "share",
+                      stacked: bool = True) -> plt.Figure:
     """Stacked bars per layer quartile: ``table`` has one row per quartile with ``layers``, ``n`` and a share column
-    per category; the count is written over each bar (the layout of the paper's salient-operation charts)."""
+    per category; the count is written over each bar (the layout of the paper's salient-operation charts).
+    ``stacked=False`` draws the categories side by side (shares that need not add up to one)."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     x = np.arange(len(table))
     bottom = np.zeros(len(table))
     palette = colors or [plt.cm.tab10(i) for i in range(len(categories))]
-    for name, color in zip(categories, palette, strict=False):
+    width = 0.65 if stacked else 0.65 / max(1, len(categories))
+    for i, (name, color) in enumerate(zip(categories, palette, strict=False)):
         values = np.nan_to_num(table[name].to_numpy(dtype=float))
-        ax.bar(x, values, bottom=bottom, color=color, label=name, width=0.65)
-        bottom += values
+        if stacked:
+            ax.bar(x, values, bottom=bottom, color=color, label=name, width=width)
+            bottom += values
+        else:
+            ax.bar(x - 0.325 + width * (i + 0.5), values, color=color, label=name, width=width)
     for xi, n in zip(x, table["n"], strict=True):
         ax.text(xi, 1.02, f"n={n}", ha="center", va="bottom", fontsize=9)
     ax.set_xticks(x, [f"Q{q + 1}\n{lab}" for q, lab in enumerate(table["layers"])])
