@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -104,21 +105,28 @@ def test_ablation_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
 def test_descriptions_notebook_runs_offline_with_the_local_describer(smollm2, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m", device="cpu",
-                        heads=[[2, 3], [21, 4]], figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
-    assert "describer: smollm2-135m (local transformers serve)" in text
+                        heads=[[2, 3], [21, 4], [25, 1]], describer_model="smollm2-135m", target_min_score=None,
+                        figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+    assert "describer: smollm2-135m (local llama.cpp)" in text
     assert "far weaker than the paper's GPT-4o" in text
-    assert "2 heads described in" in text and "2 new answers, 0 from the cache, 0 failed" in text
-    assert "=== head " in text  # examples (or raw answers) with their salient operations
+    assert "3 heads described in" in text and "3 new answers, 0 from the cache, 0 failed" in text
+    assert "answers parsed: {'json': 3}" in text  # grammar-constrained: every answer parses
+    assert "share_verified" in text and "mean_control" in text  # the automatic check's summary
     out = tmp_path / "res" / "smollm2-135m"
-    for name in ("descriptions.csv", "descriptions.ops.csv", "descriptions.manifest.json", "descriptions.cache.jsonl"):
+    for name in ("descriptions.csv", "descriptions.ops.csv", "descriptions.evidence.csv", "descriptions.rules.csv",
+                 "descriptions.manifest.json", "descriptions.cache.jsonl", "detection.csv", "detection.summary.csv",
+                 "detection.manifest.json"):
         assert (out / name).is_file(), name
-    for ext in ("png", "svg"):
-        assert (tmp_path / "fig" / "smollm2-135m" / f"04_description_shares.{ext}").is_file()
+    detection = pd.read_csv(out / "detection.csv")
+    assert sorted(detection.describer.unique()) == ["llm", "rules"] and len(detection) == 6
+    for name in ("04_description_shares", "04_verified_by_quartile"):
+        for ext in ("png", "svg"):
+            assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.{ext}").is_file()
 
 
 @pytest.mark.embedded
 def test_descriptions_notebook_with_a_server_shows_failures_and_never_the_key(smollm2, tmp_path, monkeypatch):
-    from maps_utils.describe import SERVER_KEY_ENV
+    from maps_utils.describer import SERVER_KEY_ENV
 
     from .test_describe import OPENAI_SECRET, SECRET, Scripted
 
@@ -129,7 +137,7 @@ def test_descriptions_notebook_with_a_server_shows_failures_and_never_the_key(sm
     try:
         text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m",
                             device="cpu", heads="[[2, 3], [21, 4]]", base_url=srv.url, describer_model="scripted-model",
-                            figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+                            score=False, target_min_score=None, figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
     finally:
         srv.shutdown()
         srv.server_close()
@@ -156,6 +164,25 @@ def test_human_study_notebook_without_annotations_says_so_and_renders_the_materi
     assert {p.name for p in (study / "sheets").iterdir()} == {"annotator-1.csv", "annotator-2.csv"}
     assert (tmp_path / "fig" / "tiny-model" / "05_describer_outcome.png").is_file()
     assert not (tmp_path / "ann").exists()  # nothing was written in the annotators' place
+    assert "No automatic check found" in text
+
+
+def test_human_study_notebook_shows_the_automatic_check_labelled_as_such(tmp_path):
+    from maps_utils import human_study as HS
+
+    from .test_human_study import write_descriptions
+
+    desc = write_descriptions(tmp_path / "res")
+    key = HS.build_material(desc, n=8, seed=0).key
+    scores = pd.DataFrame({"describer": "llm", "layer": key.layer, "head": key["head"], "has_pattern": True,
+                           "score": [0.9, 0.5, 0.8, 0.6, 0.75, 0.4, 1.0, 0.55], "control_score": 0.5,
+                           "judged": "judged"})
+    scores.to_csv(tmp_path / "res" / "tiny-model" / "detection.csv", index=False)
+    text = run_notebook("05_human_study.ipynb", tmp_path / "05.ipynb", model="tiny-model", n_items=8,
+                        results_dir=str(tmp_path / "res"), figures_dir=str(tmp_path / "fig"),
+                        annotations_dir=str(tmp_path / "ann"))
+    assert "Automatic check (not human): 4 of 8 study items' descriptions verified" in text
+    assert "needs annotations and notebook 04's automatic check" in text
 
 
 def test_human_study_notebook_analyses_fixture_annotations(tmp_path):
