@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 OPENAI_URL = "https://api.openai.com/v1"
 OPENAI_MODEL = "gpt-4o"
 SERVER_KEY_ENV = "MAPS_DESCRIBER_API_KEY"  # the key for a base_url server (OPENAI_API_KEY is never sent elsewhere)
-MAX_TOKENS = {"local": 320, "openai": 512, "server": 512}
+MAX_TOKENS = {"local": 512, "openai": 512, "server": 512}
+"""Answer lengths in tokens. Locally the schema caps the strings at 440 characters in all and the grammar allows no
+escapes, so an answer always closes within 512 tokens."""
 CONCURRENCY = {"local": 1, "openai": 4, "server": 4}
 """Requests in flight at once, by endpoint kind. The local model runs in the calling thread, one prompt at a time."""
 
@@ -253,7 +255,9 @@ class Describer:
         if self.endpoint.kind == "local" and rows:
             p["judge"] = f"yes-no-margins:{rows}"
         elif self.endpoint.kind == "local" and schema:
-            p["schema"] = _schema_id(schema)
+            from .local_llm import GRAMMAR_VERSION
+
+            p["schema"] = f"{_schema_id(schema)}-g{GRAMMAR_VERSION}"
         return p
 
     @property

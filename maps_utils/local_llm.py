@@ -24,6 +24,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,19 @@ def locate(name: str = DEFAULT_LOCAL_LLM, cache_dir: str | Path | None = None) -
     return target
 
 
+GRAMMAR_VERSION = 2  # 2: string characters without escapes or control characters (plain_strings)
+
+
+PLAIN_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'  # GBNF: any character but a quote, a backslash or a control
+
+
+def plain_strings(gbnf: str) -> str:
+    """A JSON grammar whose string characters are printable and unescaped (no quote, backslash or control
+    character): each character of a string is then at least one token, so an answer whose strings have at most
+    N characters in all always closes within N + (structure) tokens."""
+    return re.sub(r"^char ::= .*$", lambda _: PLAIN_CHAR, gbnf, flags=re.M)
+
+
 def default_threads() -> int:
     """Threads for generation: ``$MAPS_DESCRIBER_THREADS``, else 1 (on a busy 2-core machine two threads were
     about 10x slower than one)."""
@@ -212,10 +226,11 @@ class LocalLLM:
 
     def _grammar(self, schema: dict):
         from llama_cpp import LlamaGrammar
+        from llama_cpp.llama_grammar import json_schema_to_gbnf
 
-        text = json.dumps(schema, sort_keys=True)
+        text = json.dumps(schema)  # property order is the answer's order (the paper's: reasoning first)
         if text not in self._grammars:
-            self._grammars[text] = LlamaGrammar.from_json_schema(text, verbose=False)
+            self._grammars[text] = LlamaGrammar.from_string(plain_strings(json_schema_to_gbnf(text)), verbose=False)
         return self._grammars[text]
 
     def complete(self, prompt: str, *, schema: dict | None, max_tokens: int) -> dict:
