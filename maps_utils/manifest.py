@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .io import atomic_write_text
 
-_PACKAGES = ("torch", "transformers", "numpy", "pandas", "scipy", "gguf", "openai", "maps-study")
+_PACKAGES = ("torch", "transformers", "numpy", "pandas", "scipy", "gguf", "openai", "llama-cpp-python", "lemminflect",
+             "maps-study")
 
 
 def _version(pkg: str) -> str | None:
