@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -28,17 +27,23 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm.auto import tqdm
 
-from .errors import MapsError
+from .endpoints import (  # noqa: F401 (re-exported: the describer's public names)
+    OPENAI_MODEL,
+    OPENAI_URL,
+    SERVER_KEY_ENV,
+    DescriberError,
+    Endpoint,
+    redact,
+    resolve_endpoint,
+    safe_url,
+    url_secrets,
+)
 
 log = logging.getLogger(__name__)
 
-OPENAI_URL = "https://api.openai.com/v1"
-OPENAI_MODEL = "gpt-4o"
-SERVER_KEY_ENV = "MAPS_DESCRIBER_API_KEY"  # the key for a base_url server (OPENAI_API_KEY is never sent elsewhere)
 MAX_TOKENS = {"local": 512, "openai": 512, "server": 512}
 """Answer lengths in tokens. Locally the schema caps the strings at 440 characters in all and the grammar allows no
 escapes, so an answer always closes within 512 tokens."""
@@ -46,75 +51,11 @@ CONCURRENCY = {"local": 1, "openai": 4, "server": 4}
 """Requests in flight at once, by endpoint kind. The local model runs in the calling thread, one prompt at a time."""
 
 
-class DescriberError(MapsError):
-    """The describer cannot go on (no endpoint reachable, bad key, no answer in time, every prompt failed)."""
-
-
 class MalformedResponse(ValueError):
     """An endpoint answered, but not with a chat completion (not JSON, HTML, or no choices)."""
 
 
-# ---- endpoints ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Endpoint:
-    """Where answers come from. ``kind`` is "openai", "server" (a base URL) or "local"; the key itself is never
-    stored, only the name of the environment variable it is read from."""
-
-    kind: str
-    model: str
-    base_url: str | None = None
-    key_env: str | None = None
-
-    @property
-    def label(self) -> str:
-        where = {"openai": "OpenAI API", "local": "local llama.cpp"}.get(self.kind, safe_url(self.base_url))
-        return f"{self.model} ({where})"
-
-
-def safe_url(url: str | None) -> str | None:
-    """``url`` without any user:password part, query or fragment (where credentials may hide)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    netloc = host + (f":{parts.port}" if parts.port else "")
-    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-def url_secrets(url: str | None) -> list[str]:
-    """The credentials inside ``url`` (user, password, query values) for redaction."""
-    if not url:
-        return []
-    parts = urlsplit(url)
-    found = [parts.username, parts.password, parts.query, parts.fragment]
-    found += [kv.split("=", 1)[-1] for kv in parts.query.split("&") if kv]
-    return [s for s in found if s]
-
-
-def resolve_endpoint(model: str | None = None, base_url: str | None = None) -> Endpoint:
-    """Pick the describer: a given ``base_url``; else OpenAI when ``OPENAI_API_KEY`` is set (``gpt-4o`` unless
-    ``model`` names another); else the local llama.cpp model (``model`` or the default local model)."""
-    from .local_llm import DEFAULT_LOCAL_LLM, LOCAL_LLMS
-
-    if base_url:
-        if not re.match(r"^https?://", base_url):
-            raise DescriberError(f"base_url={safe_url(base_url)!r} is not an http(s) URL; give one like "
-                                 "http://127.0.0.1:8000/v1.")
-        url = base_url.rstrip("/")
-        key_env = "OPENAI_API_KEY" if urlsplit(url).hostname == "api.openai.com" else SERVER_KEY_ENV
-        return Endpoint("server", model or "", url, key_env)
-    if os.environ.get("OPENAI_API_KEY"):
-        return Endpoint("openai", model or OPENAI_MODEL, OPENAI_URL, "OPENAI_API_KEY")
-    name = model or DEFAULT_LOCAL_LLM
-    if name not in LOCAL_LLMS:
-        raise DescriberError(
-            f"No OPENAI_API_KEY and no base_url, so the describer would be the local model {name!r}, which is not one "
-            f"of the local models ({', '.join(LOCAL_LLMS)}). Set OPENAI_API_KEY, pass base_url, or pick a local model."
-        )
-    return Endpoint("local", name)
-
-
-# ---- cache and redaction -------------------------------------------------------------------------------
+# ---- cache ---------------------------------------------------------------------------------------------
 class ResponseCache:
     """Append-only JSONL of answers, one object per line, keyed by ``key``.
 
@@ -164,19 +105,6 @@ class ResponseCache:
 def cache_key(model_id: str, prompt: str, params: dict) -> str:
     return hashlib.sha256(json.dumps({"model": model_id, "prompt": prompt, "params": params},
                                      sort_keys=True).encode()).hexdigest()
-
-
-_SECRETISH = re.compile(r"(sk-[A-Za-z0-9_*\-]{3,}|Bearer\s+\S+)")
-_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
-
-
-def redact(text: str, *secrets: str | None) -> str:
-    """``text`` without any of ``secrets`` (whatever their length), URL credentials, or key-like strings."""
-    text = str(text)
-    for secret in sorted({s for s in secrets if s}, key=len, reverse=True):
-        text = text.replace(secret, "[redacted]")
-    text = _URL_USERINFO.sub("[redacted]@", text)
-    return _SECRETISH.sub("[redacted]", text)
 
 
 def _fatal(err) -> bool:
