@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .describe import layer_quartile, quartile_labels, show_token
+from .describe import show_token
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
 from .plots import model_slug
+from .sampling import layer_quartile, quartile_labels
 
 THRESHOLD = 0.75
 JUDGE_VERSION = 1
