@@ -21,6 +21,10 @@ class ModelPackageMissingError(MapsError):
     """An embedded model's PyPI package is not installed."""
 
 
+class OptionError(MapsError, ValueError):
+    """An option (device, dtype, variant, a path) that cannot work; raised before anything is loaded."""
+
+
 class UnsupportedArchitectureError(MapsError):
     """The model's architecture has no entry in the head-adapter table."""
 

@@ -18,18 +18,16 @@ Models come from PyPI packages, pinned by the SHA-256 of the GGUF file (:data:`L
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import MapsError
+from .hashing import assemble, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +90,6 @@ LOCAL_LLMS: dict[str, LocalLLMSpec] = {
 }
 
 
-def _stamp(path: Path) -> Path:
-    return path.with_name(path.name + ".verified")
-
-
-def _mark(path: Path, sha: str) -> str:
-    st = path.stat()
-    return f"{sha} {st.st_size} {st.st_mtime_ns}"
-
-
-def _verified(path: Path, sha: str) -> bool:
-    """True when ``path`` hashes to ``sha``; a stamp beside it (size, mtime) spares re-hashing an unchanged file."""
-    from .models import _sha256
-
-    if not path.is_file():
-        return False
-    with contextlib.suppress(OSError):
-        if _stamp(path).read_text() == _mark(path, sha):
-            return True
-    if _sha256(path) != sha:
-        return False
-    with contextlib.suppress(OSError):
-        _stamp(path).write_text(_mark(path, sha))
-    return True
-
-
 def locate(name: str = DEFAULT_LOCAL_LLM, cache_dir: str | Path | None = None) -> Path:
     """The verified GGUF file of local model ``name``: the file itself when one package holds it, else the parts
     assembled once into ``<cache>/gguf/`` (atomically; a corrupt or partial copy is rebuilt)."""
@@ -127,36 +100,13 @@ def locate(name: str = DEFAULT_LOCAL_LLM, cache_dir: str | Path | None = None) -
     spec = LOCAL_LLMS[name]
     parts = spec.parts()
     if len(parts) == 1:
-        if not _verified(parts[0], spec.sha256):
+        if file_sha256(parts[0]) != spec.sha256:
             raise LocalLLMError(f"{parts[0]} does not have the pinned SHA-256 of {name!r}; reinstall it with "
                                 f"`{spec.install} --force-reinstall`.")
         return parts[0]
     target = Path(cache_dir or default_cache_dir()) / "gguf" / spec.file_name
-    if _verified(target, spec.sha256):
-        return target
-    log.info("assembling %s from %d packages into %s (one-off)", name, len(parts), target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.partial-", dir=target.parent)
-    try:
-        h = hashlib.sha256()
-        with os.fdopen(fd, "wb") as out:
-            for part in parts:
-                with part.open("rb") as src:
-                    for block in iter(lambda s=src: s.read(1 << 22), b""):
-                        h.update(block)
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        if h.hexdigest() != spec.sha256:
-            raise LocalLLMError(f"The parts of {name!r} assemble to a file with the wrong SHA-256; reinstall them "
-                                f"with `{spec.install}`.")
-        os.replace(tmp, target)
-        _stamp(target).write_text(_mark(target, spec.sha256))
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return target
+    return assemble(parts, target, spec.sha256, what=f"the local describer {name!r}",
+                    fix=f"reinstall them with `{spec.install}`", error=LocalLLMError)
 
 
 GRAMMAR_VERSION = 2  # 2: string characters without escapes or control characters (plain_strings)

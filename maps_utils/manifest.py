@@ -58,7 +58,8 @@ def model_file_hash(name: str) -> dict:
     unknown layouts get only the name."""
     from pathlib import Path
 
-    from .models import EMBEDDED, _sha256, default_cache_dir
+    from .hashing import file_sha256
+    from .models import EMBEDDED, default_cache_dir
 
     path = None
     if name in EMBEDDED:
@@ -67,7 +68,7 @@ def model_file_hash(name: str) -> dict:
         path = Path(name)
     elif (Path(name) / "model.safetensors").is_file():
         path = Path(name) / "model.safetensors"
-    return {"name": name, "file": str(path) if path else None, "sha256": _sha256(path) if path else None}
+    return {"name": name, "file": str(path) if path else None, "sha256": file_sha256(path) if path else None}
 
 
 def notebook_defaults(nb: dict) -> dict:

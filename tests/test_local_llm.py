@@ -25,14 +25,19 @@ def parts(tmp_path, monkeypatch):
     return blob
 
 
-def test_parts_assemble_once_into_the_cache_and_a_corrupt_copy_is_rebuilt(parts, tmp_path):
+def test_parts_assemble_once_into_the_cache_and_a_corrupt_copy_is_rebuilt(parts, tmp_path, monkeypatch, caplog):
+    from maps_utils import hashing
+
+    monkeypatch.setenv("MAPS_CACHE_DIR", str(tmp_path / "cache"))
     path = L.locate("test-model", tmp_path / "cache")
     assert path.read_bytes() == parts and path.parent == tmp_path / "cache" / "gguf"
-    stamp = path.with_name(path.name + ".verified")
-    assert stamp.is_file()
-    assert L.locate("test-model", tmp_path / "cache") == path  # verified by its stamp: not rebuilt
-    path.write_bytes(parts[:-1] + b"x")  # corrupted (size and mtime change, so the stamp no longer vouches)
+    reads = []
+    monkeypatch.setattr(hashing, "hash_file", lambda p, f=hashing.hash_file: reads.append(p) or f(p))
+    assert L.locate("test-model", tmp_path / "cache") == path
+    assert reads == []  # its hash is remembered with its size and mtime: not read, not rebuilt
+    path.write_bytes(parts[:-1] + b"x")  # corrupted (size and mtime change, so the remembered hash no longer vouches)
     assert L.locate("test-model", tmp_path / "cache").read_bytes() == parts
+    assert "incomplete or corrupt; rebuilding it" in caplog.text
     assert not list(path.parent.glob(".*partial-*"))  # no leftovers
 
 

