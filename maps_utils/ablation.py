@@ -43,15 +43,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import relations as R
-from .dynamic import _hash, write_table
+from .dynamic import write_table
+from .hashing import content_key
 from .heads import HeadWeights
 from .manifest import build_manifest
 from .models import LoadedModel
 from .plots import model_slug
+from .store import Slots, check_results_dir
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: keyed by the weights' hash
 KINDS = ("zero", "mean")
 PAPER_RELATIONS = ("copying", "name_copying", "word_first_letter", "word_last_letter", "year_following",
                    "country_capital", "country_language", "object_superclass", "product_company",
@@ -473,21 +475,6 @@ def paper_layout(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _load_part(path: Path, key: str):
-    if path.is_file():
-        saved = torch.load(path, weights_only=False)
-        if saved.get("key") == key:
-            return saved["value"]
-    return None
-
-
-def _save_part(path: Path, key: str, value) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"key": key, "value": value}, tmp)
-    tmp.replace(path)
-
-
 def _relation_list(relations) -> list[R.Relation]:
     if relations is None or relations == "paper":
         names = [r for r in PAPER_RELATIONS if r in R.list_relations()]
@@ -563,10 +550,11 @@ def causal_experiment(
     heads = loaded.heads
     L, H = heads.n_layers, heads.n_heads
     cap = max_heads if max_heads is not None else max_relation_heads(L * H)
-    identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "source": loaded.source,
+    identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
                 "architecture": heads.summary(), "dtype": str(loaded.dtype), "device": str(loaded.device),
                 "batch_size": batch_size}
-    out = Path(results_dir) / model_slug(loaded.name) / "ablation" / kind if results_dir else None
+    out = check_results_dir(results_dir) / model_slug(loaded.name) / "ablation" / kind if results_dir else None
+    parts = Slots(out / "parts" if out is not None else None, enabled=use_cache, weights_only=False)
     static_names = {r.name for r in static.relations}
 
     # 1. tasks, relation heads and base accuracies
@@ -603,14 +591,12 @@ def causal_experiment(
     bar = tqdm(total=len(tasks), desc="causal: base accuracy", unit="relation", disable=not progress)
     for name, task in tasks.items():
         bar.set_postfix_str(name)
-        key = _hash({**identity, "kind": kind, "prompts": task.prompts, "targets": task.targets})
-        part = out / "parts" / f"{name}.base.pt" if out is not None else None
-        value = _load_part(part, key) if part is not None and use_cache else None
+        key = content_key({**identity, "kind": kind, "prompts": task.prompts, "targets": task.targets})
+        value = parts.read(f"{name}.base", key)
         if value is None:
             correct, _ = run_curves(loaded, task, [], batch_size=batch_size)
             value = {"correct": correct, "mean_z": mean_last_z(loaded, task, batch_size) if kind == "mean" else None}
-            if part is not None:
-                _save_part(part, key, value)
+            parts.write(f"{name}.base", key, value)
         base[name] = float(value["correct"].mean())
         mean_z[name] = value["mean_z"]
         bar.update(1)
@@ -666,18 +652,17 @@ def causal_experiment(
                 continue
             bar.set_postfix_str(t)
             task = tasks[t]
-            key = _hash({**identity, "kind": kind, "prompts": task.prompts, "targets": task.targets,
+            key = content_key({**identity, "kind": kind, "prompts": task.prompts, "targets": task.targets,
                          "curves": [hs for *_, hs, _ in curves], "steps": steps})
-            part = out / "parts" / f"{t}.{('relation', 'baselines')[phase]}.pt" if out is not None else None
-            value = _load_part(part, key) if part is not None and use_cache else None
+            part = f"{t}.{('relation', 'baselines')[phase]}"
+            value = parts.read(part, key)
             if value is None:
                 s0 = time.perf_counter()
                 _, got = run_curves(loaded, task, [hs for *_, hs, _ in curves], replacement=mean_z[t],
                                     batch_size=batch_size, bar=bar, steps=steps)
                 value = {"accs": got, "seconds": time.perf_counter() - s0}
                 fresh.add(t)
-                if part is not None:
-                    _save_part(part, key, value)
+                parts.write(part, key, value)
             else:
                 bar.update(work(t, phase))
             seconds[t] = round(seconds.get(t, 0.0) + value["seconds"], 2)

@@ -27,8 +27,6 @@ per template, MAPS-SPEC §8.13).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
@@ -43,16 +41,18 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import relations as R
+from .hashing import content_key
 from .heads import HeadWeights
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
 from .models import LoadedModel
 from .plots import model_slug
 from .static import Columns, _inverse, ranks_of_targets, scan_permutation
+from .store import Slots, check_results_dir
 
 log = logging.getLogger(__name__)
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2  # 2: keyed by the weights' hash
 CONTEXTS = ("without", "with")
 MULTI_TOKEN_MODES = {"paper": False, "natural": True}
 """Multi-token source tokenisation: ``paper`` tokenises the source without a leading space after a
@@ -301,10 +301,6 @@ def _subsample(n: int, max_pairs: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=max_pairs, replace=False).tolist())
 
 
-def _hash(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
@@ -318,9 +314,12 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
          results_dir, use_cache, progress, params: dict, skipped: dict) -> DynamicScores:
     t0 = time.perf_counter()
     heads, tok = loaded.heads, loaded.tokenizer
-    identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "source": loaded.source,
+    identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
                 "architecture": heads.summary(), "dtype": str(loaded.dtype)}
-    out = Path(results_dir) / model_slug(loaded.name) / "dynamic" / kind if results_dir else None
+    out = check_results_dir(results_dir) / model_slug(loaded.name) / "dynamic" / kind if results_dir else None
+    parts = Slots(out / "parts" if out is not None else None, enabled=use_cache)
+    table_key = content_key({**identity, "kind": kind, "templates": templates, "max_pairs": max_pairs, "seed": seed,
+                             "k": k, "k_copying": k_copying, "k_other": k_other, "rank_cap": rank_cap, **params})
     columns = model_columns(heads)
     pad_id = _pad_id(tok)
     done, reused = [], []
@@ -335,16 +334,14 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
         kk = k or rel.k(k_copying, k_other)
         cap = max(rank_cap or kk, kk)
         per_template = [build_prompts(tok, t, src, space_in_source) for t in templates]
-        key = _hash({**identity, "k": kk, "rank_cap": cap, "prompts": [[p.ids, p.source] for ps in per_template for p in ps],
+        key = content_key({**identity, "k": kk, "rank_cap": cap, "prompts": [[p.ids, p.source] for ps in per_template for p in ps],
                      "targets": tgt})
-        part = out / "parts" / f"{rel.name}.pt" if out is not None else None
-        if part is not None and use_cache and part.is_file():
-            saved = torch.load(part)
-            if saved.get("key") == key:
-                done.append(DynamicRelation(**saved["relation"]))
-                reused.append(rel.name)
-                bar.update(len(templates))
-                continue
+        saved = parts.read(rel.name, key)
+        if saved is not None:
+            done.append(DynamicRelation(**saved["relation"]))
+            reused.append(rel.name)
+            bar.update(len(templates))
+            continue
         r0 = time.perf_counter()
         ranks = []
         for i, ps in enumerate(per_template):
@@ -358,11 +355,8 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
         result = DynamicRelation(rel.name, rel.category, rel.copying, pairs, tgt, list(templates), ranks, agreement,
                                  kk, cap, time.perf_counter() - r0)
         done.append(result)
-        if part is not None:  # one finished relation at a time: an interrupted run resumes from here
-            part.parent.mkdir(parents=True, exist_ok=True)
-            tmp = part.with_suffix(".tmp")
-            torch.save({"key": key, "relation": result.__dict__}, tmp)
-            tmp.replace(part)
+        # one finished relation at a time: a rerun resumes from here
+        parts.write(rel.name, key, {"table": table_key, "relation": result.__dict__})
     bar.close()
     scores = DynamicScores(loaded.name, kind, done, skipped, reused=reused)
     scores.manifest = build_manifest(
@@ -373,8 +367,21 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
                     "reused_from_cache": reused, "seconds_per_relation": {r.name: round(r.seconds, 2) for r in done}},
         wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     if out is not None:
-        write_table(scores.table(), out / "scores.csv", scores.manifest)
+        with parts.lock():
+            union = DynamicScores(loaded.name, kind, _stored(parts, table_key, done), skipped)
+            manifest = {**scores.manifest, "parameters": {**scores.manifest["parameters"],
+                                                          "table_relations": [r.name for r in union.relations]}}
+            write_table(union.table(), out / "scores.csv", manifest)
     return scores
+
+
+def _stored(parts: Slots, table_key: str, first: list[DynamicRelation]) -> list[DynamicRelation]:
+    """Every stored relation computed with this run's weights and settings: ``first`` in its order, then the others
+    by name (what ``scores.csv`` holds, so a query for a few relations never drops what an earlier run added)."""
+    found = {name: saved["value"]["relation"] for name, saved in parts.entries()
+             if isinstance(saved.get("value"), dict) and saved["value"].get("table") == table_key}
+    names = {r.name for r in first}
+    return list(first) + [DynamicRelation(**found[n]) for n in sorted(set(found) - names)]
 
 
 def write_table(table: pd.DataFrame, path: str | Path, manifest: dict) -> Path:
@@ -400,6 +407,7 @@ def _usable(relations: list[R.Relation], tokenize) -> tuple[list, dict[str, int]
             todo.append((rel, tr))
         else:
             skipped[rel.name] = len(tr)
+            log.warning("relation %s skipped: %d usable pairs (too few)", rel.name, len(tr))
     return todo, skipped
 
 

@@ -2,15 +2,17 @@
 
 ``static_scores(loaded)`` scores every usable relation in every head and returns a
 :class:`StaticScores`; its ``table()`` is the tidy result (one row per relation × layer × head) at any
-k up to the rank cap. Ranks are cached under ``results/<model>/static/<variant>/`` with a manifest and
-reused while the inputs (model, variant, rank cap, filter, relation files) are unchanged; an
-interrupted run resumes from its last finished layer.
+k up to the rank cap. Ranks are stored one slot per relation under ``results/<model>/static/<variant>/ranks/``
+(:class:`~maps_utils.store.Slots`), keyed by the weights' hash, the variant, the rank cap, the filter and the
+relation's pairs: a query reads every relation already stored and computes only the others, and ``scores.csv``
+holds every relation stored for these weights, so a smaller query never shrinks it. An interrupted run resumes
+from its last finished layer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,13 +22,18 @@ import pandas as pd
 import torch
 
 from . import relations as R
-from .io import atomic_dir
+from .hashing import content_key
+from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
 from .models import LoadedModel, default_variant
 from .plots import model_slug
-from .static import RankResult, target_ranks
+from .static import RankResult, check_variant, target_ranks
+from .store import Slots, check_results_dir
 
-ENGINE_VERSION = 1
+log = logging.getLogger(__name__)
+
+ENGINE_VERSION = 2  # 2: one slot per relation, keyed by content (the weights' hash included)
+PARTIAL = "partial"  # the slot of an unfinished run's finished layers
 TAU = 0.15  # the paper's threshold for "head implements relation"
 CHECKPOINT_SECONDS = 30.0  # how often an unfinished run saves its finished layers
 
@@ -115,6 +122,8 @@ def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
         tok = R.filter_single_token(rel, tokenizer, leading_space=leading_space, min_pairs=min_pairs)
         if not tok.usable:
             skipped[rel.name] = len(tok)
+            log.warning("relation %s skipped: %d usable single-token pairs (fewer than %d)", rel.name, len(tok),
+                        min_pairs)
             continue
         scored.append(ScoredRelation(rel.name, rel.category, rel.display_name, rel.copying, tok.pairs,
                                      list(tok.source_ids), list(tok.target_ids), start))
@@ -122,23 +131,91 @@ def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
     return scored, skipped
 
 
-def _key(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs, scored) -> tuple[str, dict]:
-    inputs = {
-        "engine_version": ENGINE_VERSION,
-        "model": loaded.name,
-        "source": loaded.source,
-        "architecture": loaded.heads.summary(),
-        "dtype": str(loaded.dtype),
-        "variant": variant,
-        "rank_cap": rank_cap,
-        "leading_space": leading_space,
-        "min_pairs": min_pairs,
-        "relations": {
-            r.name: hashlib.sha256(json.dumps([r.pairs, r.source_ids, r.target_ids]).encode()).hexdigest()[:16]
-            for r in scored
-        },
-    }
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:20], inputs
+def _identity(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs) -> dict:
+    """What the ranks of every relation depend on besides its own pairs (the weights' hash included)."""
+    return {"engine_version": ENGINE_VERSION, "weights_sha256": loaded.weights_sha256,
+            "architecture": loaded.heads.summary(), "dtype": str(loaded.dtype), "variant": variant,
+            "rank_cap": rank_cap, "leading_space": leading_space, "min_pairs": min_pairs}
+
+
+def _relation_key(identity_key: str, rel: ScoredRelation) -> str:
+    return content_key([identity_key, rel.name, rel.pairs, rel.source_ids, rel.target_ids])
+
+
+def _slot_value(rel: ScoredRelation, identity_key: str, top: torch.Tensor, bottom: torch.Tensor) -> dict:
+    meta = {f: getattr(rel, f) for f in ("name", "category", "display_name", "copying", "pairs", "source_ids",
+                                         "target_ids")}
+    return {"identity": identity_key, "relation": meta, "top": top.clone(), "bottom": bottom.clone()}
+
+
+def _assemble(scored: list[ScoredRelation], values: dict[str, dict], L: int, H: int, rank_cap: int, variant: str):
+    """One :class:`RankResult` with every relation's ranks at its ``start`` (the order of ``scored``)."""
+    n = sum(r.n for r in scored)
+    ranks = RankResult(torch.full((L, H, n), rank_cap, dtype=torch.int16),
+                       torch.full((L, H, n), rank_cap, dtype=torch.int16), variant, rank_cap)
+    for rel in scored:
+        v = values[rel.name]
+        ranks.top[..., rel.start:rel.start + rel.n] = v["top"]
+        ranks.bottom[..., rel.start:rel.start + rel.n] = v["bottom"]
+    return ranks
+
+
+def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, variant, rank_cap, space,
+             memory_budget_mb, progress) -> RankResult:
+    """Ranks of ``todo``'s pairs (concatenated), resuming from and checkpointing to the folder's ``partial`` slot
+    (stored under ``key``, which names exactly these relations and inputs)."""
+    heads = loaded.heads
+    src = [i for r in todo for i in r.source_ids]
+    tgt = [i for r in todo for i in r.target_ids]
+    L, H = heads.n_layers, heads.n_heads
+    ranks = RankResult(torch.full((L, H, len(src)), rank_cap, dtype=torch.int16),
+                       torch.full((L, H, len(src)), rank_cap, dtype=torch.int16), variant, rank_cap)
+    saved = slots.read(PARTIAL, key) or {}
+    done: list[int] = list(saved.get("done", []))
+    if done:  # resume an interrupted run
+        ranks.top, ranks.bottom = saved["top"], saved["bottom"]
+    last_save = [time.perf_counter()]
+
+    def checkpoint(layer: int, res: RankResult) -> None:
+        done.append(layer)
+        if time.perf_counter() - last_save[0] >= CHECKPOINT_SECONDS:
+            slots.write(PARTIAL, key, {"top": res.top, "bottom": res.bottom, "done": list(done)})
+            last_save[0] = time.perf_counter()
+
+    todo_layers = [layer for layer in range(L) if layer not in done]
+    target_ranks(heads, src, tgt, variant=variant, rank_cap=rank_cap, space=space, memory_budget_mb=memory_budget_mb,
+                 layers=todo_layers, progress=progress, out=ranks, on_layer=checkpoint)
+    return ranks
+
+
+def _stored(slots: Slots, identity_key: str, first: list[ScoredRelation]) -> list[tuple[ScoredRelation, dict]]:
+    """Every stored relation computed under ``identity_key``: ``first``'s relations in their order, then the others
+    by name (what ``scores.csv`` holds: all a run and the runs before it computed for these weights)."""
+    found = {name: saved["value"] for name, saved in slots.entries()
+             if name != PARTIAL and isinstance(saved.get("value"), dict) and saved["value"].get("identity") == identity_key}
+    order = [r.name for r in first if r.name in found] + sorted(set(found) - {r.name for r in first})
+    out, start = [], 0
+    for name in order:
+        meta = found[name]["relation"]
+        rel = ScoredRelation(**meta, start=start)
+        out.append((rel, found[name]))
+        start += rel.n
+    return out
+
+
+def _write_table(out: Path, slots: Slots, loaded, identity_key: str, scored, kv_groups, variant, rank_cap,
+                 manifest: dict) -> None:
+    """``scores.csv`` and ``manifest.json``: every relation stored for these weights (the union of runs)."""
+    stored = _stored(slots, identity_key, scored)
+    rels = [r for r, _ in stored]
+    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    ranks = _assemble(rels, {r.name: v for r, v in stored}, L, H, rank_cap, variant)
+    union = StaticScores(loaded.name, variant, rank_cap, rels, ranks, kv_groups)
+    table_manifest = {**manifest, "parameters": {**manifest["parameters"], "table_relations": [r.name for r in rels]}}
+    atomic_write_text(out / "scores.csv", union.table().to_csv(index=False))
+    write_manifest(out / "manifest.json", table_manifest)
+    with contextlib.suppress(FileNotFoundError):
+        (out / "ranks.pt").unlink()  # the single-slot layout of earlier versions
 
 
 def static_scores(
@@ -164,66 +241,44 @@ def static_scores(
         rank_cap: ranks are exact below it, so scores for every k <= rank_cap come from one run.
         leading_space, min_pairs: the single-token filter (paper: True, 30).
         space, memory_budget_mb: speed and memory only (results are identical).
-        results_dir: where ranks, scores.csv and the manifest go (None: no files).
+        results_dir: where per-relation ranks, scores.csv and the manifest go (None: no files).
+        use_cache: False recomputes every relation (and still stores the results).
     """
     t0 = time.perf_counter()
     variant = variant or default_variant(loaded.name)
+    check_variant(variant)
     relations = R.list_relations() if relations is None else relations
     scored, skipped = _usable(relations, loaded.tokenizer, leading_space, min_pairs)
-    heads = loaded.heads
-    key, inputs = _key(loaded, variant, rank_cap, leading_space, min_pairs, scored)
-    out = Path(results_dir) / model_slug(loaded.name) / "static" / variant if results_dir else None
-    src = [i for r in scored for i in r.source_ids]
-    tgt = [i for r in scored for i in r.target_ids]
-    kv_groups = heads.kv_groups.tolist()
-
-    if out is not None and use_cache and (out / "ranks.pt").is_file():
-        saved = torch.load(out / "ranks.pt")
-        if saved["key"] == key:
-            ranks = RankResult(saved["top"], saved["bottom"], variant, rank_cap)
-            manifest = json.loads((out / "manifest.json").read_text())
-            return StaticScores(loaded.name, variant, rank_cap, scored, ranks, kv_groups, skipped, manifest, True)
-
-    if not src:
+    if not scored:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}.")
-    partial = out.parent / f"{variant}.partial.pt" if out is not None else None
-    L, H = heads.n_layers, heads.n_heads
-    ranks = RankResult(torch.full((L, H, len(src)), rank_cap, dtype=torch.int16),
-                       torch.full((L, H, len(src)), rank_cap, dtype=torch.int16), variant, rank_cap)
-    done: list[int] = []
-    if partial is not None and use_cache and partial.is_file():
-        saved = torch.load(partial)
-        if saved["key"] == key:  # resume an interrupted run
-            ranks.top, ranks.bottom, done = saved["top"], saved["bottom"], saved["done"]
-    last_save = [time.perf_counter()]
-
-    def checkpoint(layer: int, res: RankResult) -> None:
-        done.append(layer)
-        if partial is not None and time.perf_counter() - last_save[0] >= CHECKPOINT_SECONDS:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic(partial, {"key": key, "top": res.top, "bottom": res.bottom, "done": list(done)})
-            last_save[0] = time.perf_counter()
-
-    todo = [layer for layer in range(L) if layer not in done]
-    target_ranks(heads, src, tgt, variant=variant, rank_cap=rank_cap, space=space, memory_budget_mb=memory_budget_mb,
-                 layers=todo, progress=progress, out=ranks, on_layer=checkpoint)
-    result = StaticScores(loaded.name, variant, rank_cap, scored, ranks, kv_groups, skipped)
-    params = {**inputs, "key": key, "skipped_relations": skipped, "space": space, "memory_budget_mb": memory_budget_mb}
+    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    identity = _identity(loaded, variant, rank_cap, leading_space, min_pairs)
+    identity_key = content_key(identity)
+    keys = {r.name: _relation_key(identity_key, r) for r in scored}
+    out = check_results_dir(results_dir) / model_slug(loaded.name) / "static" / variant if results_dir else None
+    slots = Slots(out / "ranks" if out is not None else None, enabled=use_cache)
+    values = {r.name: v for r in scored if (v := slots.read(r.name, keys[r.name])) is not None}
+    todo = [r for r in scored if r.name not in values]
+    if todo:
+        ranks = _compute(loaded, todo, slots, content_key([keys[r.name] for r in todo]), variant=variant,
+                         rank_cap=rank_cap, space=space, memory_budget_mb=memory_budget_mb, progress=progress)
+        at = 0
+        for rel in todo:
+            sl = slice(at, at + rel.n)
+            values[rel.name] = _slot_value(rel, identity_key, ranks.top[..., sl], ranks.bottom[..., sl])
+            at += rel.n
+    result = StaticScores(loaded.name, variant, rank_cap, scored, _assemble(scored, values, L, H, rank_cap, variant),
+                          loaded.heads.kv_groups.tolist(), skipped, from_cache=not todo)
+    params = {**identity, "key": content_key(keys), "relations": keys, "skipped_relations": skipped,
+              "computed": [r.name for r in todo], "space": space, "memory_budget_mb": memory_budget_mb}
     result.manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
-    if out is not None:
-        with atomic_dir(out, replace=True) as tmp:
-            torch.save({"key": key, "top": ranks.top, "bottom": ranks.bottom}, tmp / "ranks.pt")
-            result.table().to_csv(tmp / "scores.csv", index=False)
-            write_manifest(tmp / "manifest.json", result.manifest)
-        if partial is not None and partial.exists():
-            partial.unlink()
+    if out is not None and (todo or not (out / "scores.csv").is_file()):
+        with slots.lock():
+            for rel in todo:
+                slots.write(rel.name, keys[rel.name], values[rel.name])
+            slots.remove(PARTIAL)
+            _write_table(out, slots, loaded, identity_key, scored, result.kv_groups, variant, rank_cap, result.manifest)
     return result
-
-
-def _save_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
 
 
 _ONLY_CRITERION = object()

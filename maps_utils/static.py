@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .errors import OptionError
 from .heads import HeadWeights
 
 log = logging.getLogger(__name__)
@@ -49,14 +50,14 @@ SPACES = ("auto", "head", "model")
 SEED = 0  # the scan order's seed; results never depend on it, only the speed does
 
 
-def _check_variant(variant: str) -> None:
+def check_variant(variant: str) -> None:
     if variant not in VARIANTS:
-        raise ValueError(f"Unknown embedding variant '{variant}'; use one of {', '.join(VARIANTS)}.")
+        raise OptionError(f"Unknown embedding variant '{variant}'; use one of {', '.join(VARIANTS)}.")
 
 
 def uses_first_mlp(variant: str, layer: int) -> bool:
     """Whether heads of ``layer`` read MLP0(E) (else raw E) under ``variant``."""
-    _check_variant(variant)
+    check_variant(variant)
     return variant == "first_mlp_all" or (variant == "first_mlp" and layer > 0)
 
 
@@ -267,7 +268,7 @@ def target_ranks(
             the remaining ``layers``).
         on_layer: called as ``on_layer(layer, result)`` after each layer (checkpointing).
     """
-    _check_variant(variant)
+    check_variant(variant)
     device = heads.U.device
     dtype = dtype or heads.U.dtype
     src = torch.as_tensor(source_ids, device=device)
@@ -339,7 +340,7 @@ def saliency(
     Uses ‖y W_O‖² = y (W_O W_Oᵀ) yᵀ with y = x W_V, so W_VO (d×d) is never formed. The default
     variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1).
     """
-    _check_variant(variant)
+    check_variant(variant)
     dtype = dtype or heads.U.dtype
     L, H, V = heads.n_layers, heads.n_heads, heads.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)

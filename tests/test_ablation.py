@@ -263,6 +263,19 @@ def test_same_seed_gives_identical_tables_and_a_rerun_resumes(tiny_setup, tmp_pa
         assert pd.read_csv(out / f"{name}.csv").shape[0] == len(getattr(a, name) if name != "summary" else a.summary())
 
 
+def test_the_cache_is_keyed_by_the_weights_hash(tiny_setup, tmp_path):
+    loaded, static, rels = tiny_setup
+    kw = dict(n_random=1, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=2, progress=False,
+              results_dir=tmp_path)
+    loaded.info["weights_sha256"] = "a" * 64
+    first = A.causal_experiment(loaded, static, rels[:2], **kw)
+    assert A.causal_experiment(loaded, static, rels[:2], **kw).reused == ["copy_a", "copy_b"]
+    loaded.info["weights_sha256"] = "b" * 64  # other weights under the same name: nothing is reused
+    other = A.causal_experiment(loaded, static, rels[:2], **kw)
+    assert other.reused == [] and other.manifest["parameters"]["weights_sha256"] == "b" * 64
+    pd.testing.assert_frame_equal(other.curves, first.curves)
+
+
 def test_summary_follows_the_paper_definitions(tiny_setup):
     loaded, static, rels = tiny_setup
     res = A.causal_experiment(loaded, static, rels[:4], n_random=2, min_base=0.0, max_base_gap=1.0, max_overlap=1.0,

@@ -43,7 +43,8 @@ def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     assert torch.allclose(torch.tensor(table.suppression_score.values).view(2, 4), direct.scores(10, True))
     assert (res.table(k=3).k == 3).all()
     out = tmp_path / "results" / "tiny-llama" / "static" / "first_mlp"
-    assert {p.name for p in out.iterdir()} == {"ranks.pt", "scores.csv", "manifest.json"}
+    assert {p.name for p in out.iterdir()} == {"ranks", "scores.csv", "manifest.json"}
+    assert sorted(p.name for p in (out / "ranks").glob("*.pt")) == ["mine.pt"]  # one slot per relation
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["parameters"]["variant"] == "first_mlp" and manifest["wall_seconds"] >= 0
     assert {"versions", "git_commit", "model"} <= manifest.keys()
@@ -87,11 +88,12 @@ def test_interrupted_run_resumes_from_finished_layers(tiny_loaded, tmp_path, mon
     monkeypatch.setattr(S, "layer_ranks", flaky)
     with pytest.raises(KeyboardInterrupt):
         SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
-    assert (tmp_path / "tiny-llama" / "static" / "first_mlp.partial.pt").is_file()
+    partial = tmp_path / "tiny-llama" / "static" / "first_mlp" / "ranks" / "partial.pt"
+    assert partial.is_file()
     resumed = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
     assert seen == [0, 1, 1]  # layer 0 was not recomputed
     assert torch.equal(resumed.ranks.top, reference.ranks.top)
-    assert not (tmp_path / "tiny-llama" / "static" / "first_mlp.partial.pt").exists()
+    assert not partial.exists()
 
 
 def test_choose_variant_picks_the_copying_variant(tmp_path):

@@ -1,0 +1,124 @@
+"""The results store: one slot per item (a relation, a task), keyed by the content of its inputs.
+
+Static, dynamic and ablation results are cached the same way. A :class:`Slots` folder holds ``<name>.pt`` files,
+each ``{"key": ..., "value": ...}``; ``key`` is :func:`~maps_utils.hashing.content_key` of everything that changes
+the value (the model's weights hash among it). A slot is used only when its key matches, so a changed input is
+recomputed and an unchanged one reused; a query for a few items reads what a larger run stored and writes only
+what it adds. Writes are atomic; a slot that cannot be read (a truncated or corrupt file) is removed with a
+one-line notice and recomputed. :meth:`Slots.lock` serialises writers that update a shared table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import pickle
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .errors import MapsError, OptionError
+from .io import atomic_file
+
+log = logging.getLogger(__name__)
+
+LOCK_TIMEOUT = 600.0  # seconds a writer waits for another writer of the same folder
+_UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, KeyError,
+               AttributeError, TypeError, OSError)
+
+
+class StoreBusyError(MapsError):
+    """Another run held a results folder's lock for longer than the timeout."""
+
+
+def check_results_dir(path: str | Path) -> Path:
+    """``path`` as a results folder (created when missing); a path that cannot be one is one sentence."""
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise OptionError(f"The results folder {path} cannot be created: {p} is a file; pass a folder "
+                                  "(--results-dir / results_dir).")
+            break
+    return path
+
+
+def read_pt(path: Path, *, weights_only: bool = True):
+    """``torch.load`` of a result file; None (and the file removed, with a one-line notice) when it is unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=weights_only)
+    except _UNREADABLE as err:
+        log.warning("%s could not be read (%s); removing it, it will be recomputed", path, type(err).__name__)
+        with contextlib.suppress(OSError):
+            path.unlink()
+        return None
+
+
+def write_pt(path: Path, obj) -> Path:
+    """``torch.save`` atomically (a kill mid-write leaves the old file or none, never half of one)."""
+    with atomic_file(path) as fh:
+        torch.save(obj, fh)
+    return path
+
+
+class Slots:
+    """Keyed result slots in one folder (None: nothing is stored, every read misses)."""
+
+    def __init__(self, folder: str | Path | None, *, enabled: bool = True, weights_only: bool = True):
+        self.folder = Path(folder) if folder is not None else None
+        self.enabled = enabled and self.folder is not None
+        self.weights_only = weights_only
+
+    def path(self, name: str) -> Path | None:
+        return self.folder / f"{name}.pt" if self.folder is not None else None
+
+    def read(self, name: str, key: str):
+        """The slot's value when it was stored under ``key``, else None."""
+        if not self.enabled:
+            return None
+        saved = read_pt(self.path(name), weights_only=self.weights_only)
+        if not isinstance(saved, dict) or saved.get("key") != key:
+            return None
+        return saved.get("value")
+
+    def write(self, name: str, key: str, value) -> None:
+        if self.folder is not None:
+            write_pt(self.path(name), {"key": key, "value": value})
+
+    def entries(self) -> Iterator[tuple[str, dict]]:
+        """Every readable slot, as ``(name, {"key", "value"})``, in name order."""
+        if self.folder is None or not self.folder.is_dir():
+            return
+        for path in sorted(self.folder.glob("*.pt")):
+            saved = read_pt(path, weights_only=self.weights_only)
+            if isinstance(saved, dict) and "key" in saved:
+                yield path.stem, saved
+
+    def remove(self, name: str) -> None:
+        if self.folder is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.path(name).unlink()
+
+    @contextlib.contextmanager
+    def lock(self, timeout: float = LOCK_TIMEOUT):
+        """Hold the folder's lock (``<folder>/.lock``): writers of a shared table take turns."""
+        if self.folder is None:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.folder / ".lock"))
+        try:
+            lock.acquire(timeout=timeout)
+        except Timeout:
+            raise StoreBusyError(f"Another run has been writing {self.folder} for over {timeout:.0f} s; wait for it "
+                                 "to finish (or stop it) and run again.") from None
+        try:
+            yield
+        finally:
+            lock.release()
