@@ -5,15 +5,30 @@ with ``source,target`` columns. The shipped relations live in ``data/relations/`
 metadata file, ``relations.json``, giving each relation's category, display name, whether it is
 a copying relation (k = 1 instead of 10 in the paper), its causal-experiment template, its
 provenance, and its pair count and SHA-256.
+
+Relation files must be UTF-8 text (a leading byte-order mark is fine); a file in another encoding
+is rejected with the byte where decoding failed and the ``iconv`` command that fixes it. CSV
+header names and cells are stripped of surrounding whitespace, so ``source, target`` works.
+Pairs that occur more than once are dropped (the first occurrence is kept, order is kept, and a
+warning names the relation and the count) when a :class:`Relation` is built, so repeated pairs
+never count towards the 30-pair minimum. The same source with different targets is legitimate and
+only reported (``duplicate_sources``).
+
+Copying relations (k = 1): a shipped relation takes the flag from ``relations.json``. A relation
+file of your own is a copying relation when its name (the file name without extension) contains
+"copying", in any case, as in the paper's reference code (so ``my/name_copying.json`` is scored at
+k = 1). ``load(path, copying=True/False)`` (the CLI's ``--copying``) overrides both rules.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
+import shlex
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -53,6 +68,9 @@ class Relation:
     provenance: str | None = None
     path: Path | None = None
     duplicate_sources: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pairs", tuple(dedupe_pairs(self.pairs, self.name)))
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -115,12 +133,29 @@ def validate_pairs(obj: object, origin: str) -> list[tuple[str, str]]:
     return pairs
 
 
+def _read_text(path: Path) -> str:
+    """The file as text: UTF-8 with or without a byte-order mark, else one clear error."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        at = err.start + len(data) - len(err.object)  # utf-8-sig reports offsets after the BOM
+        line = data.count(b"\n", 0, at) + 1
+        src, dst = shlex.quote(path.name), shlex.quote(f"utf8_{path.name}")
+        raise RelationError(
+            f"{path} is not UTF-8 text (byte 0x{data[at]:02x} at offset {at}, line {line}); "
+            f"re-save it as UTF-8 (for a Latin-1 file: `iconv -f latin1 -t utf-8 {src} > {dst}`)."
+        ) from None
+
+
 def _read_csv(path: Path) -> list[list[str]]:
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        if reader.fieldnames is None or not {"source", "target"} <= {f.strip() for f in reader.fieldnames}:
-            raise RelationError(f"{path}: a CSV relation needs a header with 'source' and 'target' columns.")
-        return [[row["source"], row["target"]] for row in reader]
+    rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(_read_text(path), newline=""))]
+    rows = [row for row in rows if any(row)]  # blank lines
+    header = rows[0] if rows else []
+    if not {"source", "target"} <= set(header):
+        raise RelationError(f"{path}: a CSV relation needs a header with 'source' and 'target' columns.")
+    cols = [header.index("source"), header.index("target")]
+    return [[row[c] if c < len(row) else "" for c in cols] for row in rows[1:]]
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
@@ -132,10 +167,19 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
         obj: object = _read_csv(path)
     else:
         try:
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(_read_text(path))
         except json.JSONDecodeError as err:
             raise RelationError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the syntax.") from None
     return validate_pairs(obj, str(path))
+
+
+def dedupe_pairs(pairs: Iterable[tuple[str, str]], name: str) -> list[tuple[str, str]]:
+    """The pairs without repeats (first occurrence kept, order kept); warns how many were dropped."""
+    pairs = [tuple(p) for p in pairs]
+    kept = list(dict.fromkeys(pairs))
+    if dropped := len(pairs) - len(kept):
+        log.warning("relation %s: dropped %d duplicate pairs (kept the first of each)", name, dropped)
+    return kept
 
 
 def duplicate_sources(pairs: Iterable[tuple[str, str]]) -> list[str]:
@@ -164,12 +208,19 @@ def list_relations(category: str | None = None, data_dir: str | Path | None = No
     return [n for n, m in meta.items() if category is None or m["category"] == category]
 
 
-def load(name_or_path: str | Path, data_dir: str | Path | None = None) -> Relation:
-    """Load a shipped relation by name, or any relation file by path (JSON pairs or CSV)."""
+def load(name_or_path: str | Path, data_dir: str | Path | None = None,
+         copying: bool | None = None) -> Relation:
+    """Load a shipped relation by name, or any relation file by path (JSON pairs or CSV).
+
+    ``copying`` overrides the copying flag (k = 1); by default a shipped relation takes it from its
+    metadata and a file of your own is a copying relation when its name contains "copying".
+    """
     path = Path(name_or_path)
     if path.suffix.lower() in (".json", ".csv") or path.is_file():
-        pairs = read_pairs(path)
-        rel = Relation(name=path.stem, pairs=tuple(pairs), path=path, duplicate_sources=tuple(duplicate_sources(pairs)))
+        pairs = dedupe_pairs(read_pairs(path), path.stem)
+        is_copying = "copying" in path.stem.lower() if copying is None else copying
+        rel = Relation(name=path.stem, pairs=tuple(pairs), copying=is_copying, path=path,
+                       duplicate_sources=tuple(duplicate_sources(pairs)))
     else:
         data_dir = Path(data_dir) if data_dir else default_data_dir()
         meta = read_metadata(data_dir)
@@ -178,13 +229,13 @@ def load(name_or_path: str | Path, data_dir: str | Path | None = None) -> Relati
             raise RelationError(f"Unknown relation '{name}'; known relations: {', '.join(meta)}.")
         m = meta[name]
         file = data_dir / m["file"]
-        pairs = read_pairs(file)
+        pairs = dedupe_pairs(read_pairs(file), name)
         rel = Relation(
             name=name,
             pairs=tuple(pairs),
             category=m["category"],
             display_name=m["display_name"],
-            copying=bool(m["copying"]),
+            copying=bool(m["copying"]) if copying is None else copying,
             multi_token=bool(m.get("multi_token", False)),
             causal_template=m.get("causal_template"),
             provenance=m.get("provenance"),

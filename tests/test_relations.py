@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from maps_utils import relations as R
+from maps_utils.errors import MapsError
 
 META = R.read_metadata()
 
@@ -108,6 +114,93 @@ def test_duplicates_are_reported(tmp_path, caplog):
     rel = R.load(path)
     assert rel.duplicate_sources == ("a",)
     assert "1 duplicate sources (a)" in caplog.text
+
+
+# ---- robust files: whitespace, BOM, encodings, repeated pairs, the copying flag ---------------------------
+CLEAN_CSV = "source,target\nFrance,Paris\nGermany,Berlin\n"
+
+
+def _word_tokenizer(text, add_special_tokens=False):
+    """One token per whitespace-separated word (enough for the single-token filter)."""
+    return {"input_ids": [hash(w) for w in text.split()]}
+
+
+def test_csv_header_and_cells_with_spaces_load_like_a_clean_one(tmp_path):
+    clean, spaced = tmp_path / "clean.csv", tmp_path / "spaced.csv"
+    clean.write_text(CLEAN_CSV)
+    spaced.write_text("source, target\n France , Paris\nGermany,  Berlin \n\n")
+    assert R.load(spaced).pairs == R.load(clean).pairs == (("France", "Paris"), ("Germany", "Berlin"))
+
+
+def test_csv_with_a_byte_order_mark_loads(tmp_path):
+    path = tmp_path / "bom.csv"
+    path.write_bytes(b"\xef\xbb\xbf" + CLEAN_CSV.encode())
+    assert R.load(path).pairs == (("France", "Paris"), ("Germany", "Berlin"))
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([["France", "Paris"]]).encode())
+    assert R.load(path).pairs == (("France", "Paris"),)
+
+
+def _latin1(tmp_path: Path, suffix: str) -> Path:
+    path = tmp_path / f"latin1{suffix}"
+    pair = ["Réunion", "Saint-Denis"]
+    text = CLEAN_CSV + ",".join(pair) + "\n" if suffix == ".csv" else json.dumps([pair], ensure_ascii=False)
+    path.write_bytes(text.encode("latin-1"))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json"])
+def test_latin1_file_gives_one_sentence_naming_the_fix(tmp_path, suffix):
+    path = _latin1(tmp_path, suffix)
+    with pytest.raises(R.RelationError) as err:
+        R.load(path)
+    msg = str(err.value)
+    assert str(path) in msg and "UTF-8" in msg and "iconv -f latin1 -t utf-8" in msg and "\n" not in msg
+    offset = path.read_bytes().index(b"\xe9")
+    assert f"byte 0xe9 at offset {offset}" in msg
+    assert isinstance(err.value, MapsError)
+
+
+def test_cli_reports_a_latin1_file_in_one_line(tmp_path):
+    path = _latin1(tmp_path, ".csv")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "MAPS_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "maps_utils.cli", "relations", str(path), "--models", "smollm2-135m"]
+    out = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 2
+    err = out.stderr.strip()
+    assert err.startswith("error: ") and "UTF-8" in err and "\n" not in err and "Traceback" not in err
+
+
+def test_repeated_pairs_are_dropped_before_the_minimum(tmp_path, caplog):
+    path = tmp_path / "repeated.json"
+    path.write_text(json.dumps([["Spain", "Madrid"], ["France", "Paris"]] * 45))
+    with caplog.at_level(logging.WARNING, logger="maps_utils.relations"):
+        rel = R.load(path)
+    assert rel.pairs == (("Spain", "Madrid"), ("France", "Paris")) and rel.duplicate_sources == ()
+    assert "relation repeated: dropped 88 duplicate pairs" in caplog.text
+    kept = R.filter_single_token(rel, _word_tokenizer)
+    assert len(kept) == 2 and not kept.usable  # 90 lines, but 2 pairs: below the 30-pair minimum
+    built = R.Relation("built", [("a", "b"), ("c", "d")] * 45)  # built from a list of pairs: the same rule
+    assert built.pairs == (("a", "b"), ("c", "d")) and "relation built: dropped 88" in caplog.text
+
+
+def test_copying_flag_of_user_files_follows_the_name(tmp_path):
+    folder = tmp_path / "my"
+    folder.mkdir()
+    for name in ("name_copying.json", "Word_COPYING.csv", "capitals.json"):
+        (folder / name).write_text(CLEAN_CSV if name.endswith(".csv") else json.dumps([["a", "a"]]))
+    assert R.load(folder / "name_copying.json").copying and R.load(folder / "name_copying.json").k() == 1
+    assert R.load(folder / "Word_COPYING.csv").copying
+    assert not R.load(folder / "capitals.json").copying
+    assert not R.load(folder / "name_copying.json", copying=False).copying
+    assert R.load(folder / "capitals.json", copying=True).k() == 1
+
+
+def test_shipped_relations_keep_their_copying_flag():
+    assert R.load("name_copying").copying and R.load("copying").copying
+    assert not R.load("country_capital").copying
+    assert R.load("country_capital", copying=True).copying  # an explicit flag wins
 
 
 # ---- tokenisation filters on a real tokenizer -----------------------------------------------------------
