@@ -6,17 +6,19 @@ item comes from: annotators see an item id, the salient operations and the descr
 head, describer) is kept apart, for the analysis. Each annotator answers three questions per item (see
 ``data/human_study/PROTOCOL.md``): is a pattern observable, is the description correct, and what kind of operation
 it is. Answers go to ``data/human_study/annotations/<annotator>.csv``, written atomically after every answer, by
-the :class:`Annotator` widget or by filling a sheet in a spreadsheet.
+the :class:`Annotator` widget or by filling a sheet in a spreadsheet; views of the same annotator (two JupyterLab
+tabs) save under a file lock and merge, so none loses the other's answers.
 
 Nothing here produces judgments: the analysis reads only the files people wrote, and says so when there are none.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,7 +38,8 @@ QUESTIONS = {"pattern_observable": PATTERN, "description_correct": CORRECTNESS, 
 ANSWER_COLUMNS = ["item", "material", "pattern_observable", "description_correct", "operation_kind", "comment",
                   "annotated_at"]
 NO_ANSWER = "(the describer gave no usable answer)"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # whole name (fullmatch): it names the annotator's file
+LOCK_TIMEOUT = 30.0  # seconds a save waits for another view of the same annotator file
 
 
 class AnnotationError(MapsError):
@@ -174,48 +177,67 @@ def _has_answers(path: Path) -> bool:
 
 # ---- annotation files --------------------------------------------------------------------------------
 def check_annotator(name: str) -> str:
-    if not _NAME.match(str(name)):
-        raise AnnotationError(f"Annotator name {name!r}: use letters, digits, '_', '-' or '.' (it names the file).")
+    """The annotator's name, if it can name a file: 1 to 64 letters, digits, '_', '-' or '.', the first a letter or
+    digit, nothing else (no spaces, slashes or newlines)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise AnnotationError(f"Annotator name {name!r}: use letters, digits, '_', '-' or '.' only, 1 to 64 of them "
+                              "starting with a letter or digit (no spaces, slashes or newlines), since it names the file.")
     return name
+
+
+def _answered_at(row: dict) -> datetime:
+    """When a row was answered (its ``annotated_at``); rows without a readable time count as oldest."""
+    try:
+        when = datetime.fromisoformat(str(row.get("annotated_at") or ""))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 class AnnotationStore:
     """One annotator's answers, ``{item: row}``, saved atomically to CSV after every change.
 
     Reading an existing file resumes it; a crash mid-write leaves the previous file whole (write to a temporary
-    file, then rename).
+    file, then rename). Several views of one file (two JupyterLab tabs, two processes) save under a file lock
+    (``.<annotator>.csv.lock`` beside it): each save re-reads the file, merges it with this view's answers (per item
+    the most recently answered row wins, by ``annotated_at``) and writes the result, so no view loses another's.
     """
 
     def __init__(self, path: str | Path, material: Material | None = None):
         self.path = Path(path)
         self.material = material
         self.rows: dict[str, dict] = {}
+        self._changed: set[str] = set()  # items answered in this view since its last save
         if self.path.is_file():
             df = read_annotations(self.path, material)
             self.rows = {r["item"]: r for r in df.to_dict("records")}
 
     def answer(self, item: str, **answers) -> dict:
-        """Set some answers of one item and save at once. The file is re-read first, so answers saved meanwhile
-        by another view of the same file are kept. Answering "no" to the pattern question clears the kind."""
+        """Set some answers of one item and save at once. Under the file's lock the file is re-read first, so
+        answers saved meanwhile by another view of the same file are kept. Answering "no" to the pattern question
+        clears the kind."""
         if self.material is not None and item not in set(self.material.items.item):
             raise AnnotationError(f"{item!r} is not an item of this study.")
-        if self.path.is_file():
-            self.rows = {r["item"]: r for r in read_annotations(self.path, self.material).to_dict("records")}
-        row = dict(self.rows.get(item) or {c: "" for c in ANSWER_COLUMNS} | {"item": item})
-        if self.material is not None:
-            row["material"] = self.material.items.set_index("item").material[item]
+        values = {}
         for field, value in answers.items():
             if field not in QUESTIONS and field != "comment":
                 raise AnnotationError(f"Unknown answer field {field!r}; use {', '.join([*QUESTIONS, 'comment'])}.")
             value = "" if value is None else str(value)
             if field in QUESTIONS and value and value not in QUESTIONS[field]:
                 raise AnnotationError(f"{field}={value!r}: use one of {', '.join(QUESTIONS[field])}.")
-            row[field] = value
-        if row.get("pattern_observable") == "no":
-            row["operation_kind"] = ""
-        row["annotated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
-        self.rows[item] = row
-        self.save()
+            values[field] = value
+        with self._locked():
+            self._merge_from_disk()
+            row = dict(self.rows.get(item) or {c: "" for c in ANSWER_COLUMNS} | {"item": item})
+            if self.material is not None:
+                row["material"] = self.material.items.set_index("item").material[item]
+            row |= values
+            if row.get("pattern_observable") == "no":
+                row["operation_kind"] = ""
+            row["annotated_at"] = datetime.now(UTC).isoformat(timespec="milliseconds")
+            self.rows[item] = row
+            self._changed.add(item)
+            self._write()
         return row
 
     def complete(self, item: str) -> bool:
@@ -223,8 +245,45 @@ class AnnotationStore:
         return bool(r) and is_complete(r)
 
     def save(self) -> Path:
+        """Merge with the file on disk and write it, under the file's lock (see the class)."""
+        with self._locked():
+            self._merge_from_disk()
+            return self._write()
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        from filelock import FileLock, Timeout
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(self.path.with_name(f".{self.path.name}.lock"), timeout=LOCK_TIMEOUT)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise AnnotationError(f"{self.path} stayed locked by another view of this annotator for "
+                                  f"{LOCK_TIMEOUT:.0f} s; close the other annotator tab or process, then answer "
+                                  "again.") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def _merge_from_disk(self) -> None:
+        """Per item, keep the most recently answered of the file's row and this view's; on a tie the file's, unless
+        this view answered the item since its last save. Items on one side only are kept."""
+        if not self.path.is_file():
+            return
+        disk = {r["item"]: r for r in read_annotations(self.path, self.material).to_dict("records")}
+        merged = dict(disk)
+        for item, row in self.rows.items():
+            if item not in disk or (_answered_at(row), item in self._changed) > (_answered_at(disk[item]), False):
+                merged[item] = row
+        self.rows = merged
+
+    def _write(self) -> Path:
         df = pd.DataFrame(list(self.rows.values()), columns=ANSWER_COLUMNS)
-        return atomic_write_text(self.path, df.to_csv(index=False))
+        path = atomic_write_text(self.path, df.to_csv(index=False))
+        self._changed.clear()
+        return path
 
 
 def is_complete(row) -> bool:

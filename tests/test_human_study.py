@@ -6,6 +6,9 @@ Annotation files here are small fixtures written by the tests themselves; nothin
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -152,6 +155,78 @@ def test_two_views_of_one_file_keep_each_others_answers(tmp_path, material):
     assert set(HS.AnnotationStore(path, material).rows) == {"item-001", "item-002"}
 
 
+_ANSWER_MANY = """
+import sys, time
+from pathlib import Path
+from maps_utils import human_study as HS
+descriptions, path, ready, go, *items = sys.argv[1:]
+store = HS.AnnotationStore(path, HS.build_material(descriptions, n=None, seed=0))
+write = HS.atomic_write_text
+def slow_write(*args):  # a slow disk: widens the read-merge-write window, so unlocked saves would overlap
+    time.sleep(0.01)
+    return write(*args)
+HS.atomic_write_text = slow_write
+Path(ready).touch()
+while not Path(go).exists():
+    time.sleep(0.01)
+for field, value in (("pattern_observable", "no"), ("description_correct", "correct")):  # two saves per item
+    for item in items:
+        store.answer(item, **{field: value})
+"""
+
+
+def test_two_processes_answering_at_once_keep_all_answers(tmp_path):
+    """Two views of one annotator in two processes, saving interleaved: every answer of both is in the file."""
+    descriptions = write_descriptions(tmp_path, n_layers=8, n_heads=5)
+    material = HS.build_material(descriptions, n=None, seed=0)
+    items = material.items.item.tolist()
+    assert len(items) == 40
+    path, go = tmp_path / "ann" / "gina.csv", tmp_path / "go"
+    halves = {"a": items[0::2], "b": items[1::2]}  # 20 distinct items each
+    procs = [subprocess.Popen([sys.executable, "-c", _ANSWER_MANY, str(descriptions), str(path),
+                               str(tmp_path / f"ready-{k}"), str(go), *half], stderr=subprocess.PIPE, text=True)
+             for k, half in halves.items()]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready-{k}").exists() for k in halves) and time.monotonic() < deadline:
+        assert all(p.poll() is None for p in procs), [p.communicate()[1][-2000:] for p in procs]
+        time.sleep(0.02)
+    go.touch()  # both start answering together
+    for p in procs:
+        assert p.wait(timeout=120) == 0, p.communicate()[1][-2000:]
+    saved = HS.read_annotations(path, material)
+    assert sorted(saved.item) == sorted(items) and saved.apply(HS.is_complete, axis=1).all()
+    assert [p.name for p in path.parent.iterdir() if ".partial-" in p.name] == []
+
+
+def test_a_save_merges_with_the_file_and_the_latest_answer_wins(tmp_path, material):
+    path = tmp_path / "ann" / "hana.csv"
+    one, two = HS.AnnotationStore(path, material), HS.AnnotationStore(path, material)
+    one.answer("item-001", pattern_observable="yes")
+    two.answer("item-001", pattern_observable="no")  # later: wins
+    one.answer("item-002", pattern_observable="yes")  # one's stale copy of item-001 does not overwrite two's answer
+    back = HS.AnnotationStore(path, material).rows
+    assert back["item-001"]["pattern_observable"] == "no" and back["item-002"]["pattern_observable"] == "yes"
+    assert one.rows["item-001"]["pattern_observable"] == "no"  # the view caught up
+    # an answer this view holds but the file lacks (the file was replaced meanwhile) is written back by save()
+    two.rows["item-003"] = one.rows["item-002"] | {"item": "item-003", "annotated_at": "2020-01-01T00:00:00+00:00",
+                                                   "material": material.items.set_index("item").material["item-003"]}
+    two.save()
+    assert set(HS.AnnotationStore(path, material).rows) == {"item-001", "item-002", "item-003"}
+
+
+@pytest.mark.parametrize("name", ["alice\n", " alice", "alice ", "a/b", "", "../evil", "-x", "a" * 65, "é"])
+def test_bad_annotator_names_are_refused_in_one_sentence(name):
+    with pytest.raises(HS.AnnotationError) as err:
+        HS.check_annotator(name)
+    msg = str(err.value)
+    assert "use letters, digits, '_', '-' or '.' only" in msg and "\n" not in msg and msg.count(". ") == 0
+
+
+@pytest.mark.parametrize("name", ["alice", "Bob_2", "ann-a", "x.y", "a" * 64, "7"])
+def test_good_annotator_names_pass(name):
+    assert HS.check_annotator(name) == name
+
+
 def test_writing_the_material_never_overwrites_a_sheet_with_answers(tmp_path, material):
     out = material.write(tmp_path / "study", ["fred"], seed=0)
     sheet = out / "sheets" / "fred.csv"
@@ -182,7 +257,8 @@ def test_a_crash_mid_write_keeps_the_earlier_file(tmp_path, material, monkeypatc
         store.answer("item-002", pattern_observable="no", description_correct="correct")
     monkeypatch.undo()
     assert path.read_bytes() == before
-    assert [p.name for p in path.parent.iterdir()] == ["bob.csv"]  # no temporary file left behind
+    left = sorted(p.name for p in path.parent.iterdir())
+    assert left == [".bob.csv.lock", "bob.csv"]  # no temporary file left behind (the lock file stays, empty)
     assert set(HS.AnnotationStore(path, material).rows) == {"item-001"}
 
 
