@@ -11,6 +11,7 @@ DTYPE        ?= float32
 PAPERMILL_ARGS ?=
 PYTEST_ARGS  ?=
 SMOKE        ?=
+FORCE        ?=
 
 BIN          := $(VENV)/bin
 STAMP        := $(VENV)/.maps-setup-stamp
@@ -39,14 +40,34 @@ NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 EXECUTED     := $(patsubst notebooks/%.ipynb,$(REPORT_DIR)/%.ipynb,$(NOTEBOOKS))
 HTML         := $(EXECUTED:.ipynb=.html)
 ATLAS        := $(REPORT_DIR)/atlas.html
+# The parameter stamp: every executed notebook depends on $(PARAMS_STAMP), which holds the run's parameters and is
+# rewritten (while the Makefile is read) only when they changed, so `make all DTYPE=bfloat16` after a finished run
+# reruns the notebooks and a repeated `make all` does not. FORCE=1 reruns every notebook. `make -n` and `make -q`
+# write nothing: there a changed parameter only plans the reruns.
+PARAMS       := MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) SMOKE=$(SMOKE) PAPERMILL_ARGS=$(PAPERMILL_ARGS)
+PARAMS_STAMP := $(REPORT_DIR)/.params
+RERUN        := $(if $(filter 1,$(FORCE)),FORCE)
+DRY_RUN      := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
+ifneq ($(filter all notebooks atlas $(EXECUTED) $(HTML) $(ATLAS) $(PARAMS_STAMP),$(MAKECMDGOALS)),)
+ifneq ($(file <$(PARAMS_STAMP)),$(PARAMS))
+ifeq ($(DRY_RUN),)
+$(shell mkdir -p '$(REPORT_DIR)')
+$(file >$(PARAMS_STAMP),$(PARAMS))
+else
+RERUN        := FORCE
+endif
+endif
+endif
 
 .DEFAULT_GOAL := help
 .SECONDARY: $(EXECUTED)
-.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench relations clean clean-venv
+.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench relations clean clean-venv FORCE \
+        check-options
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "  variables: MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) TORCH_SPEC='$(TORCH_SPEC)' VENV=$(VENV)"
+	@echo "  a changed MODEL, DEVICE, DTYPE or PAPERMILL_ARGS reruns the notebooks; FORCE=1 reruns every notebook"
 
 setup: $(STAMP) ## build or reuse the virtual environment in .venv
 
@@ -79,7 +100,7 @@ all: $(STAMP) $(DESCRIBER_DEP) notebooks atlas ## rerun the whole study on MODEL
 
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
 
-$(ATLAS): $(HTML) $(wildcard maps_utils/*.py)
+$(ATLAS): $(HTML) $(wildcard maps_utils/*.py) | check-options
 	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" --results-dir $(RESULTS_DIR) --out $@
 
 browser: ## a headless chromium for the atlas test (installed with apt-get if missing)
@@ -90,6 +111,17 @@ browser: ## a headless chromium for the atlas test (installed with apt-get if mi
 	    $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; }; }
 
 notebooks: $(HTML)
+
+FORCE:
+
+# the parameter stamp, when missing (written as the Makefile is read when the parameters change; see PARAMS)
+$(PARAMS_STAMP):
+	@mkdir -p $(@D); printf '%s\n' '$(subst ','\'',$(PARAMS))' > $@
+
+$(EXECUTED): $(PARAMS_STAMP) $(RERUN) | check-options
+
+check-options: $(STAMP) ## check MODEL, DEVICE and DTYPE before anything runs (one sentence when one cannot work)
+	@$(BIN)/maps check-options "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)"
 
 $(REPORT_DIR)/04_salient_descriptions.ipynb: | $(DESCRIBER_DEP)
 

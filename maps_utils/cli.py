@@ -4,8 +4,10 @@
     maps info [MODEL] [--device D]    load a model and print its head geometry as JSON
     maps relations [--models M ...]   usable single-token pairs per shipped relation and model
     maps relations FILE ...           the same for relation files of your own (JSON pairs or CSV)
-    maps score [MODEL] [--relation R ...] [--variant V]
+    maps score [MODEL] [--relation R ...] [--variant V] [--k K] [--copying]
                                       static relation scores (cached under results/); prints the top heads
+    maps check-options [MODEL] [--device D] [--dtype T]
+                                      check options without loading anything (`make all` runs it first)
     maps atlas [MODEL] [--out PATH]   write the self-contained HTML head atlas (default reports/MODEL/atlas.html)
     maps run-manifest MODEL --step S --seconds T [--notebook NB]
                                       record a step in results/MODEL/manifest.json (`make all` calls it)
@@ -22,11 +24,32 @@ import json
 import logging
 import sys
 
-from .errors import MapsError
-from .models import DEFAULT_MODEL, available_models, load
+from .errors import MapsError, OptionError
+from .models import DEFAULT_MODEL, available_models, check_options, load
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Every option is checked before anything is loaded (each failure is one sentence)."""
+    from .store import check_results_dir
+
+    check_options(args.model, args.device, args.dtype)
+    if getattr(args, "variant", None):
+        from .static import check_variant
+
+        check_variant(args.variant)
+    if getattr(args, "results_dir", None):
+        check_results_dir(args.results_dir)
+    if getattr(args, "k", None) is not None and args.k < 1:
+        raise OptionError(f"--k {args.k} is not a positive number of top tokens; pass --k 1 or more.")
+
+
+def _check_options(args: argparse.Namespace) -> int:
+    _check(args)
+    return 0
 
 
 def _info(args: argparse.Namespace) -> int:
+    _check(args)
     loaded = load(args.model, device=args.device, dtype=args.dtype)
     print(json.dumps({**loaded.manifest(), "load_seconds": round(loaded.load_seconds, 2),
                       "from_cache": loaded.from_cache}, indent=2))
@@ -55,14 +78,20 @@ def _relations(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from . import relations as R
     from . import scores as SC
     from .models import default_variant
 
+    _check(args)
+    copying = True if args.copying else None
+    relations = [R.load(r, copying=copying) for r in args.relation] if args.relation else None
     loaded = load(args.model, device=args.device, dtype=args.dtype)
-    res = SC.static_scores(loaded, args.relation or None, variant=args.variant or default_variant(args.model),
+    res = SC.static_scores(loaded, relations, variant=args.variant or default_variant(args.model),
                            results_dir=args.results_dir)
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
-        print(SC.top_heads(res.table(), n=args.top).to_string(index=False))
+        print(SC.top_heads(res.table(k=args.k), n=args.top).to_string(index=False))
+    for name, n in res.skipped.items():
+        print(f"skipped {name}: {n} usable single-token pairs (fewer than {R.MIN_PAIRS})", file=sys.stderr)
     where = "read from" if res.from_cache else "written to"
     print(f"\nscores ({res.variant}) {where} {args.results_dir}/ (tidy table: scores.csv with a manifest)")
     return 0
@@ -71,6 +100,7 @@ def _score(args: argparse.Namespace) -> int:
 def _atlas(args: argparse.Namespace) -> int:
     from .atlas import build_atlas
 
+    _check(args)
     loaded = load(args.model, device=args.device, dtype=args.dtype)
     path = build_atlas(loaded, args.results_dir, args.out, variant=args.variant)
     print(f"atlas: {path}")
@@ -119,8 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         if name == "score":
             cmd.add_argument("--relation", nargs="+", help="relation names or files (default: every shipped relation)")
             cmd.add_argument("--top", type=int, default=5, help="heads listed per relation")
+            cmd.add_argument("--k", type=int, default=None,
+                             help="top-k of the score for every relation (default: the paper's rule, 1 for copying "
+                                  "relations and 10 for the others; the table's k column shows the k used)")
+            cmd.add_argument("--copying", action="store_true",
+                             help="treat the relation files as copying relations (k = 1); files whose name contains "
+                                  "'copying' already are")
         else:
             cmd.add_argument("--out", default=None, help="the HTML file (default reports/<model>/atlas.html)")
+    chk = sub.add_parser("check-options", help="check a model, device and dtype without loading anything (make all)")
+    chk.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    chk.add_argument("--device", default="auto")
+    chk.add_argument("--dtype", default="float32")
+    chk.add_argument("--results-dir", default=None)
+    chk.set_defaults(func=_check_options)
     man = sub.add_parser("run-manifest", help="record one executed notebook in results/MODEL/manifest.json (make all)")
     man.add_argument("model")
     man.add_argument("--step", required=True, help="the step's name, e.g. 01_static_scores")

@@ -4,9 +4,11 @@ failing notebook stops the run loudly. It writes reports/smoke/, results/smoke/ 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -59,3 +61,41 @@ def test_a_failing_notebook_stops_make_all_loudly():
     assert "make: notebook notebooks/00_model_overview.ipynb FAILED" in out.stderr
     assert not (ROOT / "reports" / "smoke" / "no-such-model-xyz" / "00_model_overview.ipynb").exists()
     shutil.rmtree(ROOT / "reports" / "smoke" / "no-such-model-xyz", ignore_errors=True)
+
+
+def test_a_changed_parameter_or_force_reruns_the_notebooks_and_an_unchanged_one_does_not(tmp_path):
+    """The parameter stamp, with `make -n` (nothing runs): fake up-to-date reports in a temporary report folder."""
+    report, venv = tmp_path / "report", tmp_path / "venv"
+    venv.mkdir()
+    base = ["SMOKE=1", f"REPORT_DIR={report}", f"VENV={venv}"]
+    stamp = report / ".params"
+    made = _make(str(stamp), *base, timeout=60)  # a real run: writes the stamp of these parameters, runs nothing
+    assert made.returncode == 0 and stamp.is_file(), made.stderr
+    sources = [*(ROOT / "notebooks").glob("*.ipynb"), *(ROOT / "maps_utils").glob("*.py"), ROOT / "pyproject.toml"]
+    t = max(time.time() - 2, *(f.stat().st_mtime + 0.01 for f in sources))
+    os.utime(stamp, (t - 100, t - 100))
+    (venv / ".maps-setup-stamp").touch()
+    os.utime(venv / ".maps-setup-stamp", (t, t))
+    notebooks = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    for f in [*(f"{n}.ipynb" for n in notebooks), *(f"{n}.html" for n in notebooks), "atlas.html"]:
+        (report / f).write_text("{}")
+        os.utime(report / f, (t, t))
+    before = (stamp.read_bytes(), stamp.stat().st_mtime_ns)
+
+    def planned(*args):
+        out = _make("-n", "all", *base, *args, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.count("/papermill ")
+
+    assert planned() == 0  # same parameters: up to date
+    assert planned("DTYPE=bfloat16") == len(notebooks)
+    assert planned("PAPERMILL_ARGS=-y '{max_pairs: 5, relations: [a, b]}' -p note \"x\"") == len(notebooks)
+    assert planned("FORCE=1") == len(notebooks)
+    assert (stamp.read_bytes(), stamp.stat().st_mtime_ns) == before  # a dry run writes nothing
+    # a real run with a changed parameter rewrites the stamp (then the notebooks are older than it); unchanged: kept
+    assert _make(str(stamp), *base, "DTYPE=bfloat16", timeout=60).returncode == 0
+    assert b"DTYPE=bfloat16" in stamp.read_bytes() and stamp.stat().st_mtime > t
+    rewritten = stamp.stat().st_mtime_ns
+    assert planned("DTYPE=bfloat16") == len(notebooks)
+    assert _make(str(stamp), *base, "DTYPE=bfloat16", timeout=60).returncode == 0
+    assert stamp.stat().st_mtime_ns == rewritten
