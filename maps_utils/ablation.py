@@ -695,5 +695,6 @@ def causal_experiment(
                     "reused_from_cache": reused},
         wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     if out is not None:
-        result.write(results_dir)
+        with parts.lock():  # concurrent runs write whole table sets in turn, never a mix of two experiments
+            result.write(results_dir)
     return result

@@ -14,11 +14,10 @@ Nothing here produces judgments: the analysis reads only the files people wrote,
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 
 from .describe import layer_quartile, outcome, quartile_table, show_token, stratified_pick  # noqa: F401 (quartile_table: re-exported for the analysis)
 from .errors import MapsError
-from .io import atomic_write_text
+from .io import atomic_write_text, file_lock
 from .manifest import build_manifest, write_manifest
 
 PATTERN = ("yes", "no")
@@ -250,22 +249,10 @@ class AnnotationStore:
             self._merge_from_disk()
             return self._write()
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        from filelock import FileLock, Timeout
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(self.path.with_name(f".{self.path.name}.lock"), timeout=LOCK_TIMEOUT)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise AnnotationError(f"{self.path} stayed locked by another view of this annotator for "
-                                  f"{LOCK_TIMEOUT:.0f} s; close the other annotator tab or process, then answer "
-                                  "again.") from None
-        try:
-            yield
-        finally:
-            lock.release()
+    def _locked(self):
+        busy = AnnotationError(f"{self.path} stayed locked by another view of this annotator for {LOCK_TIMEOUT:.0f} s; "
+                               "close the other annotator tab or process, then answer again.")
+        return file_lock(self.path.with_name(f".{self.path.name}.lock"), LOCK_TIMEOUT, busy)
 
     def _merge_from_disk(self) -> None:
         """Per item, keep the most recently answered of the file's row and this view's; on a tie the file's, unless

@@ -145,3 +145,21 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     with atomic_file(path, "w") as fh:
         fh.write(text)
     return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path, timeout: float, busy: Exception):
+    """Hold the lock file ``path`` (``filelock``), so writers of one result take turns; ``busy`` (a one-sentence
+    error) is raised when another process holds it for longer than ``timeout`` seconds."""
+    from filelock import FileLock, Timeout
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(path))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise busy from None
+    try:
+        yield
+    finally:
+        lock.release()

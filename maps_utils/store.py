@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .errors import MapsError, OptionError
-from .io import atomic_file
+from .io import atomic_file, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -109,16 +109,7 @@ class Slots:
         if self.folder is None:
             yield
             return
-        from filelock import FileLock, Timeout
-
-        self.folder.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.folder / ".lock"))
-        try:
-            lock.acquire(timeout=timeout)
-        except Timeout:
-            raise StoreBusyError(f"Another run has been writing {self.folder} for over {timeout:.0f} s; wait for it "
-                                 "to finish (or stop it) and run again.") from None
-        try:
+        busy = StoreBusyError(f"Another run has been writing {self.folder} for over {timeout:.0f} s; wait for it to "
+                              "finish (or stop it) and run again.")
+        with file_lock(self.folder / ".lock", timeout, busy):
             yield
-        finally:
-            lock.release()
