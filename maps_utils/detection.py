@@ -279,7 +279,7 @@ def auc(scores: Sequence[float], positive: Sequence[bool]) -> float:
 def vs_people(scores: pd.DataFrame, annotations: pd.DataFrame, *, threshold: float = THRESHOLD) -> pd.DataFrame:
     """How well the automatic score of the LLM descriptions predicts people's "correct" (notebook 05's long
     annotation table): AUC, and Cohen's kappa between "verified" and "correct", over answered items."""
-    from .human_study import answered
+    from .agreement import answered
 
     judged = answered(annotations, "description_correct")
     llm = scores[scores.describer == "llm"][["layer", "head", "score"]]

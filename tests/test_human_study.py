@@ -14,8 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from maps_utils import agreement as AG
+from maps_utils import annotations as AN
+from maps_utils import annotator as AT
 from maps_utils import human_study as HS
 from maps_utils import io as IO
+from maps_utils import sampling as SA
 from maps_utils.describe import DescriptionResult
 
 N_LAYERS, N_HEADS = 8, 2  # quartiles of 2 layers, 4 heads each
@@ -79,9 +83,9 @@ def test_sheets_differ_in_order_and_read_back_as_empty_annotations(tmp_path, mat
     b = pd.read_csv(out / "sheets" / "ann-b.csv")
     assert set(a.item) == set(b.item) == set(material.items.item) and a.item.tolist() != b.item.tolist()
     assert (out / "key.csv").is_file() and (out / "items.csv").is_file()
-    read = HS.read_annotations(out / "sheets" / "ann-a.csv", material)  # a blank sheet is a valid file
-    assert len(read) == 8 and not read.apply(HS.is_complete, axis=1).any()
-    with pytest.raises(HS.AnnotationError, match="use letters, digits"):
+    read = AN.read_annotations(out / "sheets" / "ann-a.csv", material)  # a blank sheet is a valid file
+    assert len(read) == 8 and not read.apply(AN.is_complete, axis=1).any()
+    with pytest.raises(AN.AnnotationError, match="use letters, digits"):
         material.sheet("../evil")
 
 
@@ -98,31 +102,31 @@ def _write(path, rows, columns=("item", "pattern_observable", "description_corre
 
 def test_validation_errors_name_the_problem(tmp_path, material):
     f = tmp_path / "x.csv"
-    with pytest.raises(HS.AnnotationError, match=r"row 3 \(item-002\): pattern_observable='maybe' is not one of yes, no"):
-        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic"), ("item-002", "maybe", "correct", "")]))
-    with pytest.raises(HS.AnnotationError, match="operation_kind='syntax' is not one of semantic"):
-        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "syntax")]))
-    with pytest.raises(HS.AnnotationError, match="item-001 appear more than once"):
-        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic"), ("item-001", "no", "correct", "")]))
-    with pytest.raises(HS.AnnotationError, match="unknown item.*item-999"):
-        HS.read_annotations(_write(f, [("item-999", "yes", "correct", "semantic")]), material)
-    with pytest.raises(HS.AnnotationError, match="missing column.*description_correct"):
-        HS.read_annotations(_write(f, [("item-001", "yes")], columns=("item", "pattern_observable")))
+    with pytest.raises(AN.AnnotationError, match=r"row 3 \(item-002\): pattern_observable='maybe' is not one of yes, no"):
+        AN.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic"), ("item-002", "maybe", "correct", "")]))
+    with pytest.raises(AN.AnnotationError, match="operation_kind='syntax' is not one of semantic"):
+        AN.read_annotations(_write(f, [("item-001", "yes", "correct", "syntax")]))
+    with pytest.raises(AN.AnnotationError, match="item-001 appear more than once"):
+        AN.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic"), ("item-001", "no", "correct", "")]))
+    with pytest.raises(AN.AnnotationError, match="unknown item.*item-999"):
+        AN.read_annotations(_write(f, [("item-999", "yes", "correct", "semantic")]), material)
+    with pytest.raises(AN.AnnotationError, match="missing column.*description_correct"):
+        AN.read_annotations(_write(f, [("item-001", "yes")], columns=("item", "pattern_observable")))
     stale = [("item-001", "deadbeef0000", "yes", "correct", "semantic")]
-    with pytest.raises(HS.AnnotationError, match="answered on different material"):
-        HS.read_annotations(_write(f, stale, ("item", "material", "pattern_observable", "description_correct",
+    with pytest.raises(AN.AnnotationError, match="answered on different material"):
+        AN.read_annotations(_write(f, stale, ("item", "material", "pattern_observable", "description_correct",
                                               "operation_kind")), material)
-    with pytest.raises(HS.AnnotationError, match="leave the kind empty when pattern_observable is no"):
-        HS.read_annotations(_write(f, [("item-001", "no", "correct", "semantic")]))
-    with pytest.raises(HS.AnnotationError, match="have answers but no material hash"):
-        HS.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic")]), material)
+    with pytest.raises(AN.AnnotationError, match="leave the kind empty when pattern_observable is no"):
+        AN.read_annotations(_write(f, [("item-001", "no", "correct", "semantic")]))
+    with pytest.raises(AN.AnnotationError, match="have answers but no material hash"):
+        AN.read_annotations(_write(f, [("item-001", "yes", "correct", "semantic")]), material)
     f.write_text("")
-    with pytest.raises(HS.AnnotationError, match="is empty; remove it"):
-        HS.read_annotations(f)
+    with pytest.raises(AN.AnnotationError, match="is empty; remove it"):
+        AN.read_annotations(f)
     f.write_text("item,material,pattern_observable,description_correct,operation_kind\n")
-    assert HS.read_annotations(f, material).empty  # a header alone is a valid, empty file
+    assert AN.read_annotations(f, material).empty  # a header alone is a valid, empty file
     mat = material.items.material.tolist()
-    ok = HS.read_annotations(_write(f, [("item-001", mat[0], " YES ", "Correct", "semantic"), ("", "", "", "", "")],
+    ok = AN.read_annotations(_write(f, [("item-001", mat[0], " YES ", "Correct", "semantic"), ("", "", "", "", "")],
                                     ("item", "material", "pattern_observable", "description_correct", "operation_kind")),
                              material)
     assert ok.pattern_observable.tolist() == ["yes"] and ok.description_correct.tolist() == ["correct"]  # blank row dropped
@@ -130,42 +134,43 @@ def test_validation_errors_name_the_problem(tmp_path, material):
 
 def test_store_saves_each_answer_and_resumes(tmp_path, material):
     path = tmp_path / "ann" / "alice.csv"
-    store = HS.AnnotationStore(path, material)
+    store = AN.AnnotationStore(path, material)
     store.answer("item-003", pattern_observable="yes")
     assert path.is_file() and not store.complete("item-003")
     store.answer("item-003", description_correct="partially", operation_kind="semantic", comment="half, the lines")
     store.answer("item-001", pattern_observable="no", description_correct="correct")
-    back = HS.AnnotationStore(path, material)
+    back = AN.AnnotationStore(path, material)
     assert back.complete("item-003") and back.complete("item-001")
     assert back.rows["item-003"]["comment"] == "half, the lines"
     assert back.rows["item-003"]["material"] == material.items.set_index("item").material["item-003"]
-    with pytest.raises(HS.AnnotationError, match="use one of yes, no"):
+    with pytest.raises(AN.AnnotationError, match="use one of yes, no"):
         back.answer("item-002", pattern_observable="maybe")
-    with pytest.raises(HS.AnnotationError, match="not an item of this study"):
+    with pytest.raises(AN.AnnotationError, match="not an item of this study"):
         back.answer("item-099", pattern_observable="yes")
     back.answer("item-003", pattern_observable="no")  # no pattern: the kind given earlier goes
-    assert HS.AnnotationStore(path, material).rows["item-003"]["operation_kind"] == ""
+    assert AN.AnnotationStore(path, material).rows["item-003"]["operation_kind"] == ""
 
 
 def test_two_views_of_one_file_keep_each_others_answers(tmp_path, material):
     path = tmp_path / "ann" / "erin.csv"
-    one, two = HS.AnnotationStore(path, material), HS.AnnotationStore(path, material)
+    one, two = AN.AnnotationStore(path, material), AN.AnnotationStore(path, material)
     one.answer("item-001", pattern_observable="no", description_correct="correct")
     two.answer("item-002", pattern_observable="no", description_correct="incorrect")
-    assert set(HS.AnnotationStore(path, material).rows) == {"item-001", "item-002"}
+    assert set(AN.AnnotationStore(path, material).rows) == {"item-001", "item-002"}
 
 
 _ANSWER_MANY = """
 import sys, time
 from pathlib import Path
+from maps_utils import annotations as AN
 from maps_utils import human_study as HS
 descriptions, path, ready, go, *items = sys.argv[1:]
-store = HS.AnnotationStore(path, HS.build_material(descriptions, n=None, seed=0))
-write = HS.atomic_write_text
+store = AN.AnnotationStore(path, HS.build_material(descriptions, n=None, seed=0))
+write = AN.atomic_write_text
 def slow_write(*args):  # a slow disk: widens the read-merge-write window, so unlocked saves would overlap
     time.sleep(0.01)
     return write(*args)
-HS.atomic_write_text = slow_write
+AN.atomic_write_text = slow_write
 Path(ready).touch()
 while not Path(go).exists():
     time.sleep(0.01)
@@ -193,38 +198,38 @@ def test_two_processes_answering_at_once_keep_all_answers(tmp_path):
     go.touch()  # both start answering together
     for p in procs:
         assert p.wait(timeout=120) == 0, p.communicate()[1][-2000:]
-    saved = HS.read_annotations(path, material)
-    assert sorted(saved.item) == sorted(items) and saved.apply(HS.is_complete, axis=1).all()
+    saved = AN.read_annotations(path, material)
+    assert sorted(saved.item) == sorted(items) and saved.apply(AN.is_complete, axis=1).all()
     assert [p.name for p in path.parent.iterdir() if ".partial-" in p.name] == []
 
 
 def test_a_save_merges_with_the_file_and_the_latest_answer_wins(tmp_path, material):
     path = tmp_path / "ann" / "hana.csv"
-    one, two = HS.AnnotationStore(path, material), HS.AnnotationStore(path, material)
+    one, two = AN.AnnotationStore(path, material), AN.AnnotationStore(path, material)
     one.answer("item-001", pattern_observable="yes")
     two.answer("item-001", pattern_observable="no")  # later: wins
     one.answer("item-002", pattern_observable="yes")  # one's stale copy of item-001 does not overwrite two's answer
-    back = HS.AnnotationStore(path, material).rows
+    back = AN.AnnotationStore(path, material).rows
     assert back["item-001"]["pattern_observable"] == "no" and back["item-002"]["pattern_observable"] == "yes"
     assert one.rows["item-001"]["pattern_observable"] == "no"  # the view caught up
     # an answer this view holds but the file lacks (the file was replaced meanwhile) is written back by save()
     two.rows["item-003"] = one.rows["item-002"] | {"item": "item-003", "annotated_at": "2020-01-01T00:00:00+00:00",
                                                    "material": material.items.set_index("item").material["item-003"]}
     two.save()
-    assert set(HS.AnnotationStore(path, material).rows) == {"item-001", "item-002", "item-003"}
+    assert set(AN.AnnotationStore(path, material).rows) == {"item-001", "item-002", "item-003"}
 
 
 @pytest.mark.parametrize("name", ["alice\n", " alice", "alice ", "a/b", "", "../evil", "-x", "a" * 65, "é"])
 def test_bad_annotator_names_are_refused_in_one_sentence(name):
-    with pytest.raises(HS.AnnotationError) as err:
-        HS.check_annotator(name)
+    with pytest.raises(AN.AnnotationError) as err:
+        AN.check_annotator(name)
     msg = str(err.value)
     assert "use letters, digits, '_', '-' or '.' only" in msg and "\n" not in msg and msg.count(". ") == 0
 
 
 @pytest.mark.parametrize("name", ["alice", "Bob_2", "ann-a", "x.y", "a" * 64, "7"])
 def test_good_annotator_names_pass(name):
-    assert HS.check_annotator(name) == name
+    assert AN.check_annotator(name) == name
 
 
 def test_writing_the_material_never_overwrites_a_sheet_with_answers(tmp_path, material):
@@ -238,14 +243,14 @@ def test_writing_the_material_never_overwrites_a_sheet_with_answers(tmp_path, ma
 
 
 def test_an_annotator_called_pooled_does_not_replace_the_pooled_row(tmp_path, material):
-    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"pooled": A, "b": B}), material)
-    r = HS.rates(ann)
-    assert r.loc["pooled", "pattern_yes"] == pytest.approx(5 / 8) and r.loc[HS.POOLED, "pattern_yes"] == pytest.approx(9 / 16)
+    ann = AN.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"pooled": A, "b": B}), material)
+    r = AG.rates(ann)
+    assert r.loc["pooled", "pattern_yes"] == pytest.approx(5 / 8) and r.loc[AG.POOLED, "pattern_yes"] == pytest.approx(9 / 16)
 
 
 def test_a_crash_mid_write_keeps_the_earlier_file(tmp_path, material, monkeypatch):
     path = tmp_path / "ann" / "bob.csv"
-    store = HS.AnnotationStore(path, material)
+    store = AN.AnnotationStore(path, material)
     store.answer("item-001", pattern_observable="yes", description_correct="correct", operation_kind="semantic")
     before = path.read_bytes()
 
@@ -259,7 +264,7 @@ def test_a_crash_mid_write_keeps_the_earlier_file(tmp_path, material, monkeypatc
     assert path.read_bytes() == before
     left = sorted(p.name for p in path.parent.iterdir())
     assert left == [".bob.csv.lock", "bob.csv"]  # no temporary file left behind (the lock file stays, empty)
-    assert set(HS.AnnotationStore(path, material).rows) == {"item-001"}
+    assert set(AN.AnnotationStore(path, material).rows) == {"item-001"}
 
 
 # ---- statistics --------------------------------------------------------------------------------------
@@ -267,22 +272,22 @@ def test_cohen_kappa_by_hand():
     a = ["yes"] * 5 + ["no"] * 5
     b = ["yes"] * 4 + ["no"] * 5 + ["yes"]
     # p_o = 8/10, p_e = .5*.5 + .5*.5 = .5, kappa = (.8 - .5) / .5 = .6
-    assert HS.cohen_kappa(a, b) == pytest.approx(0.6)
-    assert HS.cohen_kappa(a, a) == pytest.approx(1.0)
-    assert np.isnan(HS.cohen_kappa(["yes"] * 3, ["yes"] * 3))  # chance agreement 1: undefined
+    assert AG.cohen_kappa(a, b) == pytest.approx(0.6)
+    assert AG.cohen_kappa(a, a) == pytest.approx(1.0)
+    assert np.isnan(AG.cohen_kappa(["yes"] * 3, ["yes"] * 3))  # chance agreement 1: undefined
     # 3 categories: p_o = 4/6; marginals a = (3, 2, 1)/6, b = (2, 2, 2)/6; p_e = (6 + 4 + 2)/36 = 1/3; kappa = .5
-    assert HS.cohen_kappa(list("aaabbc"), list("aabbcc")) == pytest.approx(0.5)
+    assert AG.cohen_kappa(list("aaabbc"), list("aabbcc")) == pytest.approx(0.5)
 
 
 def test_fleiss_kappa_by_hand():
     # 4 items, 3 raters, 2 categories: P_i = 1, 1, 1/3, 1/3 -> mean 2/3; p_j = .5, .5 -> P_e = .5; kappa = 1/3
-    assert HS.fleiss_kappa([[3, 0], [0, 3], [2, 1], [1, 2]]) == pytest.approx(1 / 3)
+    assert AG.fleiss_kappa([[3, 0], [0, 3], [2, 1], [1, 2]]) == pytest.approx(1 / 3)
     # the textbook example (Fleiss 1971 layout as in most references): 10 items, 14 raters, 5 categories -> 0.210
     table = [[0, 0, 0, 0, 14], [0, 2, 6, 4, 2], [0, 0, 3, 5, 6], [0, 3, 9, 2, 0], [2, 2, 8, 1, 1],
              [7, 7, 0, 0, 0], [3, 2, 6, 3, 0], [2, 5, 3, 2, 2], [6, 5, 2, 1, 0], [0, 2, 2, 3, 7]]
-    assert HS.fleiss_kappa(table) == pytest.approx(0.2099, abs=1e-4)
+    assert AG.fleiss_kappa(table) == pytest.approx(0.2099, abs=1e-4)
     with pytest.raises(ValueError, match="same number"):
-        HS.fleiss_kappa([[2, 0], [1, 2]])
+        AG.fleiss_kappa([[2, 0], [1, 2]])
 
 
 def _fixture_annotations(folder, material, answers):
@@ -290,7 +295,7 @@ def _fixture_annotations(folder, material, answers):
     folder.mkdir(parents=True, exist_ok=True)
     items = material.items.item.tolist()
     for name, rows in answers.items():
-        store = HS.AnnotationStore(folder / f"{name}.csv", material)
+        store = AN.AnnotationStore(folder / f"{name}.csv", material)
         for item, (p, c, k) in zip(items, rows, strict=False):
             store.answer(item, pattern_observable=p, description_correct=c, operation_kind=k)
     return folder
@@ -315,22 +320,22 @@ def test_fixture_material_is_as_the_hand_computations_assume(material):
 
 
 def test_rates_quartiles_and_agreement_on_fixture_files(tmp_path, material):
-    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B}), material)
+    ann = AN.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B}), material)
     assert len(ann) == 16 and set(ann.annotator) == {"a", "b"}
-    r = HS.rates(ann)
+    r = AG.rates(ann)
     assert r.loc["a", "pattern_yes"] == pytest.approx(5 / 8) and r.loc["b", "pattern_yes"] == pytest.approx(4 / 8)
     # correctness counts only items the describer gave a pattern for (3-6): a = P C I I, b = P C I C
     assert r.loc["a", "described_answers"] == 4
     assert r.loc["a", ["correct", "partially", "incorrect"]].tolist() == pytest.approx([1 / 4, 1 / 4, 2 / 4])
     assert r.loc["b", ["correct", "partially", "incorrect"]].tolist() == pytest.approx([2 / 4, 1 / 4, 1 / 4])
-    assert r.loc[HS.POOLED, ["correct", "partially", "incorrect"]].tolist() == pytest.approx([3 / 8, 2 / 8, 3 / 8])
+    assert r.loc[AG.POOLED, ["correct", "partially", "incorrect"]].tolist() == pytest.approx([3 / 8, 2 / 8, 3 / 8])
     assert r.loc["a", "kind:semantic"] == pytest.approx(3 / 5)  # a's kinds: items 1, 2, 3, 6, 8
-    assert r.loc[HS.POOLED, "kind:semantic"] == pytest.approx(4 / 9)
+    assert r.loc[AG.POOLED, "kind:semantic"] == pytest.approx(4 / 9)
     # quartiles of the described items: 6 -> Q1, 3 -> Q2, 5 -> Q3, 4 -> Q4
-    qt = HS.quartile_table(HS.answered(ann, "description_correct"), "description_correct", HS.CORRECTNESS, N_LAYERS)
+    qt = SA.quartile_table(AG.answered(ann, "description_correct"), "description_correct", AN.CORRECTNESS, N_LAYERS)
     assert qt.n.tolist() == [2, 2, 2, 2]
-    assert qt[list(HS.CORRECTNESS)].to_numpy().tolist() == [[0.5, 0, 0.5], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
-    agree = HS.agreement(ann, n_boot=200, seed=3).set_index("question")
+    assert qt[list(AN.CORRECTNESS)].to_numpy().tolist() == [[0.5, 0, 0.5], [0, 1, 0], [0, 0, 1], [1, 0, 0]]
+    agree = AG.agreement(ann, n_boot=200, seed=3).set_index("question")
     # pattern: a = y y y n n y n y, b = y n y n n y n y -> p_o = 7/8; p_e = (5/8)(4/8) + (3/8)(4/8) = 1/2 -> 0.75
     assert agree.loc["pattern_observable", "kappa"] == pytest.approx(0.75)
     assert agree.loc["pattern_observable", "raw_agreement"] == pytest.approx(7 / 8)
@@ -342,14 +347,14 @@ def test_rates_quartiles_and_agreement_on_fixture_files(tmp_path, material):
     assert agree.loc["operation_kind", "items"] == 4 and agree.loc["operation_kind", "raw_agreement"] == 0.75
     lo, hi = agree.loc["pattern_observable", ["ci_low", "ci_high"]]
     assert lo <= 0.75 <= hi and hi <= 1.0 and 0 < agree.loc["pattern_observable", "boot_valid"] <= 200
-    again = HS.agreement(ann, n_boot=200, seed=3)
+    again = AG.agreement(ann, n_boot=200, seed=3)
     pd.testing.assert_frame_equal(again.set_index("question"), agree)  # the bootstrap is seeded
-    assert not HS.agreement(ann, n_boot=200, seed=4).set_index("question").equals(agree)
+    assert not AG.agreement(ann, n_boot=200, seed=4).set_index("question").equals(agree)
 
 
 def test_three_annotators_use_fleiss_by_hand(tmp_path, material):
-    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B, "c": C}), material)
-    agree = HS.agreement(ann, n_boot=50, seed=0).set_index("question")
+    ann = AN.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "b": B, "c": C}), material)
+    agree = AG.agreement(ann, n_boot=50, seed=0).set_index("question")
     # pattern counts (yes, no) per item: 1 (3,0) 2 (2,1) 3 (3,0) 4 (1,2) 5 (0,3) 6 (2,1) 7 (0,3) 8 (2,1)
     # mean P_i = (4 * 1 + 4 * 1/3) / 8 = 2/3; p_yes = 13/24; P_e = (169 + 121) / 576; kappa = 94 / 286
     assert agree.loc["pattern_observable", "method"] == "Fleiss" and agree.loc["pattern_observable", "annotators"] == 3
@@ -358,19 +363,19 @@ def test_three_annotators_use_fleiss_by_hand(tmp_path, material):
 
 def test_agreement_with_an_annotator_who_never_sees_a_pattern(tmp_path, material):
     never = [("no", "correct", "")] * 8
-    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "d": never}), material)
-    agree = HS.agreement(ann, n_boot=20, seed=0).set_index("question")
+    ann = AN.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A, "d": never}), material)
+    agree = AG.agreement(ann, n_boot=20, seed=0).set_index("question")
     assert agree.loc["operation_kind", "annotators"] == 1 and np.isnan(agree.loc["operation_kind", "kappa"])
     assert agree.loc["pattern_observable", "method"] == "Cohen"
     # with three annotators of whom one never sees a pattern, the kind question is Cohen's on the other two
-    ann3 = HS.load_annotations(_fixture_annotations(tmp_path / "ann3", material, {"a": A, "b": B, "d": never}), material)
-    kind = HS.agreement(ann3, n_boot=20, seed=0).set_index("question").loc["operation_kind"]
+    ann3 = AN.load_annotations(_fixture_annotations(tmp_path / "ann3", material, {"a": A, "b": B, "d": never}), material)
+    kind = AG.agreement(ann3, n_boot=20, seed=0).set_index("question").loc["operation_kind"]
     assert kind["method"] == "Cohen" and kind["annotators"] == 2 and kind["items"] == 4
 
 
 def test_describer_against_people_by_hand(tmp_path, material):
-    ann = HS.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A}), material)
-    vs = HS.describer_vs_people(ann).loc["a"]
+    ann = AN.load_annotations(_fixture_annotations(tmp_path / "ann", material, {"a": A}), material)
+    vs = AG.describer_vs_people(ann).loc["a"]
     # usable items 3, 4, 5, 6 (pattern) and 8 (Unclear); a says yes on 3, 6, 8 and no on 4, 5; items 1, 2, 7 left out
     assert (vs["items"], vs.no_answer) == (5, 3)
     assert (vs.both_pattern, vs.describer_only, vs.people_only, vs.both_none) == (2, 2, 1, 0)
@@ -381,20 +386,20 @@ def test_describer_against_people_by_hand(tmp_path, material):
 
 def test_partial_answers_count_where_they_answer(tmp_path, material):
     folder = tmp_path / "ann"
-    store = HS.AnnotationStore(folder / "a.csv", material)
+    store = AN.AnnotationStore(folder / "a.csv", material)
     store.answer("item-003", pattern_observable="yes", description_correct="correct")  # no kind yet
     store.answer("item-004", pattern_observable="no")
-    ann = HS.load_annotations(folder, material)
-    r = HS.rates(ann).loc["a"]
+    ann = AN.load_annotations(folder, material)
+    r = AG.rates(ann).loc["a"]
     assert r.pattern_answers == 2 and r.pattern_yes == 0.5 and r.described_answers == 1 and r.correct == 1.0
     assert r.kind_answers == 0
-    assert HS.load_annotations(tmp_path / "none", material).empty
+    assert AN.load_annotations(tmp_path / "none", material).empty
 
 
 # ---- the widget, driven from code ---------------------------------------------------------------------
 def test_annotator_saves_every_click_and_resumes(tmp_path, material):
     folder = tmp_path / "ann"
-    tool = HS.Annotator(material, "carol", folder, seed=0)
+    tool = AT.Annotator(material, "carol", folder, seed=0)
     first = tool.item
     assert tool.pos == 0 and tool.progress.value == 0 and first in tool.title.value
     assert "Answer the first question to see the description" in tool.description.value
@@ -413,7 +418,7 @@ def test_annotator_saves_every_click_and_resumes(tmp_path, material):
     tool.buttons["pattern_observable"].value = "yes"  # half-answered
     tool.comment.value = "looks like plurals"
     # a new session (kernel restart) resumes at the first unanswered item, with the half answer shown
-    again = HS.Annotator(material, "carol", folder, seed=0)
+    again = AT.Annotator(material, "carol", folder, seed=0)
     assert again.item == second and again.buttons["pattern_observable"].value == "yes"
     assert again.comment.value == "looks like plurals" and not again.buttons["operation_kind"].disabled
     again.back_button.click()
@@ -423,7 +428,7 @@ def test_annotator_saves_every_click_and_resumes(tmp_path, material):
     assert rows.loc[first, "description_correct"] == "incorrect" and rows.loc[second, "comment"] == "looks like plurals"
     assert len(rows) == 2
     # the saved file is a valid annotation file for the analysis (the half-answered item counts where it answers)
-    assert HS.load_annotations(folder, material)["item"].tolist() == [first, second]
+    assert AN.load_annotations(folder, material)["item"].tolist() == [first, second]
 
 
 def test_material_manifest_names_the_describer(material):
