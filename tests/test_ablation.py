@@ -14,6 +14,8 @@ import torch
 
 from maps_utils import HeadWeights, LoadedModel
 from maps_utils import ablation as A
+from maps_utils import ablation_hooks as AH
+from maps_utils import ablation_result as AR
 from maps_utils import relations as R
 from maps_utils import scores as SC
 
@@ -22,11 +24,11 @@ from .conftest import TINY_CONFIGS, make_tiny, word_tokenizer
 LENGTHS = [4, 11, 4, 7, 11, 11, 2, 7]  # > 8 exercises Gemma's full sliding window (tiny sliding_window = 8)
 
 
-def _task(vocab: int, lengths=LENGTHS, seed: int = 0) -> A.Task:
+def _task(vocab: int, lengths=LENGTHS, seed: int = 0) -> AH.Task:
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, vocab, (n,), generator=g).tolist() for n in lengths]
     targets = torch.randint(0, vocab, (len(lengths),), generator=g).tolist()
-    return A.Task("random", None, "<X>", [(str(i), str(t)) for i, t in enumerate(targets)], prompts, targets)
+    return AH.Task("random", None, "<X>", [(str(i), str(t)) for i, t in enumerate(targets)], prompts, targets)
 
 
 def _loaded(model, name="tiny") -> LoadedModel:
@@ -34,7 +36,7 @@ def _loaded(model, name="tiny") -> LoadedModel:
                        "test", 0.0)
 
 
-def _full_last_logits(model, task: A.Task) -> torch.Tensor:
+def _full_last_logits(model, task: AH.Task) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in task.prompts])
 
@@ -45,12 +47,12 @@ def test_ablating_no_head_changes_nothing(key):
     loaded, task = _loaded(model), _task(model.config.vocab_size)
     full = _full_last_logits(model, task)
     # the experiment's path (prefix once with a KV cache, then the last token), batched, nothing removed
-    torch.testing.assert_close(A.last_token_logits(loaded, task, (), batch_size=3), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(AH.last_token_logits(loaded, task, (), batch_size=3), full, rtol=1e-10, atol=1e-10)
     # the hooks installed with no head set leave a plain forward pass bit for bit unchanged
     ids = torch.tensor([task.prompts[1]])
     with torch.no_grad():
         plain = model(input_ids=ids).logits
-        with A.HeadAblation(loaded.heads).set(()):
+        with AH.HeadAblation(loaded.heads).set(()):
             hooked = model(input_ids=ids).logits
     assert torch.equal(plain, hooked)
 
@@ -76,7 +78,7 @@ def test_ablating_every_head_of_a_layer_removes_its_attention_at_the_last_positi
             reference = _full_last_logits(model, task)
         finally:
             handle.remove()
-        ours = A.last_token_logits(loaded, task, [(layer, h) for h in range(heads.n_heads)], batch_size=4)
+        ours = AH.last_token_logits(loaded, task, [(layer, h) for h in range(heads.n_heads)], batch_size=4)
         torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
         assert (ours - full).abs().max() > 1e-3  # removing a layer's attention did change the prediction's logits
 
@@ -88,12 +90,12 @@ def test_mean_ablation_of_a_lone_prompt_changes_nothing(key):
     loaded = _loaded(model)
     everything = [(layer, h) for layer in range(heads.n_layers) for h in range(heads.n_heads)]
     one = _task(model.config.vocab_size, lengths=[9])
-    mean = A.mean_last_z(loaded, one)
-    torch.testing.assert_close(A.last_token_logits(loaded, one, everything, replacement=mean),
+    mean = AH.mean_last_z(loaded, one)
+    torch.testing.assert_close(AH.last_token_logits(loaded, one, everything, replacement=mean),
                                _full_last_logits(model, one), rtol=1e-10, atol=1e-10)
     two = _task(model.config.vocab_size, lengths=[9, 5])
-    mean = A.mean_last_z(loaded, two)
-    assert (A.last_token_logits(loaded, two, everything, replacement=mean) - _full_last_logits(model, two)).abs().max() > 1e-3
+    mean = AH.mean_last_z(loaded, two)
+    assert (AH.last_token_logits(loaded, two, everything, replacement=mean) - _full_last_logits(model, two)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
@@ -103,21 +105,21 @@ def test_curves_agree_with_direct_ablation_and_repeat_exactly(key):
     model = make_tiny(key)
     loaded, task = _loaded(model), _task(model.config.vocab_size, lengths=[6] * 4 + [9] * 4 + [12] * 3, seed=3)
     curve = [(1, 2), (0, 0), (1, 0)]
-    correct, (acc,) = A.run_curves(loaded, task, [curve], batch_size=3)
+    correct, (acc,) = AH.run_curves(loaded, task, [curve], batch_size=3)
     targets = torch.tensor(task.targets)
     assert correct.tolist() == (_full_last_logits(model, task).argmax(-1) == targets).tolist()
     for s in range(len(curve) + 1):
-        direct = (A.last_token_logits(loaded, task, curve[:s]).argmax(-1) == targets).float().mean().item()
+        direct = (AH.last_token_logits(loaded, task, curve[:s]).argmax(-1) == targets).float().mean().item()
         assert acc[s] == pytest.approx(direct)
     # and the logits themselves: removing the same heads again after other steps on the same prefix
-    with A.HeadAblation(loaded.heads) as abl, torch.no_grad():
+    with AH.HeadAblation(loaded.heads) as abl, torch.no_grad():
         ids = torch.tensor([p for p in task.prompts if len(p) == 12])
-        pre = A._Prefix(model, ids)
+        pre = AH._Prefix(model, ids)
         steps = [abl.set(curve[:s]) and pre.step() for s in (3, 1, 3, 0)]
     torch.testing.assert_close(steps[0], steps[2], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(steps[3], _full_last_logits(model, A.Task("t", None, "", [], ids.tolist(), [])),
+    torch.testing.assert_close(steps[3], _full_last_logits(model, AH.Task("t", None, "", [], ids.tolist(), [])),
                                rtol=1e-10, atol=1e-10)
-    _, (again,) = A.run_curves(loaded, task, [curve], batch_size=3)
+    _, (again,) = AH.run_curves(loaded, task, [curve], batch_size=3)
     assert np.array_equal(acc, again)
 
 
@@ -132,15 +134,15 @@ def test_a_shared_prefix_runs_once_and_changes_nothing(key):
     for shared, rest in ((2, 3), (10, 2), (6, 1)):  # 10 + 2 > the tiny sliding window of 8; rest 1: only the last differs
         common = torch.randint(0, vocab, (shared,), generator=g).tolist()
         prompts = [common + torch.randint(0, vocab, (rest,), generator=g).tolist() for _ in range(5)]
-        task = A.Task("shared", None, "<X>", [("s", "t")] * 5, prompts, [0] * 5)
-        assert A.shared_prefix_length(torch.tensor(prompts)) >= shared
-        torch.testing.assert_close(A.last_token_logits(loaded, task, ()), _full_last_logits(model, task),
+        task = AH.Task("shared", None, "<X>", [("s", "t")] * 5, prompts, [0] * 5)
+        assert AH.shared_prefix_length(torch.tensor(prompts)) >= shared
+        torch.testing.assert_close(AH.last_token_logits(loaded, task, ()), _full_last_logits(model, task),
                                    rtol=1e-10, atol=1e-10)
         removed = [(0, 1), (1, 0)]
-        torch.testing.assert_close(A.last_token_logits(loaded, task, removed),
-                                   A.last_token_logits(loaded, task, removed, batch_size=1), rtol=1e-10, atol=1e-10)
-    assert A.shared_prefix_length(torch.tensor([[1, 2, 3], [1, 2, 3]])) == 2  # never the last token
-    assert A.shared_prefix_length(torch.tensor([[1, 2, 3], [4, 2, 3]])) == 0
+        torch.testing.assert_close(AH.last_token_logits(loaded, task, removed),
+                                   AH.last_token_logits(loaded, task, removed, batch_size=1), rtol=1e-10, atol=1e-10)
+    assert AH.shared_prefix_length(torch.tensor([[1, 2, 3], [1, 2, 3]])) == 2  # never the last token
+    assert AH.shared_prefix_length(torch.tensor([[1, 2, 3], [4, 2, 3]])) == 0
 
 
 # ---- head-choice rules ------------------------------------------------------------------------------------
@@ -300,12 +302,12 @@ def test_summary_follows_the_paper_definitions(tiny_setup):
 
 
 def test_curve_steps_spread_evenly_and_keep_the_table_step():
-    assert A.curve_steps(30, None) == list(range(1, 31)) == A.curve_steps(30, 30) == A.curve_steps(30, 99)
-    assert A.curve_steps(30, 8) == [1, 5, 9, 13, 18, 22, 26, 30]
-    assert A.curve_steps(30, 8, [7]) == [1, 5, 7, 9, 13, 18, 22, 26, 30]
-    assert A.curve_steps(5, 1, [9]) == [5] and A.curve_steps(0, 3) == []
+    assert AH.curve_steps(30, None) == list(range(1, 31)) == AH.curve_steps(30, 30) == AH.curve_steps(30, 99)
+    assert AH.curve_steps(30, 8) == [1, 5, 9, 13, 18, 22, 26, 30]
+    assert AH.curve_steps(30, 8, [7]) == [1, 5, 7, 9, 13, 18, 22, 26, 30]
+    assert AH.curve_steps(5, 1, [9]) == [5] and AH.curve_steps(0, 3) == []
     with pytest.raises(ValueError, match="baseline_steps must be a positive integer"):
-        A.curve_steps(30, 0)
+        AH.curve_steps(30, 0)
 
 
 def test_sparse_baselines_give_the_same_table_and_the_same_accuracies_where_evaluated(tiny_setup, tmp_path):
@@ -339,23 +341,23 @@ def test_mean_ablation_runs_the_same_experiment_with_mean_z(tiny_setup, tmp_path
     assert mean.manifest["parameters"]["kind"] == "mean" and mean.kind == "mean"
     pd.testing.assert_frame_equal(mean.heads, zero.heads)  # same heads, same base accuracies ...
     assert mean.tasks.base.tolist() == zero.tasks.base.tolist()
-    task, _ = A.build_task(rels[0], loaded.tokenizer)
+    task, _ = AH.build_task(rels[0], loaded.tokenizer)
     first = [tuple(map(int, h.split("."))) for h in zero.curve(rels[0].name).sort_values("step").removed if h]
     targets = torch.tensor(task.targets)
     for s in range(len(first) + 1):  # ... and each step's accuracy is that of removing the heads with their mean z
-        logits = A.last_token_logits(loaded, task, first[:s], replacement=A.mean_last_z(loaded, task))
+        logits = AH.last_token_logits(loaded, task, first[:s], replacement=AH.mean_last_z(loaded, task))
         step = mean.curve(rels[0].name).sort_values("step").accuracy.iloc[s]
         assert step == pytest.approx((logits.argmax(-1) == targets).float().mean().item())
 
 
-def _result(curves: dict, base: dict) -> A.AblationResult:
+def _result(curves: dict, base: dict) -> AR.AblationResult:
     rows = []
     for (rel, ctype, task, sample), accs in curves.items():
         rows += [{"relation": rel, "task": task, "curve": ctype, "sample": sample, "step": s, "removed": "",
                   "accuracy": a, "n_prompts": 10} for s, a in enumerate(accs)]
     tasks = pd.DataFrame([{"relation": r, "category": None, "in_paper": False, "template": "", "n_pairs": 10,
                            "demo_overlap": 0, "base": b, "status": "run"} for r, b in base.items()])
-    return A.AblationResult("m", "zero", tasks, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(rows))
+    return AR.AblationResult("m", "zero", tasks, pd.DataFrame(), pd.DataFrame(), pd.DataFrame(rows))
 
 
 def test_summary_on_hand_built_curves():
@@ -411,10 +413,10 @@ def test_smollm2_small_run_matches_plain_forward_passes(smollm2, tmp_path):
     tasks = res.tasks.set_index("relation")
     assert (tasks.status == "run").all() and (tasks.n_pairs == 30).all()
     for rel in ("country_capital", "noun_pronoun"):
-        task, _ = A.build_task(R.load(rel), smollm2.tokenizer, max_pairs=30)
+        task, _ = AH.build_task(R.load(rel), smollm2.tokenizer, max_pairs=30)
         assert task.prompts[0] == smollm2.tokenizer(R.fill(R.load(rel).causal_template, task.pairs[0][0]))["input_ids"]
         full = _full_last_logits(smollm2.model, task)
-        cached = A.last_token_logits(smollm2, task)
+        cached = AH.last_token_logits(smollm2, task)
         torch.testing.assert_close(cached, full, rtol=0, atol=2e-4)
         base = (full.argmax(-1) == torch.tensor(task.targets)).float().mean().item()
         assert tasks.base[rel] == pytest.approx(base)
