@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .dynamic import write_table
 from .plots import model_slug
+from .store import write_table
 
 CURVE_TYPES = ("relation", "random", "control")
 

@@ -21,14 +21,13 @@ Prompts are padded on the right and every prompt keeps its own last and source p
 reference assumes one shared source position). The forward pass stops after the last layer's
 attention, so no MLP of the last layer and no LM head is computed.
 
-Static and dynamic scores are compared by Pearson r over heads × templates (the static map tiled once
-per template, MAPS-SPEC §8.13).
+Static and dynamic scores are compared in :mod:`maps_utils.correlation`; the prompts and the forward pass are in
+:mod:`maps_utils.capture`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,14 +40,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import relations as R
+from .capture import build_prompts, model_columns, prompt_ranks, tokenization_agreement
 from .hashing import content_key
-from .heads import HeadWeights
-from .io import atomic_write_text
-from .manifest import build_manifest, write_manifest
+from .manifest import build_manifest
 from .models import LoadedModel
 from .plots import model_slug
-from .static import Columns, _inverse, ranks_of_targets, scan_permutation
-from .store import Slots, check_results_dir
+from .store import Slots, check_results_dir, write_table
 
 log = logging.getLogger(__name__)
 
@@ -58,171 +55,6 @@ MULTI_TOKEN_MODES = {"paper": False, "natural": True}
 """Multi-token source tokenisation: ``paper`` tokenises the source without a leading space after a
 prefix that keeps its trailing space (the reference, MAPS-SPEC §8.8); ``natural`` tokenises it with the
 leading space it has in running text."""
-
-
-# ---- prompts ----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Prompt:
-    """Token ids of one prompt and the position of its source's (last) token."""
-
-    ids: tuple[int, ...]
-    source: int
-
-    @property
-    def last(self) -> int:
-        return len(self.ids) - 1
-
-
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
-    return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text or special else []
-
-
-def build_prompts(tokenizer, template: str, sources: Sequence[Sequence[int]], space_in_source: bool = True) -> list[Prompt]:
-    """Prompts ``prefix + source tokens + suffix`` for a template with one ``<X>``.
-
-    The source's token ids are used exactly as given (the ones the relation filter kept). With
-    ``space_in_source`` the sources' tokens carry the leading space (" France"), so the template's space
-    before ``<X>`` is dropped from the prefix; otherwise the prefix keeps it (the paper's multi-token
-    prompts). The prefix is tokenised with the tokenizer's special tokens (BOS where it adds one).
-    """
-    if template.count(R.PLACEHOLDER) != 1:
-        raise R.RelationError(f"Template {template!r} must contain {R.PLACEHOLDER} exactly once.")
-    prefix, suffix = template.split(R.PLACEHOLDER)
-    if space_in_source and prefix:
-        if not prefix.endswith(" "):
-            raise R.RelationError(
-                f"Template {template!r}: the sources carry a leading space, so put a space before {R.PLACEHOLDER}.")
-        prefix = prefix[:-1]
-    head = _ids(tokenizer, prefix, special=True)
-    tail = _ids(tokenizer, suffix, special=False)
-    out = []
-    for src in sources:
-        src = [int(i) for i in src]
-        if not src:
-            raise R.RelationError(f"Template {template!r}: a source has no tokens.")
-        out.append(Prompt(tuple(head + src + tail), len(head) + len(src) - 1))
-    return out
-
-
-def tokenization_agreement(tokenizer, template: str, sources: Sequence[str], prompts: Sequence[Prompt]) -> float:
-    """Fraction of prompts whose ids equal the tokenisation of the filled-in string (a diagnostic:
-    prompts are built from the filtered source tokens, which BPE merges across the boundary could change)."""
-    same = [tuple(_ids(tokenizer, R.fill(template, s), special=True)) == p.ids
-            for s, p in zip(sources, prompts, strict=True)]
-    return float(np.mean(same)) if same else float("nan")
-
-
-def pad_batch(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
-    """Right-padded ``input_ids`` and each prompt's ``last`` and ``source`` positions.
-
-    Right padding needs no attention mask: under causal attention no real token sees the pads after it,
-    and its position ids are those of the unpadded prompt. (Masking the pads instead can leave a pad's query
-    row fully masked, e.g. under Gemma's sliding window, and the NaN it produces reaches real tokens as 0·NaN.)
-    """
-    T = max(len(p.ids) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p.ids)] = torch.tensor(p.ids)
-    last = torch.tensor([p.last for p in prompts])
-    source = torch.tensor([p.source for p in prompts])
-    return ids.to(device), last.to(device), source.to(device)
-
-
-# ---- one forward pass: each head's z at the last position and its value at the source position --------
-class _Stop(Exception):
-    """Raised after the last layer's attention: nothing later is needed."""
-
-
-@torch.inference_mode()
-def capture(model, heads: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
-    """Run ``model`` once on right-padded ``input_ids`` (see :func:`pad_batch`); return ``z_last`` ``[B, L, n_heads, d_head]`` (every head's mixed value at each
-    prompt's last position: its real, in-context output before W_O) and ``v_source`` ``[B, L, n_kv, d_head]``
-    (the value vectors at each prompt's source position, bias included)."""
-    L, B = heads.n_layers, input_ids.shape[0]
-    rows = torch.arange(B, device=input_ids.device)
-    z_last: list[Tensor | None] = [None] * L
-    v_src: list[Tensor | None] = [None] * L
-    handles = []
-
-    def z_hook(layer):
-        def hook(mod, args):
-            z_last[layer] = heads.split_z(args[0][rows, last])
-            if layer == L - 1:
-                raise _Stop
-        return hook
-
-    def v_hook(layer):
-        def hook(mod, args, out):
-            v_src[layer] = heads.values_from_output(out[rows, source])
-        return hook
-
-    for layer in range(L):
-        handles.append(heads.out_proj_module(layer).register_forward_pre_hook(z_hook(layer)))
-        handles.append(heads.v_module(layer).register_forward_hook(v_hook(layer)))
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    return torch.stack(z_last, 1), torch.stack(v_src, 1)
-
-
-def head_writes(heads: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple[Tensor, Tensor]:
-    """``(with_context, without_context)`` head writes ``[B, L, n_heads, d_model]`` (no b_O):
-    ``z_h W_O[h]`` and ``v_source[g(h)] W_O[h]``."""
-    groups = heads.kv_groups.to(v_source.device)
-    w_o = torch.stack([heads.W_O(layer) for layer in range(heads.n_layers)]).to(z_last.dtype)  # [L, H, dh, d]
-    with_ctx = torch.einsum("blhe,lhem->blhm", z_last, w_o)
-    without = torch.einsum("blhe,lhem->blhm", v_source[:, :, groups], w_o)
-    return with_ctx, without
-
-
-def model_columns(heads: HeadWeights, dtype: torch.dtype | None = None) -> Columns:
-    """The unembedding in the static engine's scan order (shared by every row)."""
-    U = heads.U.to(dtype or heads.U.dtype)
-    perm = scan_permutation(U.shape[1], U.device)
-    return Columns(U[:, perm].contiguous(), perm, _inverse(perm))
-
-
-@torch.inference_mode()
-def prompt_ranks(
-    model,
-    heads: HeadWeights,
-    prompts: Sequence[Prompt],
-    targets: Sequence[int],
-    *,
-    batch_size: int = 64,
-    rank_cap: int = 10,
-    pad_id: int = 0,
-    columns: Columns | None = None,
-    memory_budget_mb: float = 512.0,
-    progress: bool = True,
-    desc: str = "prompts",
-) -> Tensor:
-    """Target ranks of every prompt's head writes: ``int16 [4, n, L, H]`` = (with-context top, with-context
-    bottom, without-context top, without-context bottom); a rank equal to ``rank_cap`` means ">= cap"."""
-    if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    device = heads.U.device
-    columns = columns or model_columns(heads)
-    L, H, n = heads.n_layers, heads.n_heads, len(prompts)
-    out = torch.empty((4, n, L, H), dtype=torch.int16)
-    starts = range(0, n, batch_size)
-    for s in tqdm(starts, desc=desc, leave=False, disable=not progress or len(starts) < 2):
-        batch = prompts[s : s + batch_size]
-        B = len(batch)
-        z, v = capture(model, heads, *pad_batch(batch, pad_id, device))
-        with_ctx, without = head_writes(heads, z, v)
-        rows = torch.cat([with_ctx, without]).reshape(-1, heads.d_model).to(columns.cols.dtype)
-        tgt = torch.as_tensor(targets[s : s + batch_size], device=device)
-        tgt = tgt[:, None].expand(B, L * H).reshape(-1).repeat(2)
-        top, bottom = ranks_of_targets(rows, tgt, columns, rank_cap, memory_budget_mb)
-        top, bottom = top.view(2, B, L, H), bottom.view(2, B, L, H)
-        out[0, s : s + B], out[1, s : s + B] = top[0].cpu(), bottom[0].cpu()
-        out[2, s : s + B], out[3, s : s + B] = top[1].cpu(), bottom[1].cpu()
-    return out
 
 
 # ---- whole relations: cached, resumable tables ---------------------------------------------------------
@@ -384,14 +216,6 @@ def _stored(parts: Slots, table_key: str, first: list[DynamicRelation]) -> list[
     return list(first) + [DynamicRelation(**found[n]) for n in sorted(set(found) - names)]
 
 
-def write_table(table: pd.DataFrame, path: str | Path, manifest: dict) -> Path:
-    """Write a result table as CSV with its manifest beside it (``<name>.manifest.json``), both atomically."""
-    path = Path(path)
-    atomic_write_text(path, table.to_csv(index=False))
-    write_manifest(path.with_suffix(".manifest.json"), manifest)
-    return path
-
-
 def _relations(relations, default_filter=None) -> list[R.Relation]:
     names = R.list_relations() if relations is None else relations
     rels = [R.load(r) if isinstance(r, (str, Path)) else r for r in names]
@@ -493,80 +317,3 @@ def multi_token_scores(
                 max_pairs=max_pairs, seed=seed,
                 batch_size=batch_size, rank_cap=rank_cap, memory_budget_mb=memory_budget_mb, results_dir=results_dir,
                 use_cache=use_cache, progress=progress, params={"min_pairs": min_pairs, "mode": mode}, skipped=skipped)
-
-
-# ---- correlation with the static scores --------------------------------------------------------------
-def pearson(x, y) -> tuple[float, float]:
-    """Pearson r and its two-sided p-value (t distribution with n − 2 degrees of freedom, as scipy's).
-
-    Returns ``(nan, nan)`` when either vector is constant or there are fewer than 3 points.
-    """
-    from scipy.special import stdtr
-
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"pearson needs two vectors of one length, got {x.shape} and {y.shape}")
-    n = x.size
-    if n < 3:
-        return float("nan"), float("nan")
-    dx, dy = x - x.mean(), y - y.mean()
-    sx, sy = math.sqrt((dx * dx).sum()), math.sqrt((dy * dy).sum())
-    if sx == 0 or sy == 0:
-        return float("nan"), float("nan")
-    r = float(np.clip((dx * dy).sum() / (sx * sy), -1.0, 1.0))
-    if abs(r) == 1.0:
-        return r, 0.0
-    t = r * math.sqrt((n - 2) / (1 - r * r))
-    return r, float(2 * stdtr(n - 2, -abs(t)))
-
-
-def correlations(static, dynamic: DynamicScores, k: int | None = None) -> pd.DataFrame:
-    """Per relation, score type (relation / suppression) and context: Pearson r and p between static and
-    dynamic scores over heads × templates (the static ``[L, H]`` map tiled once per template), both at the
-    relation's k (or ``k``).
-
-    ``static`` is a :class:`~maps_utils.scores.StaticScores`; relations without a static score are left out.
-    Columns: relation, category, score_type, context, r, p, n_points, max_static, max_dynamic, n_prompts, k.
-    """
-    rows = []
-    static_names = {r.name for r in static.relations}
-    for rel in dynamic.relations:
-        if rel.name not in static_names:
-            continue
-        kk = k or rel.k
-        for score_type, supp in (("relation", False), ("suppression", True)):
-            s_map = static.score_map(rel.name, kk, suppression=supp).flatten()
-            for context in CONTEXTS:
-                d = rel.scores(kk, context, suppression=supp)  # [T, L, H]
-                xs = s_map.repeat(d.shape[0]).numpy()
-                r, p = pearson(xs, d.flatten().numpy())
-                rows.append({"relation": rel.name, "category": rel.category, "score_type": score_type,
-                             "context": context, "r": r, "p": p, "n_points": xs.size,
-                             "max_static": float(s_map.max()), "max_dynamic": float(d.max()),
-                             "n_prompts": rel.n, "k": kk})
-    return pd.DataFrame(rows)
-
-
-def paper_style(corr: pd.DataFrame, score_type: str = "relation") -> pd.DataFrame:
-    """The paper's table layout: one row per relation, ``r w/o / r w/ (max static)``."""
-    g = corr[corr.score_type == score_type]
-    rows = []
-    for rel, sub in g.groupby("relation", sort=False):
-        by = sub.set_index("context")
-        rows.append({"relation": rel, "category": sub.category.iloc[0],
-                     "r w/o context": by.loc["without", "r"], "r w/ context": by.loc["with", "r"],
-                     "max static": by.loc["without", "max_static"],
-                     "cell": f"{by.loc['without', 'r']:.2f} / {by.loc['with', 'r']:.2f} "
-                             f"({by.loc['without', 'max_static']:.2f})"})
-    return pd.DataFrame(rows)
-
-
-def summary(corr: pd.DataFrame) -> pd.DataFrame:
-    """Mean / min / max of r over relations, per score type and context (the paper's summary row);
-    relations whose r is undefined (a constant score vector) are counted separately."""
-    rows = []
-    for (score_type, context), g in corr.groupby(["score_type", "context"], sort=False):
-        r = g.r.dropna()
-        rows.append({"score_type": score_type, "context": context, "relations": len(r),
-                     "undefined": int(g.r.isna().sum()), "mean r": r.mean(), "min r": r.min(), "max r": r.max()})
-    return pd.DataFrame(rows)

@@ -17,10 +17,12 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from .errors import MapsError, OptionError
-from .io import atomic_file, file_lock
+from .io import atomic_file, atomic_write_text, file_lock
+from .manifest import write_manifest
 
 log = logging.getLogger(__name__)
 
@@ -113,3 +115,11 @@ class Slots:
                               "finish (or stop it) and run again.")
         with file_lock(self.folder / ".lock", timeout, busy):
             yield
+
+
+def write_table(table: pd.DataFrame, path: str | Path, manifest: dict) -> Path:
+    """Write a result table as CSV with its manifest beside it (``<name>.manifest.json``), both atomically."""
+    path = Path(path)
+    atomic_write_text(path, table.to_csv(index=False))
+    write_manifest(path.with_suffix(".manifest.json"), manifest)
+    return path

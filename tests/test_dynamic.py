@@ -11,6 +11,8 @@ import pandas as pd
 import pytest
 import torch
 
+from maps_utils import capture as CA
+from maps_utils import correlation as C
 from maps_utils import dynamic as D
 from maps_utils import relations as R
 from maps_utils import scores as SC
@@ -20,13 +22,13 @@ from maps_utils.static import target_ranks
 from .conftest import TINY_CONFIGS, make_tiny
 
 
-def random_prompts(vocab: int, lengths, seed: int = 0) -> list[D.Prompt]:
+def random_prompts(vocab: int, lengths, seed: int = 0) -> list[CA.Prompt]:
     """Prompts of the given lengths with random ids and a random source position before or at the end."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for n in lengths:
         ids = torch.randint(0, vocab, (n,), generator=g).tolist()
-        out.append(D.Prompt(tuple(ids), int(torch.randint(0, n, (1,), generator=g))))
+        out.append(CA.Prompt(tuple(ids), int(torch.randint(0, n, (1,), generator=g))))
     return out
 
 
@@ -38,7 +40,7 @@ def test_head_writes_at_the_last_position_sum_to_the_attention_output(key):
     model = make_tiny(key)
     heads = HeadWeights(model)
     prompts = random_prompts(model.config.vocab_size, LENGTHS)
-    ids, last, source = D.pad_batch(prompts, 0, "cpu")
+    ids, last, source = CA.pad_batch(prompts, 0, "cpu")
     rows = torch.arange(len(prompts))
     attn_out = {}
     handles = [heads.attn_module(la).register_forward_hook(
@@ -49,8 +51,8 @@ def test_head_writes_at_the_last_position_sum_to_the_attention_output(key):
     finally:
         for h in handles:
             h.remove()
-    z, v = D.capture(model, heads, ids, last, source)
-    with_ctx, _ = D.head_writes(heads, z, v)
+    z, v = CA.capture(model, heads, ids, last, source)
+    with_ctx, _ = CA.head_writes(heads, z, v)
     for layer in range(heads.n_layers):
         total = with_ctx[:, layer].sum(1)
         if heads.b_O(layer) is not None:
@@ -87,13 +89,13 @@ def test_without_context_value_path_equals_an_explicit_attention_override(key, m
     model = make_tiny(key)
     heads = HeadWeights(model)
     prompts = random_prompts(model.config.vocab_size, LENGTHS, seed=1)
-    ids, last, source = D.pad_batch(prompts, 0, "cpu")
-    z_clean, v = D.capture(model, heads, ids, last, source)
-    _, without = D.head_writes(heads, z_clean, v)
+    ids, last, source = CA.pad_batch(prompts, 0, "cpu")
+    z_clean, v = CA.capture(model, heads, ids, last, source)
+    _, without = CA.head_writes(heads, z_clean, v)
     for layer in range(heads.n_layers):
         with monkeypatch.context() as mp:
             _forced_attention(mp, model, heads, layer, last, source)
-            z_forced, _ = D.capture(model, heads, ids, last, source)
+            z_forced, _ = CA.capture(model, heads, ids, last, source)
         # the forced head's mixed value is exactly the source's value vector of its KV group ...
         expected = v[:, layer, heads.kv_groups]
         torch.testing.assert_close(z_forced[:, layer], expected, rtol=1e-10, atol=1e-10)
@@ -111,12 +113,12 @@ def test_batched_scores_equal_one_prompt_at_a_time(key):
     V = model.config.vocab_size
     prompts = random_prompts(V, LENGTHS * 3, seed=2)
     targets = torch.randint(0, V, (len(prompts),), generator=torch.Generator().manual_seed(3)).tolist()
-    one = D.prompt_ranks(model, heads, prompts, targets, batch_size=1, rank_cap=V, progress=False)
-    batched = D.prompt_ranks(model, heads, prompts, targets, batch_size=8, rank_cap=V, progress=False)
+    one = CA.prompt_ranks(model, heads, prompts, targets, batch_size=1, rank_cap=V, progress=False)
+    batched = CA.prompt_ranks(model, heads, prompts, targets, batch_size=8, rank_cap=V, progress=False)
     assert torch.equal(one, batched)
     # exact, uncapped ranks equal a dense computation of every head write's projection
-    z, v = D.capture(model, heads, *D.pad_batch(prompts, 0, "cpu"))
-    with_ctx, without = D.head_writes(heads, z, v)
+    z, v = CA.capture(model, heads, *CA.pad_batch(prompts, 0, "cpu"))
+    with_ctx, without = CA.head_writes(heads, z, v)
     for slot, writes in ((0, with_ctx), (2, without)):
         logits = writes @ heads.U  # [n, L, H, V]
         t = torch.tensor(targets)[:, None, None, None]
@@ -150,7 +152,7 @@ def test_a_constructed_copying_head_scores_one_without_context():
     prompts = random_prompts(vocab, [4, 6, 2, 8, 5] * 8, seed=4)
     prompts = [p for p in prompts if p.source != p.last]
     copy_targets = [p.ids[p.source] for p in prompts]
-    ranks = D.prompt_ranks(model, heads, prompts, copy_targets, batch_size=7, rank_cap=5, progress=False)
+    ranks = CA.prompt_ranks(model, heads, prompts, copy_targets, batch_size=7, rank_cap=5, progress=False)
     rel = D.DynamicRelation("copy", None, True, [("x", "x")] * len(prompts), copy_targets, ["t"], ranks[None], [1.0],
                             k=1, rank_cap=5)
     without = rel.scores(1, "without")[0]
@@ -168,16 +170,16 @@ def test_pearson_equals_scipy():
     for n in (3, 10, 500):
         x = rng.normal(size=n)
         y = 0.3 * x + rng.normal(size=n)
-        r, p = D.pearson(x, y)
+        r, p = C.pearson(x, y)
         ref = pearsonr(x, y)
         assert r == pytest.approx(ref.statistic, rel=1e-12)
         assert p == pytest.approx(ref.pvalue, rel=1e-9)
-    r, p = D.pearson([1, 2, 3, 4], [2, 4, 6, 8])
+    r, p = C.pearson([1, 2, 3, 4], [2, 4, 6, 8])
     assert r == pytest.approx(1.0, abs=1e-12) and p == pytest.approx(0.0, abs=1e-9)
-    assert D.pearson([1, 2, 3, 4], [8, 6, 4, 2])[0] == pytest.approx(-1.0, abs=1e-12)
-    assert all(np.isnan(D.pearson([0, 0, 0, 0], [1, 2, 3, 4])))  # constant: undefined, not an error
+    assert C.pearson([1, 2, 3, 4], [8, 6, 4, 2])[0] == pytest.approx(-1.0, abs=1e-12)
+    assert all(np.isnan(C.pearson([0, 0, 0, 0], [1, 2, 3, 4])))  # constant: undefined, not an error
     with pytest.raises(ValueError, match="one length"):
-        D.pearson([1, 2, 3], [1, 2])
+        C.pearson([1, 2, 3], [1, 2])
 
 
 def test_paper_reference_table_reproduces_the_spec_summary():
@@ -201,12 +203,12 @@ def test_prompt_templates_are_checked():
             return {"input_ids": [ord(c) for c in text]}
 
     with pytest.raises(R.RelationError, match="exactly once"):
-        D.build_prompts(Tok(), "no placeholder", [[1]])
+        CA.build_prompts(Tok(), "no placeholder", [[1]])
     with pytest.raises(R.RelationError, match="put a space before"):
-        D.build_prompts(Tok(), "About<X>", [[1]])
-    p = D.build_prompts(Tok(), "ab <X> c", [[7, 8]])[0]
+        CA.build_prompts(Tok(), "About<X>", [[1]])
+    p = CA.build_prompts(Tok(), "ab <X> c", [[7, 8]])[0]
     assert p.ids == (97, 98, 7, 8, 32, 99) and p.source == 3 and p.last == 5
-    p = D.build_prompts(Tok(), "ab <X>", [[7, 8]], space_in_source=False)[0]
+    p = CA.build_prompts(Tok(), "ab <X>", [[7, 8]], space_in_source=False)[0]
     assert p.ids == (97, 98, 32, 7, 8) and p.source == p.last == 4
 
 
@@ -216,11 +218,11 @@ def test_smollm2_prompts_match_the_natural_tokenization(smollm2):
     tok = smollm2.tokenizer
     tr = R.filter_single_token(R.load("country_capital"), tok)
     for template in R.read_templates()["dynamic"]:
-        prompts = D.build_prompts(tok, template, [[i] for i in tr.source_ids])
-        assert D.tokenization_agreement(tok, template, [s for s, _ in tr.pairs], prompts) == 1.0
+        prompts = CA.build_prompts(tok, template, [[i] for i in tr.source_ids])
+        assert CA.tokenization_agreement(tok, template, [s for s, _ in tr.pairs], prompts) == 1.0
         assert all(p.ids[p.source] == s for p, s in zip(prompts, tr.source_ids, strict=True))
     paper = R.filter_multi_token(R.load("country_capital"), tok, min_pairs=1)
-    p = D.build_prompts(tok, "This is a document about <X>", paper.source_ids[:3], space_in_source=False)
+    p = CA.build_prompts(tok, "This is a document about <X>", paper.source_ids[:3], space_in_source=False)
     head = tok("This is a document about ", add_special_tokens=True)["input_ids"]
     assert all(q.ids[: len(head)] == tuple(head) and q.source == q.last for q in p)
 
@@ -231,7 +233,7 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
     kw = dict(max_pairs=30, templates=["No <X> means no", "This is a document about <X>"], results_dir=tmp_path,
               progress=False)
     calls = []
-    real = D.prompt_ranks
+    real = CA.prompt_ranks
 
     def failing_second(*args, **kwargs):
         calls.append(kwargs["desc"])
@@ -258,14 +260,14 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
     assert D.dynamic_scores(smollm2, rels, **{**kw, "max_pairs": 31}).reused == []
 
     static = SC.static_scores(smollm2, rels, results_dir=tmp_path, progress=False)
-    corr = D.correlations(static, dyn)
+    corr = C.correlations(static, dyn)
     assert len(corr) == 2 * 2 * 2  # relations x score types x contexts
     row = corr[(corr.relation == "country_capital") & (corr.score_type == "relation") & (corr.context == "without")]
     s = static.score_map("country_capital").flatten().repeat(2).numpy()
     d = dyn.relation("country_capital").scores(10, "without").flatten().numpy()
     assert row.r.item() == pytest.approx(np.corrcoef(s, d)[0, 1], rel=1e-9)
     assert row.n_points.item() == 2 * 270
-    assert set(D.summary(corr).context) == {"with", "without"}
+    assert set(C.summary(corr).context) == {"with", "without"}
 
 
 @pytest.mark.embedded

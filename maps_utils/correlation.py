@@ -1,0 +1,89 @@
+"""How well static scores predict dynamic ones: Pearson r over heads × templates (the static map tiled once per
+template, MAPS-SPEC §8.13), the paper's table layout and summary rows.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from .dynamic import CONTEXTS, DynamicScores
+
+
+# ---- correlation with the static scores --------------------------------------------------------------
+def pearson(x, y) -> tuple[float, float]:
+    """Pearson r and its two-sided p-value (t distribution with n − 2 degrees of freedom, as scipy's).
+
+    Returns ``(nan, nan)`` when either vector is constant or there are fewer than 3 points.
+    """
+    from scipy.special import stdtr
+
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"pearson needs two vectors of one length, got {x.shape} and {y.shape}")
+    n = x.size
+    if n < 3:
+        return float("nan"), float("nan")
+    dx, dy = x - x.mean(), y - y.mean()
+    sx, sy = math.sqrt((dx * dx).sum()), math.sqrt((dy * dy).sum())
+    if sx == 0 or sy == 0:
+        return float("nan"), float("nan")
+    r = float(np.clip((dx * dy).sum() / (sx * sy), -1.0, 1.0))
+    if abs(r) == 1.0:
+        return r, 0.0
+    t = r * math.sqrt((n - 2) / (1 - r * r))
+    return r, float(2 * stdtr(n - 2, -abs(t)))
+
+
+def correlations(static, dynamic: DynamicScores, k: int | None = None) -> pd.DataFrame:
+    """Per relation, score type (relation / suppression) and context: Pearson r and p between static and
+    dynamic scores over heads × templates (the static ``[L, H]`` map tiled once per template), both at the
+    relation's k (or ``k``).
+
+    ``static`` is a :class:`~maps_utils.scores.StaticScores`; relations without a static score are left out.
+    Columns: relation, category, score_type, context, r, p, n_points, max_static, max_dynamic, n_prompts, k.
+    """
+    rows = []
+    static_names = {r.name for r in static.relations}
+    for rel in dynamic.relations:
+        if rel.name not in static_names:
+            continue
+        kk = k or rel.k
+        for score_type, supp in (("relation", False), ("suppression", True)):
+            s_map = static.score_map(rel.name, kk, suppression=supp).flatten()
+            for context in CONTEXTS:
+                d = rel.scores(kk, context, suppression=supp)  # [T, L, H]
+                xs = s_map.repeat(d.shape[0]).numpy()
+                r, p = pearson(xs, d.flatten().numpy())
+                rows.append({"relation": rel.name, "category": rel.category, "score_type": score_type,
+                             "context": context, "r": r, "p": p, "n_points": xs.size,
+                             "max_static": float(s_map.max()), "max_dynamic": float(d.max()),
+                             "n_prompts": rel.n, "k": kk})
+    return pd.DataFrame(rows)
+
+
+def paper_style(corr: pd.DataFrame, score_type: str = "relation") -> pd.DataFrame:
+    """The paper's table layout: one row per relation, ``r w/o / r w/ (max static)``."""
+    g = corr[corr.score_type == score_type]
+    rows = []
+    for rel, sub in g.groupby("relation", sort=False):
+        by = sub.set_index("context")
+        rows.append({"relation": rel, "category": sub.category.iloc[0],
+                     "r w/o context": by.loc["without", "r"], "r w/ context": by.loc["with", "r"],
+                     "max static": by.loc["without", "max_static"],
+                     "cell": f"{by.loc['without', 'r']:.2f} / {by.loc['with', 'r']:.2f} "
+                             f"({by.loc['without', 'max_static']:.2f})"})
+    return pd.DataFrame(rows)
+
+
+def summary(corr: pd.DataFrame) -> pd.DataFrame:
+    """Mean / min / max of r over relations, per score type and context (the paper's summary row);
+    relations whose r is undefined (a constant score vector) are counted separately."""
+    rows = []
+    for (score_type, context), g in corr.groupby(["score_type", "context"], sort=False):
+        r = g.r.dropna()
+        rows.append({"score_type": score_type, "context": context, "relations": len(r),
+                     "undefined": int(g.r.isna().sum()), "mean r": r.mean(), "min r": r.min(), "max r": r.max()})
+    return pd.DataFrame(rows)
