@@ -21,7 +21,8 @@ import pandas as pd
 
 from .io import atomic_write_text
 from .plots import model_slug
-from .scores import TAU, category_map
+from .score_tables import category_map
+from .scores import TAU
 
 
 def _r(x: float) -> float:

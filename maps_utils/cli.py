@@ -81,6 +81,7 @@ def _score(args: argparse.Namespace) -> int:
     from . import relations as R
     from . import scores as SC
     from .models import default_variant
+    from .score_tables import top_heads
 
     _check(args)
     copying = True if args.copying else None
@@ -89,7 +90,7 @@ def _score(args: argparse.Namespace) -> int:
     res = SC.static_scores(loaded, relations, variant=args.variant or default_variant(args.model),
                            results_dir=args.results_dir)
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
-        print(SC.top_heads(res.table(k=args.k), n=args.top).to_string(index=False))
+        print(top_heads(res.table(k=args.k), n=args.top).to_string(index=False))
     for name, n in res.skipped.items():
         print(f"skipped {name}: {n} usable single-token pairs (fewer than {R.MIN_PAIRS})", file=sys.stderr)
     where = "read from" if res.from_cache else "written to"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from maps_utils import HeadWeights, LoadedModel
+from maps_utils import score_tables as TB
 from maps_utils import scores as SC
 from maps_utils import static as S
 
@@ -144,9 +145,9 @@ def test_category_map_and_top_heads():
     prof[1, 1, 1] = prof[1, 1, 2] = 0.9  # knowledge + linguistic
     prof[1, 0, 2] = 0.1  # below tau
     table = _synthetic_table(prof, [0, 0], ["algorithmic", "knowledge", "linguistic"])
-    cats = SC.category_map(table, tau=0.15).set_index(["layer", "head"]).label.to_dict()
+    cats = TB.category_map(table, tau=0.15).set_index(["layer", "head"]).label.to_dict()
     assert cats == {(0, 0): "algorithmic", (0, 1): "unclassified", (1, 0): "unclassified", (1, 1): "2 categories"}
-    top = SC.top_heads(table, n=2).set_index("relation")
+    top = TB.top_heads(table, n=2).set_index("relation")
     assert top.loc["r2", "top heads"] == "1.1 (0.90), 1.0 (0.10)"
     assert top.loc["r2", "heads >= 0.15"] == 1
 
@@ -160,8 +161,8 @@ def test_kv_group_similarity_detects_shared_profiles(groups):
         prof = base[:, torch.tensor(groups)] + 0.05 * torch.rand(L, H, R, generator=g)
     else:  # one group per layer: heads of a layer share a profile
         prof = torch.rand(L, 1, R, generator=g).expand(L, H, R) + 0.05 * torch.rand(L, H, R, generator=g)
-    shared = SC.kv_group_similarity(_synthetic_table(prof, groups, ["linguistic"] * R), n_perm=200)
+    shared = TB.kv_group_similarity(_synthetic_table(prof, groups, ["linguistic"] * R), n_perm=200)
     assert shared["difference"] > 0 and shared["p_value"] < 0.01
-    noise = SC.kv_group_similarity(_synthetic_table(torch.rand(L, H, R, generator=g), groups, ["linguistic"] * R),
+    noise = TB.kv_group_similarity(_synthetic_table(torch.rand(L, H, R, generator=g), groups, ["linguistic"] * R),
                                    n_perm=200)
     assert noise["p_value"] > 0.01
