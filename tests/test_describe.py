@@ -19,6 +19,7 @@ import torch
 
 from maps_utils import describe as D
 from maps_utils import describer as DR
+from maps_utils import response_cache as RC
 from maps_utils.heads import HeadWeights
 from maps_utils.models import LoadedModel
 
@@ -103,36 +104,36 @@ def test_parse_strict_then_first_object_then_raw():
 
 def test_cache_survives_a_cut_line_and_keeps_everything(tmp_path):
     path = tmp_path / "c.jsonl"
-    cache = DR.ResponseCache(path)
+    cache = RC.ResponseCache(path)
     cache.append({"key": "a", "content": "one"})
     with open(path, "a") as f:
         f.write('{"key": "b", "content": "cut sh')  # an interrupted write
-    cache = DR.ResponseCache(path)
+    cache = RC.ResponseCache(path)
     assert len(cache) == 1 and cache.bad_lines == 1
     cache.append({"key": "c", "content": "three"})
-    again = DR.ResponseCache(path)
+    again = RC.ResponseCache(path)
     assert {k: v["content"] for k, v in again.entries.items()} == {"a": "one", "c": "three"}
 
 
 def test_cache_keeps_answers_with_line_separators_and_survives_a_cut_character(tmp_path):
     path = tmp_path / "c.jsonl"
-    cache = DR.ResponseCache(path)
+    cache = RC.ResponseCache(path)
     cache.append({"key": "a", "content": "odd\u2028line\u2029breaks\x85é"})
     assert path.read_bytes().isascii()
     with open(path, "ab") as f:
         f.write('{"key": "b", "content": "caf\u00e9'.encode()[:-1])  # cut inside the UTF-8 of é
-    again = DR.ResponseCache(path)
+    again = RC.ResponseCache(path)
     assert again.get("a")["content"] == "odd\u2028line\u2029breaks\x85é" and again.bad_lines == 1
     again.append({"key": "c", "content": "ok"})
-    assert set(DR.ResponseCache(path).entries) == {"a", "c"}
+    assert set(RC.ResponseCache(path).entries) == {"a", "c"}
 
 
 def test_cache_key_depends_on_model_prompt_and_parameters():
-    k = DR.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 10})
-    assert k == DR.cache_key("m", "p", {"max_tokens": 10, "temperature": 0.0})
-    assert len({k, DR.cache_key("m2", "p", {"temperature": 0.0, "max_tokens": 10}),
-                DR.cache_key("m", "p2", {"temperature": 0.0, "max_tokens": 10}),
-                DR.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 11})}) == 4
+    k = RC.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 10})
+    assert k == RC.cache_key("m", "p", {"max_tokens": 10, "temperature": 0.0})
+    assert len({k, RC.cache_key("m2", "p", {"temperature": 0.0, "max_tokens": 10}),
+                RC.cache_key("m", "p2", {"temperature": 0.0, "max_tokens": 10}),
+                RC.cache_key("m", "p", {"temperature": 0.0, "max_tokens": 11})}) == 4
 
 
 def test_redaction_and_safe_urls():
@@ -301,7 +302,7 @@ def test_timeouts_and_server_errors_fail_one_head_and_the_run_goes_on(scripted, 
     assert out.loc["fine", "parse"] == "extracted" and not out.loc["fine", "has_pattern"]
     assert out.loc["prose", "parse"] == "unparsed" and out.loc["prose", "raw"] == "not json at all {"
     # failures are not cached (a rerun retries them); answers are, malformed ones included
-    assert {e["content"] for e in DR.ResponseCache(tmp_path / "cache.jsonl").entries.values()} == {
+    assert {e["content"] for e in RC.ResponseCache(tmp_path / "cache.jsonl").entries.values()} == {
         'Here you go: {"Observed pattern": "Unclear"} thanks', "not json at all {"}
     again = D.describe(d, {"fine": "p3", "prose": "p4"}, progress=False)
     assert again.cached.all() and len(srv.requests) == 7
@@ -336,7 +337,7 @@ def test_concurrent_requests_overlap_and_rows_keep_the_prompts_order(scripted, t
     assert out.id.tolist() == list(prompts) and (out.status == "ok").all() and not out.cached.any()
     assert len(srv.requests) == n and srv.max_in_flight >= 2  # requests overlapped at the server
     assert out.set_index("id").loc["dup", "key"] == out.set_index("id").loc["h3", "key"]
-    assert len(DR.ResponseCache(tmp_path / "cache.jsonl")) == n
+    assert len(RC.ResponseCache(tmp_path / "cache.jsonl")) == n
     again = D.describe(d, prompts, progress=False)
     assert again.cached.all() and len(srv.requests) == n
     with pytest.raises(ValueError, match="concurrency must be a positive integer"):
@@ -470,7 +471,7 @@ def test_end_to_end_with_the_local_model_always_answers_in_the_schema(described)
     assert (t.describer_kind == "local").all() and (t.describer_model == "smollm2-135m").all()
     assert len(res.ops) == 30 and len(res.evidence) == 50 and set(res.evidence["rank"]) == set(range(15, 40))
     assert res.shares().n_heads.tolist() == [1, 0, 1, 0] and len(res.rules) == 2
-    entries = DR.ResponseCache(out / "smollm2-135m" / "descriptions.cache.jsonl").entries
+    entries = RC.ResponseCache(out / "smollm2-135m" / "descriptions.cache.jsonl").entries
     assert len(entries) == 2
     for e in entries.values():
         assert e["describer_kind"] == "local" and e["model_id"].startswith("local:smollm2-135m:b179c9523d0e6a0f")

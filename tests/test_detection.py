@@ -12,6 +12,7 @@ import pytest
 from maps_utils import describe as D
 from maps_utils import describer as DR
 from maps_utils import detection as T
+from maps_utils import detection_stats as TS
 from maps_utils.rules import describe_ops, predicate_library
 
 from .test_describe import scripted  # noqa: F401 (fixture)
@@ -59,10 +60,10 @@ def test_balanced_accuracy_auc_and_bootstrap_by_hand():
     assert T.balanced_accuracy([1, 1, 0, 0], [1, 0, 0, 0]) == 0.75
     assert T.balanced_accuracy([1, 1, 0, 0], [1, 1, 1, 1]) == 0.5
     assert np.isnan(T.balanced_accuracy([1, 1], [1, 0]))
-    assert T.auc([0.9, 0.8, 0.1, 0.8], [True, True, False, False]) == pytest.approx((2 + 1 + 0.5) / 4)
-    lo, hi = T.bootstrap_ci([1.0, 1.0, 1.0])
+    assert TS.auc([0.9, 0.8, 0.1, 0.8], [True, True, False, False]) == pytest.approx((2 + 1 + 0.5) / 4)
+    lo, hi = TS.bootstrap_ci([1.0, 1.0, 1.0])
     assert lo == hi == 1.0
-    lo, hi = T.bootstrap_ci([0.0, 1.0] * 20, seed=3)
+    lo, hi = TS.bootstrap_ci([0.0, 1.0] * 20, seed=3)
     assert 0.3 < lo < 0.5 < hi < 0.7
 
 
@@ -108,7 +109,7 @@ def test_a_copy_head_is_verified_at_one_by_its_rule_and_random_heads_are_not():
         # the copy description picks none of a random head's own rows (only other heads' copy rows among negatives)
         assert s.loc[head, "control_score"] <= 0.5
     assert np.isnan(s.loc[(0, 0), "control_score"])  # no other head has a pattern to borrow
-    summary = T.summary(s.reset_index())
+    summary = TS.summary(s.reset_index())
     assert summary.share_verified.iloc[0] == pytest.approx(1 / 5)
 
 
@@ -143,7 +144,7 @@ def test_agreement_with_people():
     ann = pd.DataFrame({"annotator": "a", "item": ["i1", "i2", "i3", "i4"], "layer": [0, 1, 2, 3], "head": 0,
                         "pattern_observable": "yes", "describer_answer": "pattern",
                         "description_correct": ["correct", "incorrect", "incorrect", "correct"]})
-    out = T.vs_people(scores, ann).iloc[0]
+    out = TS.vs_people(scores, ann).iloc[0]
     assert out.answers == 4 and out.correct == 2
     assert out.auc == pytest.approx(0.75)  # 0.9 beats both; 0.6 beats 0.5 only
     assert out.agreement == 0.5  # verified (>= 0.75): 0, 1 ; correct: 0, 3
