@@ -67,6 +67,12 @@ class AblationResult:
         out["ctr_change_pct"] = pct(out.tr_ctr_mean, out.base_ctr_mean)
         return out
 
+    def heads_by_relation(self) -> pd.DataFrame:
+        """Per relation: how many relation heads, the best static score, and the first ten heads (``layer.head``)."""
+        named = self.heads.assign(h=self.heads.layer.astype(str) + "." + self.heads["head"].astype(str))
+        return named.groupby("relation", sort=False).agg(n_heads=("h", "size"), best=("score", "max"),
+                                                          first_ten=("h", lambda s: ", ".join(s[:10])))
+
     def paper_table(self) -> pd.DataFrame:
         """:meth:`summary` laid out as the paper's table (``↓48% → 0.46``, ``0.88 ± 0.03``)."""
         return paper_layout(self.summary())

@@ -137,3 +137,48 @@ def describer_vs_people(ann: pd.DataFrame) -> pd.DataFrame:
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}
     rows[POOLED] = one(ann)
     return _counts_as_int(pd.DataFrame(rows).T)
+
+
+# ---- what notebook 05 says ------------------------------------------------------------------------------
+def unavailable(what: str, annotating: bool) -> str:
+    """Why a part of the analysis is not shown: annotations are hidden while annotating, or there are none."""
+    return f"{what} needs annotations" + (" (hidden while annotating)." if annotating else "; none yet.")
+
+
+def counts_sentence(ann: pd.DataFrame, n_items: int) -> str:
+    from .annotations import is_complete
+
+    return (f"{ann.annotator.nunique()} annotator(s), {len(ann)} answered rows on {ann['item'].nunique()} of "
+            f"{n_items} items ({int(ann.apply(is_complete, axis=1).sum())} complete)")
+
+
+def agreement_sentences(agree: pd.DataFrame, n_boot: int) -> list[str]:
+    """One sentence per question of an :func:`agreement` table."""
+    lines = []
+    for r in agree.itertuples():
+        if r.annotators < 2 or r.items < 2:
+            lines.append(f"{r.question}: too few shared answers for agreement ({r.annotators} annotator(s), "
+                         f"{r.items} items)")
+            continue
+        lines.append(f"{r.question}: {r.method} kappa {r.kappa:.2f} (95% CI {r.ci_low:.2f} to {r.ci_high:.2f}, "
+                     f"{r.boot_valid} of {n_boot} resamples defined) over {r.items} items answered by all "
+                     f"{r.annotators}; raw agreement {r.raw_agreement:.0%}")
+    return lines
+
+
+def describer_sentences(ann: pd.DataFrame, vs: pd.DataFrame) -> list[str]:
+    """The describer against people (a :func:`describer_vs_people` table), and the share of described patterns
+    people judged correct (the paper: about 80% for GPT-4o)."""
+    pooled = vs.loc[POOLED]
+    lines = [f"The describer's pattern / Unclear matched people's yes / no on {pooled.agreement:.0%} of "
+             f"{int(pooled['items'])} answers (Cohen's kappa {pooled.kappa:.2f}); the describer saw a pattern people "
+             f"did not in {int(pooled.describer_only)}, and missed one people saw in {int(pooled.people_only)}; "
+             f"{int(pooled.no_answer)} answers were on items where it gave no usable answer (left out)."]
+    judged = answered(ann, "description_correct")
+    if len(judged):
+        lines.append(f"Described patterns judged correct: {(judged.description_correct == 'correct').mean():.0%} of "
+                     f"{len(judged)} answers (partially: {(judged.description_correct == 'partially').mean():.0%}); "
+                     "the paper reports about 80% correct for GPT-4o.")
+    else:
+        lines.append("No answers on items where the describer gave a pattern, so no correctness rate.")
+    return lines

@@ -87,3 +87,64 @@ def summary(corr: pd.DataFrame) -> pd.DataFrame:
         rows.append({"score_type": score_type, "context": context, "relations": len(r),
                      "undefined": int(g.r.isna().sum()), "mean r": r.mean(), "min r": r.min(), "max r": r.max()})
     return pd.DataFrame(rows)
+
+
+# ---- what notebook 02 shows ---------------------------------------------------------------------------
+def compare_variants(loaded, dynamic: DynamicScores, variants, *, static=None, relations=None, k: int | None = None,
+                     results_dir="results") -> pd.DataFrame:
+    """Mean r per static variant (columns) and per score type and context (rows): the variant whose static scores
+    correlate better with the heads' outputs at inference describes them better. ``static`` is reused for its own
+    variant; the others are scored (or read from the results store)."""
+    from .scores import static_scores
+
+    rows = []
+    for v in dict.fromkeys(variants):
+        st = static if static is not None and static.variant == v else static_scores(
+            loaded, relations, variant=v, results_dir=results_dir)
+        for _, r in summary(correlations(st, dynamic, k=k)).iterrows():
+            rows.append({"static variant": v, "score": r["score_type"], "context": r["context"],
+                         "mean r": round(r["mean r"], 3)})
+    return pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="static variant", values="mean r")
+
+
+def best_variant(by_variant: pd.DataFrame) -> str:
+    """The variant with the higher mean r for relation scores without context."""
+    return str(by_variant.loc[("relation", "without")].idxmax())
+
+
+def summary_row(rel_table: pd.DataFrame, label: str) -> pd.DataFrame:
+    """Our mean / min / max r over relations (a :func:`paper_style` table) as one row of the paper's summary."""
+    without, with_ = rel_table["r w/o context"], rel_table["r w/ context"]
+    return pd.DataFrame([{
+        "relations": int(without.notna().sum()), "mean r w/o": without.mean(), "min r w/o": without.min(),
+        "max r w/o": without.max(), "mean r w/": with_.mean(), "min r w/": with_.min(), "max r w/": with_.max(),
+    }], index=[label]).round(3)
+
+
+def write_correlations(corr: pd.DataFrame, path, loaded, static, dynamic: DynamicScores, k: int | None,
+                       wall_seconds: float):
+    """The correlation table with its manifest (the static variant, k and the dynamic run's parameters)."""
+    from .manifest import build_manifest
+    from .store import write_table
+
+    manifest = build_manifest(parameters={"static_variant": static.variant, "k": k,
+                                          "dynamic": dynamic.manifest["parameters"]},
+                              wall_seconds=wall_seconds, model=loaded.manifest())
+    return write_table(corr, path, manifest)
+
+
+def multi_token_run(loaded, static, mode: str, out_dir, *, relations=None, k: int | None = None, **kwargs):
+    """Multi-token dynamic scores in one tokenisation ``mode``, their correlation with the single-token static
+    scores (written as ``multi_token_<mode>_correlations.csv`` when there is any), and a sentence on the run."""
+    from .dynamic import multi_token_scores
+
+    mt = multi_token_scores(loaded, relations, mode=mode, k=k, **kwargs)
+    corr = correlations(static, mt, k=k)
+    no_static = [r.name for r in mt.relations if r.name not in {s.name for s in static.relations}]
+    note = (f"mode {mode}: {len(mt.relations)} relations, pairs {({r.name: r.n for r in mt.relations})}; "
+            f"{mt.manifest['wall_seconds']:.0f} s; skipped (< 30 pairs): {mt.skipped or 'none'}; "
+            f"no single-token static score: {no_static or 'none'}")
+    if len(corr):
+        write_correlations(corr, f"{out_dir}/multi_token_{mode}_correlations.csv", loaded, static, mt, k,
+                           mt.manifest["wall_seconds"])
+    return mt, corr, note
