@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UnsupportedArchitectureError
+from .ov import OVCircuit
 
 
 @dataclass(frozen=True)
@@ -300,8 +301,7 @@ class HeadWeights:
 
     def W_V(self, layer: int) -> Tensor:
         """``[n_heads, d_model, d_head]`` value projection per query head (its KV group's, under GQA)."""
-        w = self.W_V_kv(layer)
-        return w if self.group_size == 1 else w[self.kv_groups.to(w.device)]
+        return self.ov(layer).per_head_W_V()
 
     def b_V(self, layer: int) -> Tensor | None:
         """``[n_heads, d_head]`` value bias per query head, or None where the architecture has none."""
@@ -380,19 +380,9 @@ class HeadWeights:
         """``[.., n_heads*d_head]`` -> ``[.., n_heads, d_head]``."""
         return z.unflatten(-1, (self.n_heads, self.d_head))
 
-    def head_outputs(self, layer: int, z: Tensor) -> Tensor:
-        """``[.., n_heads, d_model]``: each head's write ``z_h @ W_O[h]`` (no bias) from z ``[.., n_heads*d_head]``."""
-        return torch.einsum("...hd,hdm->...hm", self.split_z(z), self.W_O(layer))
-
-    def ov_norms(self, layer: int) -> Tensor:
-        """``[n_heads]`` Frobenius norm of each head's W_VO = W_V[h] @ W_O[h], without forming it.
-
-        Uses ||A B||_F^2 = tr((A^T A)(B B^T)), two d_head x d_head Gram matrices per head.
-        """
-        w_v, w_o = self.W_V(layer), self.W_O(layer)
-        gram_v = torch.einsum("hdi,hdj->hij", w_v, w_v)  # [n_heads, d_head, d_head]
-        gram_o = torch.einsum("him,hjm->hij", w_o, w_o)
-        return (gram_v * gram_o).sum((-1, -2)).clamp_min(0).sqrt()
+    def ov(self, layer: int) -> OVCircuit:
+        """The layer's OV circuits, factored (:class:`~maps_utils.ov.OVCircuit`): W_V per KV group, W_O per head."""
+        return OVCircuit(self.W_V_kv(layer), self.W_O(layer), self.kv_groups)
 
     def summary(self) -> dict[str, object]:
         """Plain-dict description for tables and manifests."""

@@ -72,8 +72,7 @@ def source_vectors(heads: HeadWeights, token_ids: Tensor | Sequence[int], varian
 def head_rows(heads: HeadWeights, layer: int, x: Tensor) -> Tensor:
     """``[n_heads, n, d_model]``: ``w = (x W_V[g(h)]) W_O[h]`` for every query head of ``layer`` (no biases);
     row s of M is ``w_s @ U``."""
-    z = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(x.dtype))  # shared per KV group
-    return torch.einsum("hne,hem->hnm", z[heads.kv_groups.to(z.device)], heads.W_O(layer).to(x.dtype))
+    return heads.ov(layer).to(x.dtype).writes(x)
 
 
 def _pick_space(heads: HeadWeights, space: str, n_pairs: int) -> str:
@@ -197,8 +196,8 @@ def layer_ranks(
     space = _pick_space(heads, space, x.shape[0])
     U = heads.U.to(x.dtype)
     perm = scan_permutation(U.shape[1], U.device) if perm is None else perm
-    z = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(x.dtype))  # [G, n, dh], shared per KV group
-    w_o = heads.W_O(layer).to(x.dtype)  # [H, dh, d]
+    ov = heads.ov(layer).to(x.dtype)
+    z = ov.values(x)  # [G, n, dh], shared per KV group
     if space == "model":
         if model_columns is None:
             model_columns = Columns(U[:, perm], perm, _inverse(perm))
@@ -210,7 +209,7 @@ def layer_ranks(
     U_perm = U[:, perm]
     tops, bottoms = [], []
     for h in range(heads.n_heads):
-        cols = Columns(w_o[h] @ U_perm, perm, position)  # C_h = W_O[h] U, [dh, V] in scan order
+        cols = Columns(ov.columns(h, U_perm), perm, position)  # C_h = W_O[h] U, [dh, V] in scan order
         top, bottom = ranks_of_targets(z[heads.kv_group(h)], targets, cols, rank_cap, memory_budget_mb)
         tops.append(top)
         bottoms.append(bottom)
@@ -312,7 +311,7 @@ def top_mappings(
     The vocabulary is processed in chunks, so memory stays at n × chunk.
     """
     x = source_vectors(heads, token_ids, variant, layer)
-    w = (x @ heads.W_V(layer)[head]) @ heads.W_O(layer)[head]  # [n, d]
+    w = heads.ov(layer).head_write(head, x)  # [n, d]
     if suppression:
         w = -w
     best_v = w.new_full((w.shape[0], 0), float("-inf"))
@@ -344,7 +343,8 @@ def saliency(
     dtype = dtype or heads.U.dtype
     L, H, V = heads.n_layers, heads.n_heads, heads.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)
-    gram = [torch.einsum("hem,hfm->hef", heads.W_O(layer).to(dtype), heads.W_O(layer).to(dtype)) for layer in range(L)]
+    ovs = [heads.ov(layer).to(dtype) for layer in range(L)]
+    gram = [ov.out_gram() for ov in ovs]  # [H, dh, dh] per layer
     device = heads.U.device
     for start in tqdm(range(0, V, chunk), desc=f"saliency ({variant})", disable=not progress):
         ids = torch.arange(start, min(V, start + chunk), device=device)
@@ -352,7 +352,7 @@ def saliency(
         mlp = heads.first_mlp(heads.embed(ids)).to(dtype) if variant != "raw" else None
         for layer in range(L):
             x = mlp if uses_first_mlp(variant, layer) else raw
-            y = torch.einsum("nd,gde->gne", x, heads.W_V_kv(layer).to(dtype))[heads.kv_groups.to(device)]  # [H,n,dh]
+            y = ovs[layer].head_values(x)  # [H, n, dh]
             sq = torch.einsum("hne,hef,hnf->hn", y, gram[layer], y).clamp_min(0)
             xn = torch.linalg.vector_norm(x, dim=1).clamp_min(torch.finfo(dtype).tiny)
             out[layer, :, start : start + ids.numel()] = (sq.sqrt() / xn).float().cpu()

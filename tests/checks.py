@@ -59,7 +59,7 @@ def check_head_sum(model, heads: HeadWeights, input_ids, tol: float) -> None:
     """sum_h z_h W_O[h] + b_O reproduces the attention block's output."""
     store = capture_attention(model, heads, input_ids)
     for layer, rec in store.items():
-        per_head = heads.head_outputs(layer, rec["z"])  # [b, s, n_heads, d_model]
+        per_head = heads.ov(layer).outputs(heads.split_z(rec["z"]))  # [b, s, n_heads, d_model]
         total = per_head.sum(-2)
         if heads.b_O(layer) is not None:
             total = total + heads.b_O(layer)

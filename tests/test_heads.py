@@ -119,4 +119,4 @@ def test_ov_norms_equal_dense_frobenius(tiny):
     heads = HeadWeights(model)
     for layer in range(heads.n_layers):
         dense = torch.stack([torch.linalg.matrix_norm(heads.W_V(layer)[h] @ heads.W_O(layer)[h]) for h in range(4)])
-        assert torch.allclose(heads.ov_norms(layer), dense, rtol=1e-10)
+        assert torch.allclose(heads.ov(layer).frobenius_norms(), dense, rtol=1e-10)
