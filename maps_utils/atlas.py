@@ -97,12 +97,11 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
                 variant: str | None = None) -> Path:
     """Read ``results/<model>/`` (static scores, computed if missing; descriptions; ablation) and write the atlas to
     ``out`` (default ``reports/<model>/atlas.html``)."""
-    from .models import default_variant
     from .scores import static_scores
 
     slug = model_slug(loaded.name)
     res = Path(results_dir) / slug
-    static = static_scores(loaded, variant=variant or default_variant(loaded.name), results_dir=results_dir)
+    static = static_scores(loaded, variant=variant or loaded.variant, results_dir=results_dir)
 
     def read(path: Path) -> pd.DataFrame | None:
         return pd.read_csv(path, keep_default_na=False) if path.is_file() else None

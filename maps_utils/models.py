@@ -107,6 +107,7 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool = False
     info: dict[str, object] = field(default_factory=dict)
+    variant: str = PAPER_VARIANT  # the static scores' source representation for this model (:func:`default_variant`)
 
     @property
     def weights_sha256(self) -> str:
@@ -352,4 +353,5 @@ def load(
         load_seconds=seconds,
         from_cache=from_cache,
         info={"attn_implementation": attn_implementation, "weights_sha256": weights},
+        variant=default_variant(str(name)),
     )

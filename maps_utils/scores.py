@@ -25,7 +25,7 @@ from . import relations as R
 from .hashing import content_key
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
-from .models import LoadedModel, default_variant
+from .models import LoadedModel
 from .plots import model_slug
 from .static import RankResult, check_variant, target_ranks
 from .store import Slots, check_results_dir
@@ -245,7 +245,7 @@ def static_scores(
         use_cache: False recomputes every relation (and still stores the results).
     """
     t0 = time.perf_counter()
-    variant = variant or default_variant(loaded.name)
+    variant = variant or loaded.variant
     check_variant(variant)
     relations = R.list_relations() if relations is None else relations
     scored, skipped = _usable(relations, loaded.tokenizer, leading_space, min_pairs)
