@@ -192,7 +192,9 @@ def test_human_study_notebook_without_annotations_says_so_and_renders_the_materi
                         annotations_dir=str(tmp_path / "ann"))
     assert "8 items from" in text and "=== item-001" in text
     assert "No annotations yet" in text and "does not invent or simulate judgments" in text
-    assert "Charts B (correctness) and C (kinds) need annotations; none yet." in text
+    assert "Chart B (correctness) needs annotations; none yet." in text
+    assert "Chart C (kinds) needs annotations; none yet." in text
+    assert "Agreement needs annotations; none yet." in text
     study = tmp_path / "res" / "tiny-model" / "human_study"
     assert {p.name for p in (study / "sheets").iterdir()} == {"annotator-1.csv", "annotator-2.csv"}
     assert (tmp_path / "fig" / "tiny-model" / "05_describer_outcome.png").is_file()
