@@ -306,9 +306,7 @@ class HeadWeights:
     def b_V(self, layer: int) -> Tensor | None:
         """``[n_heads, d_head]`` value bias per query head, or None where the architecture has none."""
         b = self.spec.v_bias(self.attn_module(layer), self.dims)
-        if b is None or self.group_size == 1:
-            return b
-        return b[self.kv_groups.to(b.device)]
+        return b if b is None or self.group_size == 1 else b[self.kv_groups.to(b.device)]
 
     def W_O(self, layer: int) -> Tensor:
         """``[n_heads, d_head, d_model]`` output projection per query head."""
@@ -387,18 +385,9 @@ class HeadWeights:
     def summary(self) -> dict[str, object]:
         """Plain-dict description for tables and manifests."""
         return {
-            "family": self.family,
-            "n_layers": self.n_layers,
-            "n_heads": self.n_heads,
-            "n_kv_heads": self.n_kv_heads,
-            "group_size": self.group_size,
-            "d_model": self.d_model,
-            "d_head": self.d_head,
-            "vocab_size": self.vocab_size,
-            "parallel_attn_mlp": self.spec.parallel_attn_mlp,
-            "v_bias": self.b_V(0) is not None,
-            "o_bias": self.b_O(0) is not None,
-            "unembed_bias": self.U_bias is not None,
-            "embed_scale": float(self.embed_scale),
-            "attn_out_gain": self.attn_out_gain(0) is not None,
+            "family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "group_size": self.group_size, "d_model": self.d_model, "d_head": self.d_head, "vocab_size": self.vocab_size,
+            "parallel_attn_mlp": self.spec.parallel_attn_mlp, "v_bias": self.b_V(0) is not None,
+            "o_bias": self.b_O(0) is not None, "unembed_bias": self.U_bias is not None,
+            "embed_scale": float(self.embed_scale), "attn_out_gain": self.attn_out_gain(0) is not None,
         }
