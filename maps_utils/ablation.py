@@ -33,16 +33,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import relations as R
-from .ablation_hooks import Head, Task, build_task, curve_steps, mean_last_z, run_curves, seeded_rng
+from .ablation_heads import max_relation_heads, overlap, random_heads, relation_heads, select_controls
+from .ablation_hooks import Head, Task, build_task, curve_steps, mean_last_z, run_curves
 from .ablation_result import AblationResult
 from .hashing import content_key
 from .manifest import build_manifest
@@ -62,62 +63,6 @@ templates of our own."""
 
 
 
-# ---- choosing heads ------------------------------------------------------------------------------------
-def max_relation_heads(n_heads_total: int) -> int:
-    """The paper's cap on relation heads by model size: < 300 heads → 30, < 500 → 50, < 1000 → 100,
-    < 1500 → 150, otherwise 250."""
-    for limit, cap in ((300, 30), (500, 50), (1000, 100), (1500, 150)):
-        if n_heads_total < limit:
-            return cap
-    return 250
-
-
-def relation_heads(score_map: Tensor | np.ndarray, m: int | None = None) -> list[Head]:
-    """The top-``m`` heads of a ``[L, H]`` static score map that score > 0, best first (a stable sort over the
-    flattened layer × head order, so ties keep the lower layer/head first); ``m`` defaults to the cap."""
-    s = torch.as_tensor(np.asarray(score_map), dtype=torch.float64)
-    L, H = s.shape
-    m = max_relation_heads(L * H) if m is None else m
-    flat = s.flatten()
-    order = torch.argsort(-flat, stable=True)
-    order = order[flat[order] > 0][:m]
-    return [(int(i) // H, int(i) % H) for i in order]
-
-
-def random_heads(n_layers: int, n_heads: int, exclude: Sequence[Head], count: int, n_samples: int, seed: int,
-                 name: str) -> list[list[Head]]:
-    """``n_samples`` random orders of ``count`` heads drawn without replacement from the heads not in ``exclude``
-    (fewer when fewer are left), seeded by ``seed`` and ``name``."""
-    banned = set(map(tuple, exclude))
-    pool = [(layer, h) for layer in range(n_layers) for h in range(n_heads) if (layer, h) not in banned]
-    rng = seeded_rng(seed, name, 0)
-    size = min(count, len(pool))
-    return [[pool[i] for i in rng.choice(len(pool), size=size, replace=False)] for _ in range(n_samples)]
-
-
-def overlap(main: Sequence[Head], other: Sequence[Head]) -> float:
-    """|main ∩ other| / |main| (0 when ``main`` is empty)."""
-    main_set = set(map(tuple, main))
-    return len(main_set & set(map(tuple, other))) / len(main_set) if main_set else 0.0
-
-
-def select_controls(main: str, heads: dict[str, Sequence[Head]], base: dict[str, float], seed: int, *,
-                    max_overlap: float = 0.15, max_base_gap: float = 0.2, max_controls: int = 5) -> list[str]:
-    """Control tasks for ``main``: the other relations of ``heads`` (the valid setups) in a seeded random order,
-    kept while their relation heads overlap ``main``'s by less than ``max_overlap`` and their base accuracy is
-    within ``max_base_gap`` of ``main``'s, up to ``max_controls``."""
-    candidates = sorted(r for r in heads if r != main)
-    order = [candidates[i] for i in seeded_rng(seed, main, 1).permutation(len(candidates))]
-    chosen = []
-    for other in order:
-        if len(chosen) == max_controls:
-            break
-        if overlap(heads[main], heads[other]) < max_overlap and abs(base[other] - base[main]) <= max_base_gap + 1e-12:
-            chosen.append(other)
-    return chosen
-
-
-# ---- the experiment ------------------------------------------------------------------------------------
 def _relation_list(relations) -> list[R.Relation]:
     if relations is None or relations == "paper":
         names = [r for r in PAPER_RELATIONS if r in R.list_relations()]
@@ -177,6 +122,52 @@ def causal_experiment(
             lines in the curves figure get coarser (8 steps: about a third of the baselines' forward passes at a 30-head cap).
         results_dir: per-task parts (resume) and the tables go under ``<results_dir>/<model>/ablation/<kind>/``.
     """
+    _check(kind, n_random, max_controls, batch_size, max_heads, baseline_steps, static, loaded)
+    t0 = time.perf_counter()
+    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    cap = max_heads if max_heads is not None else max_relation_heads(L * H)
+    run = _Run(loaded, kind, batch_size, progress, results_dir, use_cache)
+    rels = _relation_list(relations)
+    tasks, rel_heads, task_rows, head_rows = _tasks_and_heads(
+        loaded, static, rels, cap, max_pairs=max_pairs, seed=seed, min_pairs=min_pairs, k_copying=k_copying,
+        k_other=k_other)
+    base, mean_z = _base_accuracies(run, tasks)
+    valid = _mark_low_base(task_rows, base, min_base)
+
+    # baselines (seeded): random heads on the relation's prompts; the relation's heads on its control tasks
+    randoms = {name: random_heads(L, H, rel_heads[name], len(rel_heads[name]), n_random, seed, name) for name in valid}
+    valid_heads = {name: rel_heads[name] for name in valid}
+    controls = {name: select_controls(name, valid_heads, base, seed, max_overlap=max_overlap,
+                                      max_base_gap=max_base_gap, max_controls=max_controls) for name in valid}
+    control_rows = [{"relation": name, "control": c, "overlap": overlap(rel_heads[name], rel_heads[c]),
+                     "base": base[name], "control_base": base[c]} for name in valid for c in controls[name]]
+    plan = _plan(valid, rel_heads, randoms, controls)
+    accs, seconds, fresh = _run_plan(run, tasks, plan, mean_z, baseline_steps)
+    reused = [t for t in plan if t not in fresh]
+
+    result = AblationResult(
+        loaded.name, kind, pd.DataFrame(task_rows), pd.DataFrame(head_rows, columns=["relation", "rank", "layer", "head", "score"]),
+        pd.DataFrame(control_rows, columns=["relation", "control", "overlap", "base", "control_base"]),
+        pd.DataFrame(_curve_rows(plan, accs, tasks),
+                     columns=["relation", "task", "curve", "sample", "step", "removed", "accuracy", "n_prompts"]),
+        reused=reused)
+    result.manifest = build_manifest(
+        parameters={**run.identity, "kind": kind, "relations": [r.name for r in rels], "n_random": n_random,
+                    "seed": seed, "max_heads": cap, "max_overlap": max_overlap, "max_base_gap": max_base_gap,
+                    "max_controls": max_controls, "min_base": min_base, "max_pairs": max_pairs, "min_pairs": min_pairs,
+                    "k_copying": k_copying, "k_other": k_other, "static_variant": static.variant,
+                    "static_key": static.manifest.get("parameters", {}).get("key"),
+                    "baseline_steps": baseline_steps, "controls": controls, "seconds_per_task": seconds,
+                    "reused_from_cache": reused},
+        wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
+    if run.out is not None:
+        with run.parts.lock():  # concurrent runs write whole table sets in turn, never a mix of two experiments
+            result.write(results_dir)
+    return result
+
+
+# ---- the experiment's steps ------------------------------------------------------------------------------
+def _check(kind, n_random, max_controls, batch_size, max_heads, baseline_steps, static, loaded) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind '{kind}'; use one of {', '.join(KINDS)}.")
     if n_random < 0 or max_controls < 0:
@@ -189,24 +180,51 @@ def causal_experiment(
     if static.model != loaded.name:
         raise ValueError(f"The static scores are {static.model}'s, not {loaded.name}'s; score this model first "
                          "(maps_utils.scores.static_scores(loaded)).")
-    t0 = time.perf_counter()
-    heads = loaded.heads
-    L, H = heads.n_layers, heads.n_heads
-    cap = max_heads if max_heads is not None else max_relation_heads(L * H)
-    identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
-                "architecture": heads.summary(), "dtype": str(loaded.dtype), "device": str(loaded.device),
-                "batch_size": batch_size}
-    out = check_results_dir(results_dir) / model_slug(loaded.name) / "ablation" / kind if results_dir else None
-    parts = Slots(out / "parts" if out is not None else None, enabled=use_cache, weights_only=False)
-    static_names = {r.name for r in static.relations}
 
-    # 1. tasks, relation heads and base accuracies
+
+class _Run:
+    """What every step of one experiment shares: the model, the ablation kind, the cache slots and their identity."""
+
+    def __init__(self, loaded: LoadedModel, kind: str, batch_size: int, progress: bool, results_dir, use_cache: bool):
+        self.loaded, self.kind, self.batch_size, self.progress = loaded, kind, batch_size, progress
+        heads = loaded.heads
+        self.identity = {"engine_version": ENGINE_VERSION, "model": loaded.name,
+                         "weights_sha256": loaded.weights_sha256, "architecture": heads.summary(),
+                         "dtype": str(loaded.dtype), "device": str(loaded.device), "batch_size": batch_size}
+        self.out = check_results_dir(results_dir) / model_slug(loaded.name) / "ablation" / kind if results_dir else None
+        self.parts = Slots(self.out / "parts" if self.out is not None else None, enabled=use_cache,
+                           weights_only=False)
+
+    def key(self, task: Task, **more) -> str:
+        return content_key({**self.identity, "kind": self.kind, "prompts": task.prompts, "targets": task.targets,
+                            **more})
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One accuracy curve: ``heads`` removed cumulatively on one task's prompts. ``kind`` is one of
+    :data:`~maps_utils.ablation_result.CURVE_TYPES`; ``sample`` is a random sample's index or the control task;
+    ``owner`` is the relation whose table step a baseline must include (None for a relation curve)."""
+
+    kind: str
+    relation: str
+    sample: str
+    heads: list[Head]
+    owner: str | None
+
+    @property
+    def label(self) -> tuple[str, str, str]:
+        return self.kind, self.relation, self.sample
+
+
+def _tasks_and_heads(loaded, static, rels, cap, *, max_pairs, seed, min_pairs, k_copying, k_other):
+    """Each relation's task and relation heads, its row of the tasks table (status says why one is skipped), and
+    the heads table."""
+    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    static_names = {r.name for r in static.relations}
     tasks: dict[str, Task] = {}
     rel_heads: dict[str, list[Head]] = {}
-    head_rows, task_rows, reused = [], [], []
-    base: dict[str, float] = {}
-    mean_z: dict[str, Tensor] = {}
-    rels = _relation_list(relations)
+    task_rows, head_rows = [], []
     for rel in rels:
         row = {"relation": rel.name, "category": rel.category, "in_paper": rel.name in PAPER_RELATIONS,
                "template": rel.causal_template, "n_pairs": 0, "demo_overlap": 0, "base": np.nan, "status": "run"}
@@ -230,114 +248,119 @@ def causal_experiment(
         tasks[rel.name], rel_heads[rel.name] = task, chosen
         head_rows += [{"relation": rel.name, "rank": i + 1, "layer": la, "head": h, "score": float(smap[la, h])}
                       for i, (la, h) in enumerate(chosen)]
+    return tasks, rel_heads, task_rows, head_rows
 
-    bar = tqdm(total=len(tasks), desc="causal: base accuracy", unit="relation", disable=not progress)
+
+def _base_accuracies(run: _Run, tasks: dict[str, Task]) -> tuple[dict[str, float], dict[str, Tensor | None]]:
+    """Each task's accuracy with no head removed (and, for mean ablation, its heads' mean z), cached per task."""
+    base, mean_z = {}, {}
+    bar = tqdm(total=len(tasks), desc="causal: base accuracy", unit="relation", disable=not run.progress)
     for name, task in tasks.items():
         bar.set_postfix_str(name)
-        key = content_key({**identity, "kind": kind, "prompts": task.prompts, "targets": task.targets})
-        value = parts.read(f"{name}.base", key)
+        key = run.key(task)
+        value = run.parts.read(f"{name}.base", key)
         if value is None:
-            correct, _ = run_curves(loaded, task, [], batch_size=batch_size)
-            value = {"correct": correct, "mean_z": mean_last_z(loaded, task, batch_size) if kind == "mean" else None}
-            parts.write(f"{name}.base", key, value)
+            correct, _ = run_curves(run.loaded, task, [], batch_size=run.batch_size)
+            mz = mean_last_z(run.loaded, task, run.batch_size) if run.kind == "mean" else None
+            value = {"correct": correct, "mean_z": mz}
+            run.parts.write(f"{name}.base", key, value)
         base[name] = float(value["correct"].mean())
         mean_z[name] = value["mean_z"]
         bar.update(1)
     bar.close()
+    return base, mean_z
+
+
+def _mark_low_base(task_rows: list[dict], base: dict[str, float], min_base: float) -> list[str]:
+    """Fill in base accuracies, skip relations below ``min_base``; the relations that run."""
     for row in task_rows:
         if row["relation"] in base:
             row["base"] = base[row["relation"]]
             if base[row["relation"]] < min_base:
                 row["status"] = f"skipped: base accuracy {base[row['relation']]:.2f} < {min_base}"
-    valid = [r["relation"] for r in task_rows if r["status"] == "run"]
+    return [r["relation"] for r in task_rows if r["status"] == "run"]
 
-    # 2. baselines: random heads and control tasks (seeded)
-    randoms = {name: random_heads(L, H, rel_heads[name], len(rel_heads[name]), n_random, seed, name) for name in valid}
-    valid_heads = {name: rel_heads[name] for name in valid}
-    controls = {name: select_controls(name, valid_heads, base, seed, max_overlap=max_overlap,
-                                      max_base_gap=max_base_gap, max_controls=max_controls) for name in valid}
-    control_rows = [{"relation": name, "control": c, "overlap": overlap(rel_heads[name], rel_heads[c]),
-                     "base": base[name], "control_base": base[c]} for name in valid for c in controls[name]]
 
-    # 3. relation curves (each on its own prompts): they fix the table's step, #heads removed
-    def removed_at(acc: np.ndarray) -> int:  # first step reaching accuracy 0, else all the heads
-        zero = np.flatnonzero(acc[1:] == 0)
-        return int(zero[0]) + 1 if zero.size else len(acc) - 1
-
-    # 4. baselines, task by task: random heads on the relation's prompts, and every relation whose control this
-    # task is (its heads on this task's prompts), at ``baseline_steps`` steps plus that relation's table step
-    plan = {t: [("relation", t, "", rel_heads[t], None)] for t in valid}
+def _plan(valid, rel_heads, randoms, controls) -> dict[str, list[Curve]]:
+    """Per task, its curves: the relation's own first, then its random samples, then every relation whose control
+    this task is (that relation's heads on this task's prompts)."""
+    plan = {t: [Curve("relation", t, "", rel_heads[t], None)] for t in valid}
     for t in valid:
-        plan[t] += [("random", t, str(i), hs, t) for i, hs in enumerate(randoms[t])]
+        plan[t] += [Curve("random", t, str(i), hs, t) for i, hs in enumerate(randoms[t])]
     for name in valid:
         for c in controls[name]:
-            plan[c].append(("control", name, c, rel_heads[name], name))
+            plan[c].append(Curve("control", name, c, rel_heads[name], name))
+    return plan
 
-    def curve_plan(t: str, phase: int) -> tuple[list, list]:  # the phase's curves on task t, and their steps
+
+def _removed_at(acc: np.ndarray) -> int:
+    """The table's step: the first step reaching accuracy 0, else all the heads."""
+    zero = np.flatnonzero(acc[1:] == 0)
+    return int(zero[0]) + 1 if zero.size else len(acc) - 1
+
+
+def _run_plan(run: _Run, tasks, plan, mean_z, baseline_steps):
+    """Run every curve, task by task, in two phases: the relation curves (every step; they fix each relation's
+    table step), then the baselines at ``baseline_steps`` steps plus their owner's table step. Each phase of a
+    task is one cached part. Returns the accuracies by curve label, seconds per task and the tasks computed now."""
+    accs, seconds, steps_at, fresh = {}, {}, {}, set()
+
+    def phase_curves(t: str, phase: int) -> tuple[list[Curve], list[list[int]]]:
         curves = plan[t][:1] if phase == 0 else plan[t][1:]
-        steps = [curve_steps(len(hs), None if phase == 0 else baseline_steps,
-                             [steps_at[owner]] if phase == 1 else ()) for *_, hs, owner in curves]
+        steps = [curve_steps(len(c.heads), None if phase == 0 else baseline_steps,
+                             [steps_at[c.owner]] if phase == 1 else ()) for c in curves]
         return curves, steps
 
     def work(t: str, phase: int) -> int:  # prompt-steps: each ablation step runs the last token of every prompt once
-        return tasks[t].n * sum(map(len, curve_plan(t, phase)[1]))
+        return tasks[t].n * sum(map(len, phase_curves(t, phase)[1]))
 
-    curve_rows, seconds, accs, steps_at, fresh = [], {}, {}, {}, set()
-    bar = tqdm(total=sum(work(t, 0) for t in plan), desc=f"causal: {kind} ablation", unit="prompt",
-               unit_scale=True, disable=not progress)
+    bar = tqdm(total=sum(work(t, 0) for t in plan), desc=f"causal: {run.kind} ablation", unit="prompt",
+               unit_scale=True, disable=not run.progress)
     for phase in (0, 1):
         if phase == 1:  # the baselines' steps are known now
             bar.total += sum(work(t, 1) for t in plan)
             bar.refresh()
         for t in plan:
-            curves, steps = curve_plan(t, phase)
+            curves, steps = phase_curves(t, phase)
             if not curves:
                 continue
             bar.set_postfix_str(t)
-            task = tasks[t]
-            key = content_key({**identity, "kind": kind, "prompts": task.prompts, "targets": task.targets,
-                         "curves": [hs for *_, hs, _ in curves], "steps": steps})
-            part = f"{t}.{('relation', 'baselines')[phase]}"
-            value = parts.read(part, key)
-            if value is None:
-                s0 = time.perf_counter()
-                _, got = run_curves(loaded, task, [hs for *_, hs, _ in curves], replacement=mean_z[t],
-                                    batch_size=batch_size, bar=bar, steps=steps)
-                value = {"accs": got, "seconds": time.perf_counter() - s0}
+            value = _run_phase(run, tasks[t], f"{t}.{('relation', 'baselines')[phase]}", curves, steps, mean_z[t],
+                               bar)
+            if value.pop("fresh"):
                 fresh.add(t)
-                parts.write(part, key, value)
             else:
                 bar.update(work(t, phase))
             seconds[t] = round(seconds.get(t, 0.0) + value["seconds"], 2)
             for curve, acc in zip(curves, value["accs"], strict=True):
-                accs[curve[:3]] = acc
+                accs[curve.label] = acc
                 if phase == 0:
-                    steps_at[t] = removed_at(acc)
+                    steps_at[t] = _removed_at(acc)
     bar.close()
-    reused += [t for t in plan if t not in fresh]
-    for t, curves in plan.items():  # tidy rows in the plan's order: relation, random samples, controls
-        task = tasks[t]
-        for ctype, rel, sample, hs, _ in curves:
-            acc = accs[ctype, rel, sample]
-            curve_rows += [{"relation": rel, "task": t, "curve": ctype, "sample": sample, "step": s,
-                            "removed": "" if s == 0 else f"{hs[s - 1][0]}.{hs[s - 1][1]}", "accuracy": float(a),
-                            "n_prompts": task.n} for s, a in enumerate(acc) if np.isfinite(a)]
+    return accs, seconds, fresh
 
-    result = AblationResult(
-        loaded.name, kind, pd.DataFrame(task_rows), pd.DataFrame(head_rows, columns=["relation", "rank", "layer", "head", "score"]),
-        pd.DataFrame(control_rows, columns=["relation", "control", "overlap", "base", "control_base"]),
-        pd.DataFrame(curve_rows, columns=["relation", "task", "curve", "sample", "step", "removed", "accuracy", "n_prompts"]),
-        reused=reused)
-    result.manifest = build_manifest(
-        parameters={**identity, "kind": kind, "relations": [r.name for r in rels], "n_random": n_random, "seed": seed,
-                    "max_heads": cap, "max_overlap": max_overlap, "max_base_gap": max_base_gap,
-                    "max_controls": max_controls, "min_base": min_base, "max_pairs": max_pairs, "min_pairs": min_pairs,
-                    "k_copying": k_copying, "k_other": k_other, "static_variant": static.variant,
-                    "static_key": static.manifest.get("parameters", {}).get("key"),
-                    "baseline_steps": baseline_steps, "controls": controls, "seconds_per_task": seconds,
-                    "reused_from_cache": reused},
-        wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
-    if out is not None:
-        with parts.lock():  # concurrent runs write whole table sets in turn, never a mix of two experiments
-            result.write(results_dir)
-    return result
+
+def _run_phase(run: _Run, task: Task, part: str, curves: list[Curve], steps, replacement, bar) -> dict:
+    """One task's curves of one phase, from the cache or computed (and stored)."""
+    key = run.key(task, curves=[c.heads for c in curves], steps=steps)
+    value = run.parts.read(part, key)
+    if value is not None:
+        return {**value, "fresh": False}
+    s0 = time.perf_counter()
+    _, got = run_curves(run.loaded, task, [c.heads for c in curves], replacement=replacement,
+                        batch_size=run.batch_size, bar=bar, steps=steps)
+    value = {"accs": got, "seconds": time.perf_counter() - s0}
+    run.parts.write(part, key, value)
+    return {**value, "fresh": True}
+
+
+def _curve_rows(plan: dict[str, list[Curve]], accs: dict, tasks: dict[str, Task]) -> list[dict]:
+    """Tidy curve rows in the plan's order: relation, random samples, controls; steps not evaluated are left out."""
+    rows = []
+    for t, curves in plan.items():
+        for c in curves:
+            hs = c.heads
+            rows += [{"relation": c.relation, "task": t, "curve": c.kind, "sample": c.sample, "step": s,
+                      "removed": "" if s == 0 else f"{hs[s - 1][0]}.{hs[s - 1][1]}", "accuracy": float(a),
+                      "n_prompts": tasks[t].n} for s, a in enumerate(accs[c.label]) if np.isfinite(a)]
+    return rows
