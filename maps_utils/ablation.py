@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -95,8 +95,7 @@ def causal_experiment(
     min_base: float = 0.1,
     max_pairs: int | None = None,
     min_pairs: int = R.MIN_PAIRS,
-    k_copying: int = 1,
-    k_other: int = 10,
+    top_k: R.TopK | None = None,
     batch_size: int = 512,
     baseline_steps: int | None = None,
     results_dir: str | Path | None = "results",
@@ -107,7 +106,7 @@ def causal_experiment(
 
     Args:
         static: the model's :class:`~maps_utils.scores.StaticScores`; relation heads come from its score maps at
-            each relation's k (``k_copying`` / ``k_other``, the paper's 1 / 10).
+            each relation's k (``top_k``, default :class:`~maps_utils.relations.TopK`: the paper's 1 / 10).
         relations: ``"paper"`` (the paper's 13 causal relations, default), ``"all"`` (every relation with a
             causal template), or names / :class:`~maps_utils.relations.Relation` objects. Control tasks are drawn
             from the same set.
@@ -129,8 +128,7 @@ def causal_experiment(
     run = _Run(loaded, kind, batch_size, progress, results_dir, use_cache)
     rels = _relation_list(relations)
     tasks, rel_heads, task_rows, head_rows = _tasks_and_heads(
-        loaded, static, rels, cap, max_pairs=max_pairs, seed=seed, min_pairs=min_pairs, k_copying=k_copying,
-        k_other=k_other)
+        loaded, static, rels, cap, max_pairs=max_pairs, seed=seed, min_pairs=min_pairs, top_k=top_k or R.TopK())
     base, mean_z = _base_accuracies(run, tasks)
     valid = _mark_low_base(task_rows, base, min_base)
 
@@ -155,7 +153,7 @@ def causal_experiment(
         parameters={**run.identity, "kind": kind, "relations": [r.name for r in rels], "n_random": n_random,
                     "seed": seed, "max_heads": cap, "max_overlap": max_overlap, "max_base_gap": max_base_gap,
                     "max_controls": max_controls, "min_base": min_base, "max_pairs": max_pairs, "min_pairs": min_pairs,
-                    "k_copying": k_copying, "k_other": k_other, "static_variant": static.variant,
+                    "top_k": asdict(top_k or R.TopK()), "static_variant": static.variant,
                     "static_key": static.manifest.get("parameters", {}).get("key"),
                     "baseline_steps": baseline_steps, "controls": controls, "seconds_per_task": seconds,
                     "reused_from_cache": reused},
@@ -217,7 +215,7 @@ class Curve:
         return self.kind, self.relation, self.sample
 
 
-def _tasks_and_heads(loaded, static, rels, cap, *, max_pairs, seed, min_pairs, k_copying, k_other):
+def _tasks_and_heads(loaded, static, rels, cap, *, max_pairs, seed, min_pairs, top_k):
     """Each relation's task and relation heads, its row of the tasks table (status says why one is skipped), and
     the heads table."""
     L, H = loaded.heads.n_layers, loaded.heads.n_heads
@@ -237,7 +235,7 @@ def _tasks_and_heads(loaded, static, rels, cap, *, max_pairs, seed, min_pairs, k
         if rel.name not in static_names:
             row["status"] = "skipped: no static score (score it in notebook 01 first)"
             continue
-        smap = static.score_map(rel.name, k_copying=k_copying, k_other=k_other)
+        smap = static.score_map(rel.name, top_k=top_k)
         if tuple(smap.shape) != (L, H):
             raise ValueError(f"The static scores have {tuple(smap.shape)} layers x heads but the model has {(L, H)}; "
                              "recompute them for this model.")

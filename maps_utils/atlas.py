@@ -21,6 +21,7 @@ import pandas as pd
 
 from .io import atomic_write_text
 from .plots import model_slug
+from .relations import TopK
 from .score_tables import category_map
 from .scores import TAU
 
@@ -31,7 +32,7 @@ def _r(x: float) -> float:
 
 def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.DataFrame | None = None,
                ablation_heads: pd.DataFrame | None = None, ablation_summary: pd.DataFrame | None = None,
-               tau: float = TAU, k_copying: int = 1, k_other: int = 10) -> dict:
+               tau: float = TAU, top_k: TopK | None = None) -> dict:
     """Everything the page shows, as plain JSON-able data.
 
     ``static`` is a :class:`maps_utils.scores.StaticScores`; the others are notebook 04's ``descriptions.csv`` and
@@ -39,11 +40,11 @@ def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.Data
     Heads are numbered ``layer * n_heads + head``.
     """
     L, H = (int(x) for x in static.ranks.top.shape[:2])
-    table = static.table(k_copying=k_copying, k_other=k_other)
+    table = static.table(top_k=top_k)
     table["category"] = table.category.fillna("uncategorised")  # relation files of one's own may have none
     rels, scores, supp, hits = [], [], [], []
     for rel in static.relations:
-        k = rel.k(k_copying, k_other)
+        k = rel.k(top_k)
         top, _ = static.ranks_of(rel.name)
         hit = (top.long() < k).reshape(L * H, -1)  # [heads, pairs]
         heads_of_pair = [np.flatnonzero(col).tolist() for col in hit.T.numpy()]

@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -142,7 +142,7 @@ def _pad_id(tokenizer) -> int:
 
 
 def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.TokenizedRelation]], templates: list[str],
-         space_in_source: bool, *, k, k_copying, k_other, max_pairs, seed, batch_size, rank_cap, memory_budget_mb,
+         space_in_source: bool, *, k, top_k, max_pairs, seed, batch_size, rank_cap, memory_budget_mb,
          results_dir, use_cache, progress, params: dict, skipped: dict) -> DynamicScores:
     t0 = time.perf_counter()
     heads, tok = loaded.heads, loaded.tokenizer
@@ -151,7 +151,8 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
     out = check_results_dir(results_dir) / model_slug(loaded.name) / "dynamic" / kind if results_dir else None
     parts = Slots(out / "parts" if out is not None else None, enabled=use_cache)
     table_key = content_key({**identity, "kind": kind, "templates": templates, "max_pairs": max_pairs, "seed": seed,
-                             "k": k, "k_copying": k_copying, "k_other": k_other, "rank_cap": rank_cap, **params})
+                             "k": k, "k_copying": top_k.copying, "k_other": top_k.other, "rank_cap": rank_cap,
+                             **params})
     columns = model_columns(heads)
     pad_id = _pad_id(tok)
     done, reused = [], []
@@ -163,7 +164,7 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
         pairs = [tr.pairs[i] for i in keep]
         src = [tr.source_ids[i] if isinstance(tr.source_ids[i], list) else [tr.source_ids[i]] for i in keep]
         tgt = [tr.target_ids[i] for i in keep]
-        kk = k or rel.k(k_copying, k_other)
+        kk = k or rel.k(top_k)
         cap = max(rank_cap or kk, kk)
         per_template = [build_prompts(tok, t, src, space_in_source) for t in templates]
         key = content_key({**identity, "k": kk, "rank_cap": cap, "prompts": [[p.ids, p.source] for ps in per_template for p in ps],
@@ -193,7 +194,7 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
     scores = DynamicScores(loaded.name, kind, done, skipped, reused=reused)
     scores.manifest = build_manifest(
         parameters={**identity, **params, "templates": templates, "max_pairs": max_pairs, "seed": seed,
-                    "batch_size": batch_size, "k": k, "k_copying": k_copying, "k_other": k_other,
+                    "batch_size": batch_size, "k": k, "top_k": asdict(top_k),
                     "rank_cap": rank_cap, "rank_caps": {r.name: r.rank_cap for r in done},
                     "relations": {r.name: r.n for r in done}, "skipped": skipped,
                     "reused_from_cache": reused, "seconds_per_relation": {r.name: round(r.seconds, 2) for r in done}},
@@ -241,8 +242,7 @@ def dynamic_scores(
     templates: Sequence[str] | None = None,
     *,
     k: int | None = None,
-    k_copying: int = 1,
-    k_other: int = 10,
+    top_k: R.TopK | None = None,
     max_pairs: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -258,8 +258,9 @@ def dynamic_scores(
     Args:
         relations: names, paths or :class:`~maps_utils.relations.Relation` objects (default: all shipped).
         templates: generic templates with one ``<X>`` (default: the paper's four, ``templates.json``).
-        k, k_copying, k_other: the top-k of the test: ``k`` for every relation, else ``k_copying`` for the
-            copying relations and ``k_other`` for the rest (the paper: 1 and 10; Llama-3.x: 3 and 25).
+        k, top_k: the top-k of the test: ``k`` for every relation, else each relation's k from ``top_k``
+            (default :class:`~maps_utils.relations.TopK`: the paper's 1 for copying relations and 10 for the rest;
+            ``relations.LLAMA3_TOP_K``: 3 and 25).
         max_pairs: cap on pairs per relation (a seeded random subset) for quick runs; None: all.
         batch_size: prompts per forward pass.
         rank_cap: ranks are exact below it, so tables for any k <= cap come from one run (default: the
@@ -273,7 +274,7 @@ def dynamic_scores(
     if not todo:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}; "
                               "pass other relations or lower min_pairs.")
-    return _run(loaded, "single", todo, templates, True, k=k, k_copying=k_copying, k_other=k_other,
+    return _run(loaded, "single", todo, templates, True, k=k, top_k=top_k or R.TopK(),
                 max_pairs=max_pairs, seed=seed, batch_size=batch_size, rank_cap=rank_cap,
                 memory_budget_mb=memory_budget_mb, results_dir=results_dir, use_cache=use_cache, progress=progress,
                 params={"min_pairs": min_pairs, "leading_space": True}, skipped=skipped)
@@ -286,8 +287,7 @@ def multi_token_scores(
     *,
     mode: str = "paper",
     k: int | None = None,
-    k_copying: int = 1,
-    k_other: int = 10,
+    top_k: R.TopK | None = None,
     max_pairs: int | None = None,
     seed: int = 0,
     batch_size: int = 64,
@@ -313,7 +313,7 @@ def multi_token_scores(
     if not todo:
         raise R.RelationError(f"No relation has {min_pairs} usable multi-token pairs for {loaded.name} in mode "
                               f"'{mode}'; pass other relations, another mode or lower min_pairs.")
-    return _run(loaded, f"multi_token_{mode}", todo, [template], space, k=k, k_copying=k_copying, k_other=k_other,
+    return _run(loaded, f"multi_token_{mode}", todo, [template], space, k=k, top_k=top_k or R.TopK(),
                 max_pairs=max_pairs, seed=seed,
                 batch_size=batch_size, rank_cap=rank_cap, memory_budget_mb=memory_budget_mb, results_dir=results_dir,
                 use_cache=use_cache, progress=progress, params={"min_pairs": min_pairs, "mode": mode}, skipped=skipped)

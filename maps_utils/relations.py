@@ -83,9 +83,25 @@ class Relation:
     def targets(self) -> list[str]:
         return [t for _, t in self.pairs]
 
-    def k(self, k_copying: int = 1, k_other: int = 10) -> int:
-        """The paper's top-k for this relation: 1 for copying relations, 10 otherwise (3/25 for Llama-3.x)."""
-        return k_copying if self.copying else k_other
+    def k(self, top_k: TopK | None = None) -> int:
+        """This relation's top-k under ``top_k`` (default the paper's: 1 for copying relations, 10 otherwise)."""
+        return (top_k or TopK()).of(self)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """The k of the top-k test, by kind of relation: the paper's 1 for copying relations and 10 for the others
+    (:data:`LLAMA3_TOP_K`: 3 and 25, the paper's choice for Llama-3.x)."""
+
+    copying: int = 1
+    other: int = 10
+
+    def of(self, relation) -> int:
+        """The k of ``relation`` (anything with a ``copying`` flag)."""
+        return self.copying if relation.copying else self.other
+
+
+LLAMA3_TOP_K = TopK(copying=3, other=25)
 
 
 @dataclass

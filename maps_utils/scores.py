@@ -55,8 +55,8 @@ class ScoredRelation:
     def n(self) -> int:
         return len(self.pairs)
 
-    def k(self, k_copying: int, k_other: int) -> int:
-        return k_copying if self.copying else k_other
+    def k(self, top_k: R.TopK | None = None) -> int:
+        return (top_k or R.TopK()).of(self)
 
 
 @dataclass
@@ -86,25 +86,25 @@ class StaticScores:
         return self.ranks.top[..., sl], self.ranks.bottom[..., sl]
 
     def score_map(self, name: str, k: int | None = None, suppression: bool = False,
-                  k_copying: int = 1, k_other: int = 10) -> torch.Tensor:
+                  top_k: R.TopK | None = None) -> torch.Tensor:
         """``[L, H]`` relation (or suppression) scores of one relation."""
         rel = self.relation(name)
-        k = k or rel.k(k_copying, k_other)
+        k = k or rel.k(top_k)
         top, bottom = self.ranks_of(name)
         return ((bottom if suppression else top) < k).float().mean(-1)
 
-    def table(self, k: int | None = None, k_copying: int = 1, k_other: int = 10) -> pd.DataFrame:
+    def table(self, k: int | None = None, top_k: R.TopK | None = None) -> pd.DataFrame:
         """Tidy scores: model, relation, category, layer, head, kv_group, score, suppression_score, k, n_pairs, variant.
 
-        ``k`` overrides every relation's k; otherwise copying relations use ``k_copying`` (paper: 1;
-        Llama-3.x: 3) and the others ``k_other`` (paper: 10; Llama-3.x: 25).
+        ``k`` overrides every relation's k; otherwise each relation's k comes from ``top_k`` (default
+        :class:`~maps_utils.relations.TopK`, the paper's 1 for copying relations and 10 for the others).
         """
         L, H = self.ranks.top.shape[:2]
         layer = torch.arange(L).repeat_interleave(H).tolist()
         head = torch.arange(H).repeat(L).tolist()
         frames = []
         for rel in self.relations:
-            kk = k or rel.k(k_copying, k_other)
+            kk = k or rel.k(top_k)
             frames.append(pd.DataFrame({
                 "model": self.model, "relation": rel.name, "category": rel.category, "layer": layer, "head": head,
                 "kv_group": [self.kv_groups[h] for h in head],

@@ -43,6 +43,10 @@ def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     assert torch.allclose(torch.tensor(table.score.values).view(2, 4), direct.scores(10))
     assert torch.allclose(torch.tensor(table.suppression_score.values).view(2, 4), direct.scores(10, True))
     assert (res.table(k=3).k == 3).all()
+    from maps_utils.relations import LLAMA3_TOP_K, TopK
+
+    assert (res.table(top_k=LLAMA3_TOP_K).k == 25).all() and TopK().of(res.relation("mine")) == 10
+    assert torch.equal(res.score_map("mine", top_k=TopK(other=25)), res.score_map("mine", 25))
     out = tmp_path / "results" / "tiny-llama" / "static" / "first_mlp"
     assert {p.name for p in out.iterdir()} == {"ranks", "scores.csv", "manifest.json"}
     assert sorted(p.name for p in (out / "ranks").glob("*.pt")) == ["mine.pt"]  # one slot per relation
