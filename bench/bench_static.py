@@ -42,15 +42,16 @@ def _usable(loaded):
 def run_engine(name: str, device: str, variant: str) -> dict:
     import maps_utils
     from maps_utils.scores import static_scores
+    from maps_utils.store import RunOptions
 
     loaded = maps_utils.load(name, device=device)
     rss_loaded = _peak_rss_gib()
     t0 = time.perf_counter()
-    res = static_scores(loaded, variant=variant, results_dir=None, progress=False)
+    res = static_scores(loaded, variant=variant, run=RunOptions(results_dir=None, progress=False))
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - t0
-    h = loaded.heads
+    h = loaded.weights
     n = sum(r.n for r in res.relations)
     flops = h.n_layers * (h.n_kv_heads * 2 * n * h.d_model * h.d_head
                           + h.n_heads * 2 * h.d_head * h.vocab_size * (h.d_model + n))
@@ -67,7 +68,7 @@ def run_naive(name: str, device: str, variant: str, layers: str) -> dict:
     from maps_utils.static import source_vectors
 
     loaded = maps_utils.load(name, device=device)
-    h = loaded.heads
+    h = loaded.weights
     rels = _usable(loaded)
     todo = list(range(h.n_layers)) if layers == "all" else sorted(
         {round(i * (h.n_layers - 1) / max(1, int(layers) - 1)) for i in range(int(layers))})

@@ -46,15 +46,15 @@ from .ablation_heads import max_relation_heads, overlap, random_heads, relation_
 from .ablation_hooks import Head, Task, build_task, curve_steps, mean_last_z, run_curves
 from .ablation_result import AblationResult
 from .hashing import content_key
-from .manifest import build_manifest
+from .manifest import build_manifest, call_arguments
 from .models import LoadedModel
-from .plots import model_slug
-from .store import Slots, check_results_dir
+from .store import RunOptions, Slots
 
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = 2  # 2: keyed by the weights' hash
 KINDS = ("zero", "mean")
+DEFAULT_BATCH = 512  # prompts per forward pass (one chunk for most relations)
 PAPER_RELATIONS = ("copying", "name_copying", "word_first_letter", "word_last_letter", "year_following",
                    "country_capital", "country_language", "object_superclass", "product_company",
                    "adj_comparative", "verb_past_tense", "noun_pronoun", "english_spanish")
@@ -87,7 +87,6 @@ def causal_experiment(
     *,
     kind: str = "zero",
     n_random: int = 5,
-    seed: int = 0,
     max_heads: int | None = None,
     max_overlap: float = 0.15,
     max_base_gap: float = 0.2,
@@ -96,11 +95,8 @@ def causal_experiment(
     max_pairs: int | None = None,
     min_pairs: int = R.MIN_PAIRS,
     top_k: R.TopK | None = None,
-    batch_size: int = 512,
     baseline_steps: int | None = None,
-    results_dir: str | Path | None = "results",
-    use_cache: bool = True,
-    progress: bool = True,
+    run: RunOptions = RunOptions(),
 ) -> AblationResult:
     """Run the causal experiment (module docstring; MAPS-SPEC §1.5) on ``loaded``.
 
@@ -114,53 +110,40 @@ def causal_experiment(
             evaluated: the relation's own, or the control task's).
         max_heads: cap on relation heads (default: :func:`max_relation_heads` of the model's head count).
         max_pairs: a seeded random subset of pairs per relation, for quick runs (None: all, the paper's).
-        batch_size: prompts per forward pass.
         baseline_steps: evaluate the random-head and control-task curves at this many evenly spread steps, plus
             the table's step (the relation's #heads removed), instead of at every step (None, the paper's figure).
             The relation curves always run every step, so the table is the same either way; only the baselines'
             lines in the curves figure get coarser (8 steps: about a third of the baselines' forward passes at a 30-head cap).
-        results_dir: per-task parts (resume) and the tables go under ``<results_dir>/<model>/ablation/<kind>/``.
+        run: per-task parts (resume) and the tables go under ``<results_dir>/<model>/ablation/<kind>/``;
+            ``run.seed`` seeds every random choice, ``run.batch_size`` is the prompts per forward pass (default 512).
     """
-    _check(kind, n_random, max_controls, batch_size, max_heads, baseline_steps, static, loaded)
+    arguments = call_arguments(locals())
+    exp = _Experiment(loaded, kind, run.batch(DEFAULT_BATCH), run)
+    _check(kind, n_random, max_controls, exp.batch_size, max_heads, baseline_steps, static, loaded)
     t0 = time.perf_counter()
-    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    L, H = loaded.weights.n_layers, loaded.weights.n_heads
     cap = max_heads if max_heads is not None else max_relation_heads(L * H)
-    run = _Run(loaded, kind, batch_size, progress, results_dir, use_cache)
     rels = _relation_list(relations)
     tasks, rel_heads, task_rows, head_rows = _tasks_and_heads(
-        loaded, static, rels, cap, max_pairs=max_pairs, seed=seed, min_pairs=min_pairs, top_k=top_k or R.TopK())
-    base, mean_z = _base_accuracies(run, tasks)
+        loaded, static, rels, cap, max_pairs=max_pairs, seed=run.seed, min_pairs=min_pairs, top_k=top_k or R.TopK())
+    base, mean_z = _base_accuracies(exp, tasks)
     valid = _mark_low_base(task_rows, base, min_base)
-
-    # baselines (seeded): random heads on the relation's prompts; the relation's heads on its control tasks
-    randoms = {name: random_heads(L, H, rel_heads[name], len(rel_heads[name]), n_random, seed, name) for name in valid}
-    valid_heads = {name: rel_heads[name] for name in valid}
-    controls = {name: select_controls(name, valid_heads, base, seed, max_overlap=max_overlap,
-                                      max_base_gap=max_base_gap, max_controls=max_controls) for name in valid}
-    control_rows = [{"relation": name, "control": c, "overlap": overlap(rel_heads[name], rel_heads[c]),
-                     "base": base[name], "control_base": base[c]} for name in valid for c in controls[name]]
+    randoms, controls, control_rows = _baselines(valid, rel_heads, base, (L, H), n_random, run.seed,
+                                                 max_overlap=max_overlap, max_base_gap=max_base_gap,
+                                                 max_controls=max_controls)
     plan = _plan(valid, rel_heads, randoms, controls)
-    accs, seconds, fresh = _run_plan(run, tasks, plan, mean_z, baseline_steps)
-    reused = [t for t in plan if t not in fresh]
-
-    result = AblationResult(
-        loaded.name, kind, pd.DataFrame(task_rows), pd.DataFrame(head_rows, columns=["relation", "rank", "layer", "head", "score"]),
-        pd.DataFrame(control_rows, columns=["relation", "control", "overlap", "base", "control_base"]),
-        pd.DataFrame(_curve_rows(plan, accs, tasks),
-                     columns=["relation", "task", "curve", "sample", "step", "removed", "accuracy", "n_prompts"]),
-        reused=reused)
+    accs, seconds, fresh = _run_plan(exp, tasks, plan, mean_z, baseline_steps)
+    result = _result(loaded.name, kind, task_rows, head_rows, control_rows, _curve_rows(plan, accs, tasks),
+                     reused=[t for t in plan if t not in fresh])
     result.manifest = build_manifest(
-        parameters={**run.identity, "kind": kind, "relations": [r.name for r in rels], "n_random": n_random,
-                    "seed": seed, "max_heads": cap, "max_overlap": max_overlap, "max_base_gap": max_base_gap,
-                    "max_controls": max_controls, "min_base": min_base, "max_pairs": max_pairs, "min_pairs": min_pairs,
+        parameters={**arguments, **exp.identity, "relations": [r.name for r in rels], "max_heads": cap,
                     "top_k": asdict(top_k or R.TopK()), "static_variant": static.variant,
-                    "static_key": static.manifest.get("parameters", {}).get("key"),
-                    "baseline_steps": baseline_steps, "controls": controls, "seconds_per_task": seconds,
-                    "reused_from_cache": reused},
+                    "static_key": static.manifest.get("parameters", {}).get("key"), "controls": controls,
+                    "seconds_per_task": seconds, "reused_from_cache": result.reused},
         wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
-    if run.out is not None:
-        with run.parts.lock():  # concurrent runs write whole table sets in turn, never a mix of two experiments
-            result.write(results_dir)
+    if exp.out is not None:
+        with exp.parts.lock():  # concurrent runs write whole table sets in turn, never a mix of two experiments
+            result.write(run.results_dir)
     return result
 
 
@@ -180,17 +163,17 @@ def _check(kind, n_random, max_controls, batch_size, max_heads, baseline_steps, 
                          "(maps_utils.scores.static_scores(loaded)).")
 
 
-class _Run:
+class _Experiment:
     """What every step of one experiment shares: the model, the ablation kind, the cache slots and their identity."""
 
-    def __init__(self, loaded: LoadedModel, kind: str, batch_size: int, progress: bool, results_dir, use_cache: bool):
-        self.loaded, self.kind, self.batch_size, self.progress = loaded, kind, batch_size, progress
-        heads = loaded.heads
+    def __init__(self, loaded: LoadedModel, kind: str, batch_size: int, run: RunOptions):
+        self.loaded, self.kind, self.batch_size, self.progress = loaded, kind, batch_size, run.progress
+        weights = loaded.weights
         self.identity = {"engine_version": ENGINE_VERSION, "model": loaded.name,
-                         "weights_sha256": loaded.weights_sha256, "architecture": heads.summary(),
+                         "weights_sha256": loaded.weights_sha256, "architecture": weights.summary(),
                          "dtype": str(loaded.dtype), "device": str(loaded.device), "batch_size": batch_size}
-        self.out = check_results_dir(results_dir) / model_slug(loaded.name) / "ablation" / kind if results_dir else None
-        self.parts = Slots(self.out / "parts" if self.out is not None else None, enabled=use_cache,
+        self.out = run.folder(loaded.name, "ablation", kind)
+        self.parts = Slots(self.out / "parts" if self.out is not None else None, enabled=run.use_cache,
                            weights_only=False)
 
     def key(self, task: Task, **more) -> str:
@@ -218,7 +201,7 @@ class Curve:
 def _tasks_and_heads(loaded, static, rels, cap, *, max_pairs, seed, min_pairs, top_k):
     """Each relation's task and relation heads, its row of the tasks table (status says why one is skipped), and
     the heads table."""
-    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    L, H = loaded.weights.n_layers, loaded.weights.n_heads
     static_names = {r.name for r in static.relations}
     tasks: dict[str, Task] = {}
     rel_heads: dict[str, list[Head]] = {}
@@ -249,19 +232,19 @@ def _tasks_and_heads(loaded, static, rels, cap, *, max_pairs, seed, min_pairs, t
     return tasks, rel_heads, task_rows, head_rows
 
 
-def _base_accuracies(run: _Run, tasks: dict[str, Task]) -> tuple[dict[str, float], dict[str, Tensor | None]]:
+def _base_accuracies(exp: _Experiment, tasks: dict[str, Task]) -> tuple[dict[str, float], dict[str, Tensor | None]]:
     """Each task's accuracy with no head removed (and, for mean ablation, its heads' mean z), cached per task."""
     base, mean_z = {}, {}
-    bar = tqdm(total=len(tasks), desc="causal: base accuracy", unit="relation", disable=not run.progress)
+    bar = tqdm(total=len(tasks), desc="causal: base accuracy", unit="relation", disable=not exp.progress)
     for name, task in tasks.items():
         bar.set_postfix_str(name)
-        key = run.key(task)
-        value = run.parts.read(f"{name}.base", key)
+        key = exp.key(task)
+        value = exp.parts.read(f"{name}.base", key)
         if value is None:
-            correct, _ = run_curves(run.loaded, task, [], batch_size=run.batch_size)
-            mz = mean_last_z(run.loaded, task, run.batch_size) if run.kind == "mean" else None
+            correct, _ = run_curves(exp.loaded, task, [], batch_size=exp.batch_size)
+            mz = mean_last_z(exp.loaded, task, exp.batch_size) if exp.kind == "mean" else None
             value = {"correct": correct, "mean_z": mz}
-            run.parts.write(f"{name}.base", key, value)
+            exp.parts.write(f"{name}.base", key, value)
         base[name] = float(value["correct"].mean())
         mean_z[name] = value["mean_z"]
         bar.update(1)
@@ -277,6 +260,19 @@ def _mark_low_base(task_rows: list[dict], base: dict[str, float], min_base: floa
             if base[row["relation"]] < min_base:
                 row["status"] = f"skipped: base accuracy {base[row['relation']]:.2f} < {min_base}"
     return [r["relation"] for r in task_rows if r["status"] == "run"]
+
+
+def _baselines(valid: list[str], rel_heads: dict[str, list[Head]], base: dict[str, float], shape: tuple[int, int],
+               n_random: int, seed: int, **control_rules) -> tuple[dict, dict, list[dict]]:
+    """The seeded baselines: random heads on each relation's prompts, and the control tasks on which the
+    relation's heads are removed (with the table of controls)."""
+    L, H = shape
+    randoms = {name: random_heads(L, H, rel_heads[name], len(rel_heads[name]), n_random, seed, name) for name in valid}
+    valid_heads = {name: rel_heads[name] for name in valid}
+    controls = {name: select_controls(name, valid_heads, base, seed, **control_rules) for name in valid}
+    control_rows = [{"relation": name, "control": c, "overlap": overlap(rel_heads[name], rel_heads[c]),
+                     "base": base[name], "control_base": base[c]} for name in valid for c in controls[name]]
+    return randoms, controls, control_rows
 
 
 def _plan(valid, rel_heads, randoms, controls) -> dict[str, list[Curve]]:
@@ -297,7 +293,7 @@ def _removed_at(acc: np.ndarray) -> int:
     return int(zero[0]) + 1 if zero.size else len(acc) - 1
 
 
-def _run_plan(run: _Run, tasks, plan, mean_z, baseline_steps):
+def _run_plan(exp: _Experiment, tasks, plan, mean_z, baseline_steps):
     """Run every curve, task by task, in two phases: the relation curves (every step; they fix each relation's
     table step), then the baselines at ``baseline_steps`` steps plus their owner's table step. Each phase of a
     task is one cached part. Returns the accuracies by curve label, seconds per task and the tasks computed now."""
@@ -312,8 +308,8 @@ def _run_plan(run: _Run, tasks, plan, mean_z, baseline_steps):
     def work(t: str, phase: int) -> int:  # prompt-steps: each ablation step runs the last token of every prompt once
         return tasks[t].n * sum(map(len, phase_curves(t, phase)[1]))
 
-    bar = tqdm(total=sum(work(t, 0) for t in plan), desc=f"causal: {run.kind} ablation", unit="prompt",
-               unit_scale=True, disable=not run.progress)
+    bar = tqdm(total=sum(work(t, 0) for t in plan), desc=f"causal: {exp.kind} ablation", unit="prompt",
+               unit_scale=True, disable=not exp.progress)
     for phase in (0, 1):
         if phase == 1:  # the baselines' steps are known now
             bar.total += sum(work(t, 1) for t in plan)
@@ -323,7 +319,7 @@ def _run_plan(run: _Run, tasks, plan, mean_z, baseline_steps):
             if not curves:
                 continue
             bar.set_postfix_str(t)
-            value = _run_phase(run, tasks[t], f"{t}.{('relation', 'baselines')[phase]}", curves, steps, mean_z[t],
+            value = _run_phase(exp, tasks[t], f"{t}.{('relation', 'baselines')[phase]}", curves, steps, mean_z[t],
                                bar)
             if value.pop("fresh"):
                 fresh.add(t)
@@ -338,18 +334,29 @@ def _run_plan(run: _Run, tasks, plan, mean_z, baseline_steps):
     return accs, seconds, fresh
 
 
-def _run_phase(run: _Run, task: Task, part: str, curves: list[Curve], steps, replacement, bar) -> dict:
+def _run_phase(exp: _Experiment, task: Task, part: str, curves: list[Curve], steps, replacement, bar) -> dict:
     """One task's curves of one phase, from the cache or computed (and stored)."""
-    key = run.key(task, curves=[c.heads for c in curves], steps=steps)
-    value = run.parts.read(part, key)
+    key = exp.key(task, curves=[c.heads for c in curves], steps=steps)
+    value = exp.parts.read(part, key)
     if value is not None:
         return {**value, "fresh": False}
     s0 = time.perf_counter()
-    _, got = run_curves(run.loaded, task, [c.heads for c in curves], replacement=replacement,
-                        batch_size=run.batch_size, bar=bar, steps=steps)
+    _, got = run_curves(exp.loaded, task, [c.heads for c in curves], replacement=replacement,
+                        batch_size=exp.batch_size, bar=bar, steps=steps)
     value = {"accs": got, "seconds": time.perf_counter() - s0}
-    run.parts.write(part, key, value)
+    exp.parts.write(part, key, value)
     return {**value, "fresh": True}
+
+
+def _result(model: str, kind: str, task_rows, head_rows, control_rows, curve_rows, reused) -> AblationResult:
+    """The experiment's tidy tables (columns fixed even when a table is empty)."""
+    return AblationResult(
+        model, kind, pd.DataFrame(task_rows),
+        pd.DataFrame(head_rows, columns=["relation", "rank", "layer", "head", "score"]),
+        pd.DataFrame(control_rows, columns=["relation", "control", "overlap", "base", "control_base"]),
+        pd.DataFrame(curve_rows,
+                     columns=["relation", "task", "curve", "sample", "step", "removed", "accuracy", "n_prompts"]),
+        reused=reused)
 
 
 def _curve_rows(plan: dict[str, list[Curve]], accs: dict, tasks: dict[str, Task]) -> list[dict]:

@@ -83,11 +83,11 @@ class HeadAblation:
     Use as a context manager.
     """
 
-    def __init__(self, heads: HeadWeights, replacement: Tensor | None = None):
-        self.heads = heads
+    def __init__(self, weights: HeadWeights, replacement: Tensor | None = None):
+        self.weights = weights
         self.replacement = replacement
-        self.mask = torch.zeros(heads.n_layers, heads.n_heads, dtype=torch.bool)
-        self._any = [False] * heads.n_layers
+        self.mask = torch.zeros(weights.n_layers, weights.n_heads, dtype=torch.bool)
+        self._any = [False] * weights.n_layers
         self._handles = []
 
     def set(self, ablated: Sequence[Head]) -> HeadAblation:
@@ -102,7 +102,7 @@ class HeadAblation:
             if not self._any[layer]:
                 return None
             z = args[0]
-            last = self.heads.split_z(z[..., -1, :]).clone()  # [B, H, dh]
+            last = self.weights.split_z(z[..., -1, :]).clone()  # [B, H, dh]
             m = self.mask[layer].to(z.device)
             if self.replacement is None:
                 last[:, m] = 0
@@ -114,8 +114,8 @@ class HeadAblation:
         return hook
 
     def __enter__(self) -> HeadAblation:
-        for layer in range(self.heads.n_layers):
-            self._handles.append(self.heads.out_proj_module(layer).register_forward_pre_hook(self._hook(layer)))
+        for layer in range(self.weights.n_layers):
+            self._handles.append(self.weights.out_proj_module(layer).register_forward_pre_hook(self._hook(layer)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -195,7 +195,7 @@ def last_token_logits(loaded: LoadedModel, task: Task, ablated: Sequence[Head] =
     """Logits ``[n, vocab]`` at each prompt's last position with ``ablated`` heads removed there (the path the
     experiment uses: prefix with KV cache, then the last token)."""
     rows = []
-    with HeadAblation(loaded.heads, replacement) as abl:
+    with HeadAblation(loaded.weights, replacement) as abl:
         for idx, ids, _ in _chunks(task, batch_size, loaded.device):
             abl.set(())  # the prefix runs clean
             pre = _Prefix(loaded.model, ids)
@@ -210,17 +210,17 @@ def last_token_logits(loaded: LoadedModel, task: Task, ablated: Sequence[Head] =
 @torch.inference_mode()
 def mean_last_z(loaded: LoadedModel, task: Task, batch_size: int = 256) -> Tensor:
     """``[L, H, d_head]``: every head's z at the last position, averaged over the task's prompts (clean run)."""
-    heads = loaded.heads
-    total = torch.zeros(heads.n_layers, heads.n_heads, heads.d_head, dtype=torch.float64)
+    weights = loaded.weights
+    total = torch.zeros(weights.n_layers, weights.n_heads, weights.d_head, dtype=torch.float64)
     handles = []
 
     def hook(layer):
         def pre(module, args):
-            total[layer] += heads.split_z(args[0][..., -1, :]).double().sum(0).cpu()
+            total[layer] += weights.split_z(args[0][..., -1, :]).double().sum(0).cpu()
         return pre
 
-    for layer in range(heads.n_layers):
-        handles.append(heads.out_proj_module(layer).register_forward_pre_hook(hook(layer)))
+    for layer in range(weights.n_layers):
+        handles.append(weights.out_proj_module(layer).register_forward_pre_hook(hook(layer)))
     try:
         for _, ids, _ in _chunks(task, batch_size, loaded.device):
             loaded.model(input_ids=ids, use_cache=False, logits_to_keep=1)
@@ -261,7 +261,7 @@ def run_curves(loaded: LoadedModel, task: Task, curves: Sequence[Sequence[Head]]
             raise ValueError(f"steps must lie in 1..{len(c)} (the curve's length)")
     correct = np.zeros(task.n, dtype=bool)
     counts = [np.zeros(len(c) + 1) for c in curves]
-    with HeadAblation(loaded.heads, replacement) as abl:
+    with HeadAblation(loaded.weights, replacement) as abl:
         for idx, ids, tgt in _chunks(task, batch_size, loaded.device):
             abl.set(())  # the prefix runs clean
             pre = _Prefix(loaded.model, ids)

@@ -8,8 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .plots import model_slug
-from .store import write_table
+from .store import result_folder, write_table
 
 CURVE_TYPES = ("relation", "random", "control")
 
@@ -21,7 +20,7 @@ class AblationResult:
     model: str
     kind: str
     tasks: pd.DataFrame  # relation, category, in_paper, template, n_pairs, demo_overlap, base, status
-    heads: pd.DataFrame  # relation, rank, layer, head, score
+    relation_heads: pd.DataFrame  # relation, rank, layer, head, score
     controls: pd.DataFrame  # relation, control, overlap, base, control_base
     curves: pd.DataFrame  # relation, task, curve, sample, step, accuracy, n_prompts
     manifest: dict = field(default_factory=dict)
@@ -69,7 +68,7 @@ class AblationResult:
 
     def heads_by_relation(self) -> pd.DataFrame:
         """Per relation: how many relation heads, the best static score, and the first ten heads (``layer.head``)."""
-        named = self.heads.assign(h=self.heads.layer.astype(str) + "." + self.heads["head"].astype(str))
+        named = self.relation_heads.assign(h=self.relation_heads.layer.astype(str) + "." + self.relation_heads["head"].astype(str))
         return named.groupby("relation", sort=False).agg(n_heads=("h", "size"), best=("score", "max"),
                                                           first_ten=("h", lambda s: ", ".join(s[:10])))
 
@@ -79,8 +78,8 @@ class AblationResult:
 
     def write(self, results_dir: str | Path) -> Path:
         """Write every table (CSV + manifest) under ``<results_dir>/<model>/ablation/<kind>/``."""
-        out = Path(results_dir) / model_slug(self.model) / "ablation" / self.kind
-        for name, table in (("tasks", self.tasks), ("heads", self.heads), ("controls", self.controls),
+        out = result_folder(results_dir, self.model, "ablation", self.kind)
+        for name, table in (("tasks", self.tasks), ("heads", self.relation_heads), ("controls", self.controls),
                             ("curves", self.curves), ("summary", self.summary())):
             write_table(table, out / f"{name}.csv", self.manifest)
         return out

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 
 from .io import atomic_write_text
-from .plots import model_slug
 from .relations import TopK
 from .score_tables import category_map
 from .scores import TAU
+from .store import RunOptions, model_slug, result_folder
 
 
 def _r(x: float) -> float:
@@ -100,9 +100,8 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
     ``out`` (default ``reports/<model>/atlas.html``)."""
     from .scores import static_scores
 
-    slug = model_slug(loaded.name)
-    res = Path(results_dir) / slug
-    static = static_scores(loaded, variant=variant or loaded.variant, results_dir=results_dir)
+    res = result_folder(results_dir, loaded.name)
+    static = static_scores(loaded, variant=variant or loaded.variant, run=RunOptions(results_dir=results_dir))
 
     def read(path: Path) -> pd.DataFrame | None:
         return pd.read_csv(path, keep_default_na=False) if path.is_file() else None
@@ -110,7 +109,7 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
     abl = res / "ablation" / "zero"
     data = atlas_data(static, descriptions=read(res / "descriptions.csv"), ops=read(res / "descriptions.ops.csv"),
                       ablation_heads=read(abl / "heads.csv"), ablation_summary=read(abl / "summary.csv"))
-    out = Path(out) if out is not None else Path("reports") / slug / "atlas.html"
+    out = Path(out) if out is not None else Path("reports") / model_slug(loaded.name) / "atlas.html"
     return atomic_write_text(out, render_atlas(data))
 
 

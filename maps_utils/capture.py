@@ -97,11 +97,11 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def capture(model, heads: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
     """Run ``model`` once on right-padded ``input_ids`` (see :func:`pad_batch`); return ``z_last`` ``[B, L, n_heads, d_head]`` (every head's mixed value at each
     prompt's last position: its real, in-context output before W_O) and ``v_source`` ``[B, L, n_kv, d_head]``
     (the value vectors at each prompt's source position, bias included)."""
-    L, B = heads.n_layers, input_ids.shape[0]
+    L, B = weights.n_layers, input_ids.shape[0]
     rows = torch.arange(B, device=input_ids.device)
     z_last: list[Tensor | None] = [None] * L
     v_src: list[Tensor | None] = [None] * L
@@ -109,19 +109,19 @@ def capture(model, heads: HeadWeights, input_ids: Tensor, last: Tensor, source: 
 
     def z_hook(layer):
         def hook(mod, args):
-            z_last[layer] = heads.split_z(args[0][rows, last])
+            z_last[layer] = weights.split_z(args[0][rows, last])
             if layer == L - 1:
                 raise _Stop
         return hook
 
     def v_hook(layer):
         def hook(mod, args, out):
-            v_src[layer] = heads.values_from_output(out[rows, source])
+            v_src[layer] = weights.values_from_output(out[rows, source])
         return hook
 
     for layer in range(L):
-        handles.append(heads.out_proj_module(layer).register_forward_pre_hook(z_hook(layer)))
-        handles.append(heads.v_module(layer).register_forward_hook(v_hook(layer)))
+        handles.append(weights.out_proj_module(layer).register_forward_pre_hook(z_hook(layer)))
+        handles.append(weights.v_module(layer).register_forward_hook(v_hook(layer)))
     try:
         model(input_ids=input_ids, use_cache=False)
     except _Stop:
@@ -132,19 +132,19 @@ def capture(model, heads: HeadWeights, input_ids: Tensor, last: Tensor, source: 
     return torch.stack(z_last, 1), torch.stack(v_src, 1)
 
 
-def head_writes(heads: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple[Tensor, Tensor]:
+def head_writes(weights: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple[Tensor, Tensor]:
     """``(with_context, without_context)`` head writes ``[B, L, n_heads, d_model]`` (no b_O):
     ``z_h W_O[h]`` and ``v_source[g(h)] W_O[h]``."""
-    groups = heads.kv_groups.to(v_source.device)
-    w_o = torch.stack([heads.W_O(layer) for layer in range(heads.n_layers)]).to(z_last.dtype)  # [L, H, dh, d]
+    groups = weights.kv_groups.to(v_source.device)
+    w_o = torch.stack([weights.W_O(layer) for layer in range(weights.n_layers)]).to(z_last.dtype)  # [L, H, dh, d]
     with_ctx = torch.einsum("blhe,lhem->blhm", z_last, w_o)
     without = torch.einsum("blhe,lhem->blhm", v_source[:, :, groups], w_o)
     return with_ctx, without
 
 
-def model_columns(heads: HeadWeights, dtype: torch.dtype | None = None) -> Columns:
+def model_columns(weights: HeadWeights, dtype: torch.dtype | None = None) -> Columns:
     """The unembedding in the static engine's scan order (shared by every row)."""
-    U = heads.U.to(dtype or heads.U.dtype)
+    U = weights.U.to(dtype or weights.U.dtype)
     perm = scan_permutation(U.shape[1], U.device)
     return Columns(U[:, perm].contiguous(), perm, _inverse(perm))
 
@@ -152,7 +152,7 @@ def model_columns(heads: HeadWeights, dtype: torch.dtype | None = None) -> Colum
 @torch.inference_mode()
 def prompt_ranks(
     model,
-    heads: HeadWeights,
+    weights: HeadWeights,
     prompts: Sequence[Prompt],
     targets: Sequence[int],
     *,
@@ -168,17 +168,17 @@ def prompt_ranks(
     bottom, without-context top, without-context bottom); a rank equal to ``rank_cap`` means ">= cap"."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    device = heads.U.device
-    columns = columns or model_columns(heads)
-    L, H, n = heads.n_layers, heads.n_heads, len(prompts)
+    device = weights.U.device
+    columns = columns or model_columns(weights)
+    L, H, n = weights.n_layers, weights.n_heads, len(prompts)
     out = torch.empty((4, n, L, H), dtype=torch.int16)
     starts = range(0, n, batch_size)
     for s in tqdm(starts, desc=desc, leave=False, disable=not progress or len(starts) < 2):
         batch = prompts[s : s + batch_size]
         B = len(batch)
-        z, v = capture(model, heads, *pad_batch(batch, pad_id, device))
-        with_ctx, without = head_writes(heads, z, v)
-        rows = torch.cat([with_ctx, without]).reshape(-1, heads.d_model).to(columns.cols.dtype)
+        z, v = capture(model, weights, *pad_batch(batch, pad_id, device))
+        with_ctx, without = head_writes(weights, z, v)
+        rows = torch.cat([with_ctx, without]).reshape(-1, weights.d_model).to(columns.cols.dtype)
         tgt = torch.as_tensor(targets[s : s + batch_size], device=device)
         tgt = tgt[:, None].expand(B, L * H).reshape(-1).repeat(2)
         top, bottom = ranks_of_targets(rows, tgt, columns, rank_cap, memory_budget_mb)

@@ -81,13 +81,14 @@ def _score(args: argparse.Namespace) -> int:
     from . import relations as R
     from . import scores as SC
     from .score_tables import top_heads
+    from .store import RunOptions
 
     _check(args)
     copying = True if args.copying else None
     relations = [R.load(r, copying=copying) for r in args.relation] if args.relation else None
     loaded = load(args.model, device=args.device, dtype=args.dtype)
     res = SC.static_scores(loaded, relations, variant=args.variant or loaded.variant,
-                           results_dir=args.results_dir)
+                           run=RunOptions(results_dir=args.results_dir))
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
         print(top_heads(res.table(k=args.k), n=args.top).to_string(index=False))
     for name, n in res.skipped.items():

@@ -5,11 +5,13 @@ template, MAPS-SPEC §8.13), the paper's table layout and summary rows.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from .dynamic import CONTEXTS, DynamicScores
+from .store import RunOptions
 
 
 # ---- correlation with the static scores --------------------------------------------------------------
@@ -91,7 +93,7 @@ def summary(corr: pd.DataFrame) -> pd.DataFrame:
 
 # ---- what notebook 02 shows ---------------------------------------------------------------------------
 def compare_variants(loaded, dynamic: DynamicScores, variants, *, static=None, relations=None, k: int | None = None,
-                     results_dir="results") -> pd.DataFrame:
+                     run: RunOptions = RunOptions()) -> pd.DataFrame:
     """Mean r per static variant (columns) and per score type and context (rows): the variant whose static scores
     correlate better with the heads' outputs at inference describes them better. ``static`` is reused for its own
     variant; the others are scored (or read from the results store)."""
@@ -100,7 +102,7 @@ def compare_variants(loaded, dynamic: DynamicScores, variants, *, static=None, r
     rows = []
     for v in dict.fromkeys(variants):
         st = static if static is not None and static.variant == v else static_scores(
-            loaded, relations, variant=v, results_dir=results_dir)
+            loaded, relations, variant=v, run=run)
         for _, r in summary(correlations(st, dynamic, k=k)).iterrows():
             rows.append({"static variant": v, "score": r["score_type"], "context": r["context"],
                          "mean r": round(r["mean r"], 3)})
@@ -121,30 +123,35 @@ def summary_row(rel_table: pd.DataFrame, label: str) -> pd.DataFrame:
     }], index=[label]).round(3)
 
 
-def write_correlations(corr: pd.DataFrame, path, loaded, static, dynamic: DynamicScores, k: int | None,
-                       wall_seconds: float):
-    """The correlation table with its manifest (the static variant, k and the dynamic run's parameters)."""
+def write_correlations(corr: pd.DataFrame, loaded, static, dynamic: DynamicScores, k: int | None,
+                       wall_seconds: float, run: RunOptions, name: str = "correlations") -> Path | None:
+    """The correlation table as ``<results_dir>/<model>/dynamic/<name>.csv`` with its manifest (the static variant,
+    k and the dynamic run's parameters); None when ``run`` keeps no files."""
     from .manifest import build_manifest
     from .store import write_table
 
+    out = run.folder(loaded.name, "dynamic")
+    if out is None:
+        return None
     manifest = build_manifest(parameters={"static_variant": static.variant, "k": k,
                                           "dynamic": dynamic.manifest["parameters"]},
                               wall_seconds=wall_seconds, model=loaded.manifest())
-    return write_table(corr, path, manifest)
+    return write_table(corr, out / f"{name}.csv", manifest)
 
 
-def multi_token_run(loaded, static, mode: str, out_dir, *, relations=None, k: int | None = None, **kwargs):
+def multi_token_run(loaded, static, mode: str, *, relations=None, k: int | None = None, max_pairs: int | None = None,
+                    run: RunOptions = RunOptions()):
     """Multi-token dynamic scores in one tokenisation ``mode``, their correlation with the single-token static
     scores (written as ``multi_token_<mode>_correlations.csv`` when there is any), and a sentence on the run."""
     from .dynamic import multi_token_scores
 
-    mt = multi_token_scores(loaded, relations, mode=mode, k=k, **kwargs)
+    mt = multi_token_scores(loaded, relations, mode=mode, k=k, max_pairs=max_pairs, run=run)
     corr = correlations(static, mt, k=k)
     no_static = [r.name for r in mt.relations if r.name not in {s.name for s in static.relations}]
     note = (f"mode {mode}: {len(mt.relations)} relations, pairs {({r.name: r.n for r in mt.relations})}; "
             f"{mt.manifest['wall_seconds']:.0f} s; skipped (< 30 pairs): {mt.skipped or 'none'}; "
             f"no single-token static score: {no_static or 'none'}")
     if len(corr):
-        write_correlations(corr, f"{out_dir}/multi_token_{mode}_correlations.csv", loaded, static, mt, k,
-                           mt.manifest["wall_seconds"])
+        write_correlations(corr, loaded, static, mt, k, mt.manifest["wall_seconds"], run,
+                           name=f"multi_token_{mode}_correlations")
     return mt, corr, note

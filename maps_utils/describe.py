@@ -27,16 +27,9 @@ import pandas as pd
 
 from .describer import Describer, DescriberError, resolve_endpoint
 from .io import atomic_write_text
-from .manifest import build_manifest, write_manifest
-from .plots import model_slug
-from .sampling import (  # noqa: F401 (re-exported: notebooks and human_study use them from here)
-    DEFAULT_SAMPLE,
-    layer_quartile,
-    quartile_labels,
-    quartile_table,
-    select_heads,
-    stratified_pick,
-)
+from .manifest import build_manifest, call_arguments, write_manifest
+from .sampling import DEFAULT_SAMPLE, layer_quartile, quartile_table, select_heads
+from .store import RunOptions, result_folder
 
 KEYS = ("Reasoning", "Input strings", "Observed pattern")
 PROMPT_VERSION = 1
@@ -73,10 +66,10 @@ def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15
         raise ValueError(f"n_salient and n_mappings must be >= 1 (got {n_salient}, {n_mappings}).")
     if not heads:
         raise ValueError("salient_ops needs at least one (layer, head).")
-    sal = saliency(loaded.heads, variant=variant, progress=progress)
-    ops = salient_operations(loaded.heads, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
+    sal = saliency(loaded.weights, variant=variant, progress=progress)
+    ops = salient_operations(loaded.weights, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
                              variant=variant, heads_subset=list(heads), saliency_scores=sal, progress=progress)
-    ops.insert(2, "quartile", [layer_quartile(la, loaded.heads.n_layers) for la in ops.layer])
+    ops.insert(2, "quartile", [layer_quartile(la, loaded.weights.n_layers) for la in ops.layer])
     return ops
 
 
@@ -253,7 +246,7 @@ class DescriptionResult:
         return t.sort_values(["clarity", "layer", "head"], ascending=[False, False, True]).head(n)
 
     def write(self, results_dir: str | Path) -> Path:
-        out = Path(results_dir) / model_slug(self.model)
+        out = result_folder(results_dir, self.model)
         out.mkdir(parents=True, exist_ok=True)
         for name, ops in (("ops", self.ops), ("evidence", self.evidence)):
             if ops is not None:
@@ -298,15 +291,14 @@ def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     return out
 
 
-def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, seed: int = 0, n_salient: int = 15,
+def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient: int = 15,
                    n_mappings: int = 5, n_evidence: int = N_EVIDENCE, variant: str = "first_mlp_all",
                    prompt_variant: str | None = None, describer: Describer | None = None,
-                   describer_model: str | None = None, base_url: str | None = None,
-                   results_dir: str | Path | None = "results", name: str = "descriptions", progress: bool = True,
-                   **describer_kw) -> DescriptionResult:
+                   describer_model: str | None = None, base_url: str | None = None, name: str = "descriptions",
+                   run: RunOptions = RunOptions(), **describer_kw) -> DescriptionResult:
     """Salient operations of the selected heads, described by an LLM and by the rule describer, with a manifest;
-    written under ``results/<model>/descriptions.*`` when ``results_dir`` is given. The response cache is
-    ``results/<model>/descriptions.cache.jsonl`` (or ``describer.cache_path``).
+    written under ``<results_dir>/<model>/<name>.*`` when ``run.results_dir`` is set. The response cache is
+    ``<results_dir>/<model>/descriptions.cache.jsonl`` (or ``cache_path``); ``run.seed`` seeds the head sample.
 
     The describer sees ranks ``< n_salient``; ranks ``n_salient .. n_evidence - 1`` are kept as held-out evidence.
     ``prompt_variant`` is "paper" (default for GPT-4o and servers) or "hinted" (default for the local model).
@@ -314,33 +306,33 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, seed: int
     """
     from .rules import describe_ops
 
+    arguments = call_arguments(locals())
     t0 = time.perf_counter()
-    h = loaded.heads
-    chosen = select_heads(h.n_layers, h.n_heads, heads, n=n, seed=seed)
+    w = loaded.weights
+    chosen = select_heads(w.n_layers, w.n_heads, heads, n=n, seed=run.seed)
     everything = salient_ops(loaded, chosen, n_salient=max(n_salient, n_evidence), n_mappings=n_mappings,
-                             variant=variant, progress=progress)
+                             variant=variant, progress=run.progress)
     ops = everything[everything["rank"] < n_salient].reset_index(drop=True)
     evidence = everything[everything["rank"] >= n_salient].reset_index(drop=True)
     if describer is None:
-        if results_dir is None and "cache_path" not in describer_kw:
+        if run.results_dir is None and "cache_path" not in describer_kw:
             raise ValueError("describe_heads needs results_dir or a cache_path for the response cache.")
-        cache_path = describer_kw.pop("cache_path", None) or Path(results_dir) / model_slug(loaded.name) / "descriptions.cache.jsonl"
+        cache_path = describer_kw.pop("cache_path", None) or run.folder(loaded.name) / "descriptions.cache.jsonl"
         describer = Describer(resolve_endpoint(describer_model, base_url), cache_path, **describer_kw)
     prompt_variant = prompt_variant or ("hinted" if describer.endpoint.kind == "local" else "paper")
-    described = describe(describer, head_prompts(ops, prompt_variant), progress=progress)
-    table = _head_table(described, ops, h.n_layers)
-    params = {"heads": heads if isinstance(heads, (str, int)) else [list(p) for p in chosen], "n": n, "seed": seed,
-              "n_salient": n_salient, "n_mappings": n_mappings, "n_evidence": n_evidence, "variant": variant,
+    described = describe(describer, head_prompts(ops, prompt_variant), progress=run.progress)
+    table = _head_table(described, ops, w.n_layers)
+    params = {**arguments, "heads": heads if isinstance(heads, (str, int)) else [list(p) for p in chosen],
               "prompt_variant": prompt_variant, "n_heads_described": len(chosen),
               **describer.params(DESCRIPTION_SCHEMA, version=PROMPT_VERSION), "describer": describer.provenance,
               "model_id": describer.model_id, "timeout": describer.timeout, "max_retries": describer.max_retries,
               "deadline": describer.deadline, "concurrency": describer.concurrency,
               "new_responses": int((~table.cached & (table.status == "ok")).sum()), "failed": int((table.status != "ok").sum())}
     manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
-    res = DescriptionResult(str(loaded.name), ops, table, manifest, h.n_layers, evidence, describe_ops(ops), describer,
+    res = DescriptionResult(str(loaded.name), ops, table, manifest, w.n_layers, evidence, describe_ops(ops), describer,
                             name)
-    if results_dir is not None:
-        res.write(results_dir)
+    if run.results_dir is not None:
+        res.write(run.results_dir)
     if len(table) and (table.status != "ok").all():
         first = table.error.iloc[0]
         raise DescriberError(f"Every one of the {len(table)} heads failed to get a description (first error: {first}); "

@@ -31,8 +31,8 @@ import pandas as pd
 from .describe import show_token
 from .detection_stats import THRESHOLD, summary, verified_by_quartile
 from .io import atomic_write_text
-from .manifest import build_manifest, write_manifest
-from .plots import model_slug
+from .manifest import build_manifest, call_arguments, write_manifest
+from .store import RunOptions, result_folder
 
 JUDGE_VERSION = 1
 JUDGE_PROMPT = """\
@@ -251,7 +251,7 @@ class DetectionResult:
         return q.set_index("quartile").rename(columns={"n_heads": "n"})[["layers", "n", *cols]], cols
 
     def write(self, results_dir: str | Path) -> Path:
-        out = Path(results_dir) / model_slug(self.model)
+        out = result_folder(results_dir, self.model)
         atomic_write_text(out / f"{self.name}.csv", self.scores.to_csv(index=False))
         atomic_write_text(out / f"{self.name}.summary.csv", self.summary().to_csv(index=False))
         write_manifest(out / f"{self.name}.manifest.json", self.manifest)
@@ -290,7 +290,7 @@ class DetectionResult:
 
 def read_scores(results_dir: str | Path, model: str, name: str = "detection") -> pd.DataFrame | None:
     """Notebook 04's per-head detection scores (``results/<model>/detection.csv``), or None when it was not run."""
-    path = Path(results_dir) / model_slug(model) / f"{name}.csv"
+    path = result_folder(results_dir, model, f"{name}.csv")
     return pd.read_csv(path) if path.is_file() else None
 
 
@@ -306,26 +306,27 @@ TARGET_RELATIONS = ("copying", "name_copying", "word_first_letter", "country_cap
 
 
 def static_target_heads(loaded, relations: Sequence[str] = TARGET_RELATIONS, *, min_score: float = 0.5,
-                        results_dir: str | Path | None = "results", progress: bool = True) -> pd.DataFrame:
+                        run: RunOptions = RunOptions()) -> pd.DataFrame:
     """Heads whose static score (notebook 01's engine, the paper's k, the model's default variant) is at least
     ``min_score`` on any of ``relations``: one row per head with its best such relation and score."""
     from .relations import list_relations
     from .scores import static_scores
 
     usable = [r for r in relations if r in list_relations()]
-    table = static_scores(loaded, usable, results_dir=results_dir, progress=progress).table()
+    table = static_scores(loaded, usable, run=run).table()
     hits = table[table.score >= min_score].sort_values("score", ascending=False)
     return hits.drop_duplicates(["layer", "head"])[["layer", "head", "relation", "score"]].sort_values(
         ["layer", "head"]).reset_index(drop=True)
 
 
-def score_descriptions(res, describer=None, *, seed: int = 0, threshold: float = THRESHOLD, library=None,
-                       negatives=None, results_dir: str | Path | None = "results", name: str = "detection",
-                       progress: bool = True) -> DetectionResult:
+def score_descriptions(res, describer=None, *, threshold: float = THRESHOLD, library=None, negatives=None,
+                       name: str = "detection", run: RunOptions = RunOptions()) -> DetectionResult:
     """Detection scores of a :class:`~maps_utils.describe.DescriptionResult`'s LLM and rule descriptions, judged
     on its held-out evidence (``res.evidence``) against rows of other heads (of ``negatives``, another
     DescriptionResult, when given). The judge is ``describer`` (default: the one that described ``res``).
-    Written as ``results/<model>/<name>.csv`` (and ``.summary.csv``, ``.manifest.json``)."""
+    Written as ``<results_dir>/<model>/<name>.csv`` (and ``.summary.csv``, ``.manifest.json``); ``run.seed`` seeds
+    the negatives and the shuffled controls."""
+    arguments = call_arguments(locals(), skip=("res", "describer", "library", "negatives"))
     describer = describer or res.describer
     from .relations import load_all
     from .rules import predicate_library
@@ -335,14 +336,14 @@ def score_descriptions(res, describer=None, *, seed: int = 0, threshold: float =
         raise ValueError("These descriptions kept no held-out evidence; describe with n_evidence > n_salient.")
     library = library or predicate_library(load_all())
     pool = None if negatives is None else pd.concat([negatives.ops, negatives.evidence], ignore_index=True)
-    rows = evidence_rows(res.evidence, res.ops, seed=seed, negatives=pool)
-    scores = pd.concat([score_llm(describer, res.table, rows, seed=seed, progress=progress),
-                        score_rules(res.rules, rows, library, seed=seed)], ignore_index=True)
-    params = {"seed": seed, "threshold": threshold, "judge_version": JUDGE_VERSION, "judge": describer.provenance,
+    rows = evidence_rows(res.evidence, res.ops, seed=run.seed, negatives=pool)
+    scores = pd.concat([score_llm(describer, res.table, rows, seed=run.seed, progress=run.progress),
+                        score_rules(res.rules, rows, library, seed=run.seed)], ignore_index=True)
+    params = {**arguments, "judge_version": JUDGE_VERSION, "judge": describer.provenance,
               "judge_model_id": describer.model_id, "n_heads": int(len(rows)),
               "positives": "salient ranks n_salient..n_evidence-1", "negatives": "as many rows of other heads"}
     manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=res.manifest.get("model"))
     out = DetectionResult(res.model, scores, manifest, res.n_layers, threshold, name)
-    if results_dir is not None:
-        out.write(results_dir)
+    if run.results_dir is not None:
+        out.write(run.results_dir)
     return out

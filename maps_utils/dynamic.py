@@ -42,14 +42,14 @@ from tqdm.auto import tqdm
 from . import relations as R
 from .capture import build_prompts, model_columns, prompt_ranks, tokenization_agreement
 from .hashing import content_key
-from .manifest import build_manifest
+from .manifest import build_manifest, call_arguments
 from .models import LoadedModel
-from .plots import model_slug
-from .store import Slots, check_results_dir, write_table
+from .store import RunOptions, Slots, write_table
 
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = 2  # 2: keyed by the weights' hash
+DEFAULT_BATCH = 64  # prompts per forward pass (64 beat 128 on the 2-core CPU in a full run)
 CONTEXTS = ("without", "with")
 MULTI_TOKEN_MODES = {"paper": False, "natural": True}
 """Multi-token source tokenisation: ``paper`` tokenises the source without a leading space after a
@@ -142,59 +142,32 @@ def _pad_id(tokenizer) -> int:
 
 
 def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.TokenizedRelation]], templates: list[str],
-         space_in_source: bool, *, k, top_k, max_pairs, seed, batch_size, rank_cap, memory_budget_mb,
-         results_dir, use_cache, progress, params: dict, skipped: dict) -> DynamicScores:
+         space_in_source: bool, *, k, top_k, max_pairs, rank_cap, run: RunOptions, params: dict,
+         skipped: dict, arguments: dict) -> DynamicScores:
+    """Score ``todo`` (each relation from the store when its key matches), then write the union table."""
     t0 = time.perf_counter()
-    heads, tok = loaded.heads, loaded.tokenizer
     identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
-                "architecture": heads.summary(), "dtype": str(loaded.dtype)}
-    out = check_results_dir(results_dir) / model_slug(loaded.name) / "dynamic" / kind if results_dir else None
-    parts = Slots(out / "parts" if out is not None else None, enabled=use_cache)
-    table_key = content_key({**identity, "kind": kind, "templates": templates, "max_pairs": max_pairs, "seed": seed,
-                             "k": k, "k_copying": top_k.copying, "k_other": top_k.other, "rank_cap": rank_cap,
-                             **params})
-    columns = model_columns(heads)
-    pad_id = _pad_id(tok)
+                "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype)}
+    out = run.folder(loaded.name, "dynamic", kind)
+    parts = Slots(out / "parts" if out is not None else None, enabled=run.use_cache)
+    table_key = content_key({**identity, "kind": kind, "templates": templates, "max_pairs": max_pairs,
+                             "seed": run.seed, "k": k, "k_copying": top_k.copying, "k_other": top_k.other,
+                             "rank_cap": rank_cap, **params})
+    step = _Step(loaded, identity, templates, space_in_source, parts, table_key, max_pairs, rank_cap, run)
     done, reused = [], []
     bar = tqdm(total=len(todo) * len(templates), desc=f"dynamic scores ({kind})", unit="template",
-               disable=not progress)
+               disable=not run.progress)
     for rel, tr in todo:
         bar.set_postfix_str(rel.name)
-        keep = _subsample(len(tr), max_pairs, seed)
-        pairs = [tr.pairs[i] for i in keep]
-        src = [tr.source_ids[i] if isinstance(tr.source_ids[i], list) else [tr.source_ids[i]] for i in keep]
-        tgt = [tr.target_ids[i] for i in keep]
-        kk = k or rel.k(top_k)
-        cap = max(rank_cap or kk, kk)
-        per_template = [build_prompts(tok, t, src, space_in_source) for t in templates]
-        key = content_key({**identity, "k": kk, "rank_cap": cap, "prompts": [[p.ids, p.source] for ps in per_template for p in ps],
-                     "targets": tgt})
-        saved = parts.read(rel.name, key)
-        if saved is not None:
-            done.append(DynamicRelation(**saved["relation"]))
-            reused.append(rel.name)
-            bar.update(len(templates))
-            continue
-        r0 = time.perf_counter()
-        ranks = []
-        for i, ps in enumerate(per_template):
-            ranks.append(prompt_ranks(loaded.model, heads, ps, tgt, batch_size=batch_size, rank_cap=cap, pad_id=pad_id,
-                                      columns=columns, memory_budget_mb=memory_budget_mb, progress=False,
-                                      desc=f"{rel.name} · template {i + 1}/{len(templates)}"))
-            bar.update(1)
-        ranks = torch.stack(ranks)
-        agreement = [tokenization_agreement(tok, t, [s for s, _ in pairs], ps) if space_in_source else float("nan")
-                     for t, ps in zip(templates, per_template, strict=True)]
-        result = DynamicRelation(rel.name, rel.category, rel.copying, pairs, tgt, list(templates), ranks, agreement,
-                                 kk, cap, time.perf_counter() - r0)
+        result, from_store = step.relation(rel, tr, k or rel.k(top_k), bar)
         done.append(result)
-        # one finished relation at a time: a rerun resumes from here
-        parts.write(rel.name, key, {"table": table_key, "relation": result.__dict__})
+        if from_store:
+            reused.append(rel.name)
     bar.close()
     scores = DynamicScores(loaded.name, kind, done, skipped, reused=reused)
     scores.manifest = build_manifest(
-        parameters={**identity, **params, "templates": templates, "max_pairs": max_pairs, "seed": seed,
-                    "batch_size": batch_size, "k": k, "top_k": asdict(top_k),
+        parameters={**arguments, **identity, **params, "templates": templates, "top_k": asdict(top_k),
+                    "batch_size": step.batch_size,
                     "rank_cap": rank_cap, "rank_caps": {r.name: r.rank_cap for r in done},
                     "relations": {r.name: r.n for r in done}, "skipped": skipped,
                     "reused_from_cache": reused, "seconds_per_relation": {r.name: round(r.seconds, 2) for r in done}},
@@ -206,6 +179,49 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
                                                           "table_relations": [r.name for r in union.relations]}}
             write_table(union.table(), out / "scores.csv", manifest)
     return scores
+
+
+class _Step:
+    """What scoring one relation needs from its run: the model, the cache slots and their keys, the options."""
+
+    def __init__(self, loaded: LoadedModel, identity: dict, templates: list[str], space_in_source: bool,
+                 parts: Slots, table_key: str, max_pairs: int | None, rank_cap: int | None, run: RunOptions):
+        self.loaded, self.identity, self.templates, self.space_in_source = loaded, identity, templates, space_in_source
+        self.parts, self.table_key, self.max_pairs, self.rank_cap, self.run = parts, table_key, max_pairs, rank_cap, run
+        self.batch_size = run.batch(DEFAULT_BATCH)
+        self.columns = model_columns(loaded.weights)
+        self.pad_id = _pad_id(loaded.tokenizer)
+
+    def relation(self, rel: R.Relation, tr: R.TokenizedRelation, k: int, bar) -> tuple[DynamicRelation, bool]:
+        """One relation's ranks under every template (from the store when its key matches; else computed and
+        stored, so a rerun resumes after the last finished relation); True when it came from the store."""
+        tok, templates = self.loaded.tokenizer, self.templates
+        keep = _subsample(len(tr), self.max_pairs, self.run.seed)
+        pairs = [tr.pairs[i] for i in keep]
+        src = [tr.source_ids[i] if isinstance(tr.source_ids[i], list) else [tr.source_ids[i]] for i in keep]
+        tgt = [tr.target_ids[i] for i in keep]
+        cap = max(self.rank_cap or k, k)
+        per_template = [build_prompts(tok, t, src, self.space_in_source) for t in templates]
+        key = content_key({**self.identity, "k": k, "rank_cap": cap,
+                           "prompts": [[p.ids, p.source] for ps in per_template for p in ps], "targets": tgt})
+        saved = self.parts.read(rel.name, key)
+        if saved is not None:
+            bar.update(len(templates))
+            return DynamicRelation(**saved["relation"]), True
+        r0 = time.perf_counter()
+        ranks = []
+        for i, ps in enumerate(per_template):
+            ranks.append(prompt_ranks(self.loaded.model, self.loaded.weights, ps, tgt, batch_size=self.batch_size,
+                                      rank_cap=cap, pad_id=self.pad_id, columns=self.columns,
+                                      memory_budget_mb=self.run.memory_budget_mb, progress=False,
+                                      desc=f"{rel.name} · template {i + 1}/{len(templates)}"))
+            bar.update(1)
+        agreement = [tokenization_agreement(tok, t, [s for s, _ in pairs], ps) if self.space_in_source
+                     else float("nan") for t, ps in zip(templates, per_template, strict=True)]
+        result = DynamicRelation(rel.name, rel.category, rel.copying, pairs, tgt, list(templates),
+                                 torch.stack(ranks), agreement, k, cap, time.perf_counter() - r0)
+        self.parts.write(rel.name, key, {"table": self.table_key, "relation": result.__dict__})
+        return result, False
 
 
 def _stored(parts: Slots, table_key: str, first: list[DynamicRelation]) -> list[DynamicRelation]:
@@ -244,14 +260,9 @@ def dynamic_scores(
     k: int | None = None,
     top_k: R.TopK | None = None,
     max_pairs: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
     rank_cap: int | None = None,
     min_pairs: int = R.MIN_PAIRS,
-    memory_budget_mb: float = 512.0,
-    results_dir: str | Path | None = "results",
-    use_cache: bool = True,
-    progress: bool = True,
+    run: RunOptions = RunOptions(),
 ) -> DynamicScores:
     """Single-token dynamic scores (MAPS-SPEC §1.4) of every usable relation, with and without context.
 
@@ -261,23 +272,23 @@ def dynamic_scores(
         k, top_k: the top-k of the test: ``k`` for every relation, else each relation's k from ``top_k``
             (default :class:`~maps_utils.relations.TopK`: the paper's 1 for copying relations and 10 for the rest;
             ``relations.LLAMA3_TOP_K``: 3 and 25).
-        max_pairs: cap on pairs per relation (a seeded random subset) for quick runs; None: all.
-        batch_size: prompts per forward pass.
+        max_pairs: cap on pairs per relation (a subset seeded by ``run.seed``) for quick runs; None: all.
         rank_cap: ranks are exact below it, so tables for any k <= cap come from one run (default: the
             relation's k, the cheapest: a row whose target ranks near the top must scan the whole vocabulary).
-        results_dir: per-relation parts (resume), ``scores.csv`` and its manifest go under
-            ``<results_dir>/<model>/dynamic/single/`` (None: no files).
+        run: per-relation parts (resume), ``scores.csv`` and its manifest go under
+            ``<results_dir>/<model>/dynamic/single/`` (None: no files); ``run.batch_size`` prompts per forward
+            pass (default 64); seed, cache use, progress and memory budget (:class:`~maps_utils.store.RunOptions`).
     """
+    arguments = call_arguments(locals())
     templates = list(templates or R.read_templates()["dynamic"])
     todo, skipped = _usable(_relations(relations), lambda rel: R.filter_single_token(
         rel, loaded.tokenizer, leading_space=True, min_pairs=min_pairs))
     if not todo:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}; "
                               "pass other relations or lower min_pairs.")
-    return _run(loaded, "single", todo, templates, True, k=k, top_k=top_k or R.TopK(),
-                max_pairs=max_pairs, seed=seed, batch_size=batch_size, rank_cap=rank_cap,
-                memory_budget_mb=memory_budget_mb, results_dir=results_dir, use_cache=use_cache, progress=progress,
-                params={"min_pairs": min_pairs, "leading_space": True}, skipped=skipped)
+    return _run(loaded, "single", todo, templates, True, k=k, top_k=top_k or R.TopK(), max_pairs=max_pairs,
+                rank_cap=rank_cap, run=run, params={"min_pairs": min_pairs, "leading_space": True}, skipped=skipped,
+                arguments=arguments)
 
 
 def multi_token_scores(
@@ -289,14 +300,9 @@ def multi_token_scores(
     k: int | None = None,
     top_k: R.TopK | None = None,
     max_pairs: int | None = None,
-    seed: int = 0,
-    batch_size: int = 64,
     rank_cap: int | None = None,
     min_pairs: int = R.MIN_PAIRS,
-    memory_budget_mb: float = 512.0,
-    results_dir: str | Path | None = "results",
-    use_cache: bool = True,
-    progress: bool = True,
+    run: RunOptions = RunOptions(),
 ) -> DynamicScores:
     """Dynamic scores with multi-token sources (MAPS-SPEC §1.6), read at the source's last token.
 
@@ -304,16 +310,16 @@ def multi_token_scores(
     default template ``"This is a document about <X>"``. ``mode`` is ``paper`` or ``natural``
     (:data:`MULTI_TOKEN_MODES`). Files go under ``<results_dir>/<model>/dynamic/multi_token_<mode>/``.
     """
+    arguments = call_arguments(locals())
     if mode not in MULTI_TOKEN_MODES:
         raise ValueError(f"Unknown multi-token mode '{mode}'; use one of {', '.join(MULTI_TOKEN_MODES)}.")
-    space = MULTI_TOKEN_MODES[mode]
+    leading_space = MULTI_TOKEN_MODES[mode]
     template = template or R.read_templates()["multi_token"]
     todo, skipped = _usable(_relations(relations, default_filter=lambda r: r.multi_token), lambda rel: R.filter_multi_token(
-        rel, loaded.tokenizer, min_pairs=min_pairs, leading_space=space))
+        rel, loaded.tokenizer, min_pairs=min_pairs, leading_space=leading_space))
     if not todo:
         raise R.RelationError(f"No relation has {min_pairs} usable multi-token pairs for {loaded.name} in mode "
                               f"'{mode}'; pass other relations, another mode or lower min_pairs.")
-    return _run(loaded, f"multi_token_{mode}", todo, [template], space, k=k, top_k=top_k or R.TopK(),
-                max_pairs=max_pairs, seed=seed,
-                batch_size=batch_size, rank_cap=rank_cap, memory_budget_mb=memory_budget_mb, results_dir=results_dir,
-                use_cache=use_cache, progress=progress, params={"min_pairs": min_pairs, "mode": mode}, skipped=skipped)
+    return _run(loaded, f"multi_token_{mode}", todo, [template], leading_space, k=k, top_k=top_k or R.TopK(),
+                max_pairs=max_pairs, rank_cap=rank_cap, run=run, params={"min_pairs": min_pairs, "mode": mode},
+                skipped=skipped, arguments=arguments)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import platform
 import subprocess
+from dataclasses import asdict, is_dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -46,6 +47,28 @@ def build_manifest(*, parameters: dict, wall_seconds: float, model: dict | None 
         "parameters": parameters,
         "wall_seconds": round(wall_seconds, 3),
     }
+
+
+def call_arguments(arguments: dict, skip: tuple[str, ...] = ("loaded", "static", "describer", "res")) -> dict:
+    """An entry point's arguments (``locals()`` as its first statement) as its manifest records them, so no
+    parameter is listed by hand and none can be left out: dataclasses by ``asdict`` (:class:`RunOptions` by its
+    ``manifest()``), relations by name, paths as strings, lists and dicts element-wise; ``skip`` names the
+    model and result objects (the manifest records the model separately)."""
+    return {name: _plain(value) for name, value in arguments.items() if name not in skip}
+
+
+def _plain(value):
+    if hasattr(value, "manifest") and is_dataclass(value) and not isinstance(value, type):
+        return value.manifest()
+    if is_dataclass(value) and not isinstance(value, type):
+        return value.name if hasattr(value, "pairs") else asdict(value)  # a Relation by its name
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
 
 
 def write_manifest(path: str | Path, manifest: dict) -> Path:
@@ -95,9 +118,9 @@ def record_step(results_dir: str | Path, model: str, step: str, seconds: float, 
     seeds …) and report path. Written atomically; earlier steps are kept."""
     from pathlib import Path
 
-    from .plots import model_slug
+    from .store import result_folder
 
-    path = Path(results_dir) / model_slug(model) / "manifest.json"
+    path = result_folder(results_dir, model, "manifest.json")
     run = json.loads(path.read_text()) if path.is_file() else {}
     params = {}
     if notebook is not None and Path(notebook).is_file():

@@ -100,7 +100,7 @@ class LoadedModel:
     name: str
     model: nn.Module
     tokenizer: object
-    heads: HeadWeights
+    weights: HeadWeights  # the per-head weights MAPS reads (the adapter of :mod:`maps_utils.heads`)
     device: torch.device
     dtype: torch.dtype
     source: str
@@ -121,7 +121,7 @@ class LoadedModel:
             "source": self.source,
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
-            "architecture": self.heads.summary(),
+            "architecture": self.weights.summary(),
             **self.info,
         }
 
@@ -336,22 +336,22 @@ def load(
     else:
         model, tokenizer = _from_hub(str(name), lambda n, **kw: _load_pretrained_dir(n, dtype_, attn_implementation, **kw))
         source = f"huggingface: {name}"
-    weights = weights_sha256(kind, path if kind != "hub" else str(name), model)
+    sha = weights_sha256(kind, path if kind != "hub" else str(name), model)
 
     model = _finish(model, device_, dtype_)
-    heads = HeadWeights(model)  # raises UnsupportedArchitectureError with the supported list
+    head_weights = HeadWeights(model)  # raises UnsupportedArchitectureError with the supported list
     seconds = time.perf_counter() - t0
     log.info("loaded %s on %s/%s in %.1f s (cache hit: %s)", name, device_, dtype_, seconds, from_cache)
     return LoadedModel(
         name=str(name),
         model=model,
         tokenizer=tokenizer,
-        heads=heads,
+        weights=head_weights,
         device=device_,
         dtype=dtype_,
         source=source,
         load_seconds=seconds,
         from_cache=from_cache,
-        info={"attn_implementation": attn_implementation, "weights_sha256": weights},
+        info={"attn_implementation": attn_implementation, "weights_sha256": sha},
         variant=default_variant(str(name)),
     )

@@ -7,10 +7,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 
-
-def model_slug(name: str) -> str:
-    """A file-system-safe name for a model id (``EleutherAI/pythia-6.9b`` -> ``EleutherAI__pythia-6.9b``)."""
-    return str(name).replace("/", "__").replace("\\", "__")
+from .store import model_slug
 
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, model: str, name: str) -> list[Path]:

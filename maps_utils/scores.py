@@ -24,11 +24,10 @@ import torch
 from . import relations as R
 from .hashing import content_key
 from .io import atomic_write_text
-from .manifest import build_manifest, write_manifest
+from .manifest import build_manifest, call_arguments, write_manifest
 from .models import LoadedModel
-from .plots import model_slug
 from .static import RankResult, check_variant, target_ranks
-from .store import Slots, check_results_dir
+from .store import RunOptions, Slots
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +133,7 @@ def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
 def _identity(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs) -> dict:
     """What the ranks of every relation depend on besides its own pairs (the weights' hash included)."""
     return {"engine_version": ENGINE_VERSION, "weights_sha256": loaded.weights_sha256,
-            "architecture": loaded.heads.summary(), "dtype": str(loaded.dtype), "variant": variant,
+            "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": variant,
             "rank_cap": rank_cap, "leading_space": leading_space, "min_pairs": min_pairs}
 
 
@@ -160,14 +159,14 @@ def _assemble(scored: list[ScoredRelation], values: dict[str, dict], L: int, H: 
     return ranks
 
 
-def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, variant, rank_cap, space,
+def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, variant, rank_cap, compute_space,
              memory_budget_mb, progress) -> RankResult:
     """Ranks of ``todo``'s pairs (concatenated), resuming from and checkpointing to the folder's ``partial`` slot
     (stored under ``key``, which names exactly these relations and inputs)."""
-    heads = loaded.heads
+    weights = loaded.weights
     src = [i for r in todo for i in r.source_ids]
     tgt = [i for r in todo for i in r.target_ids]
-    L, H = heads.n_layers, heads.n_heads
+    L, H = weights.n_layers, weights.n_heads
     ranks = RankResult(torch.full((L, H, len(src)), rank_cap, dtype=torch.int16),
                        torch.full((L, H, len(src)), rank_cap, dtype=torch.int16), variant, rank_cap)
     saved = slots.read(PARTIAL, key) or {}
@@ -183,8 +182,9 @@ def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, vari
             last_save[0] = time.perf_counter()
 
     todo_layers = [layer for layer in range(L) if layer not in done]
-    target_ranks(heads, src, tgt, variant=variant, rank_cap=rank_cap, space=space, memory_budget_mb=memory_budget_mb,
-                 layers=todo_layers, progress=progress, out=ranks, on_layer=checkpoint)
+    target_ranks(weights, src, tgt, variant=variant, rank_cap=rank_cap, compute_space=compute_space,
+                 memory_budget_mb=memory_budget_mb, layers=todo_layers, progress=progress, out=ranks,
+                 on_layer=checkpoint)
     return ranks
 
 
@@ -208,7 +208,7 @@ def _write_table(out: Path, slots: Slots, loaded, identity_key: str, scored, kv_
     """``scores.csv`` and ``manifest.json``: every relation stored for these weights (the union of runs)."""
     stored = _stored(slots, identity_key, scored)
     rels = [r for r, _ in stored]
-    L, H = loaded.heads.n_layers, loaded.heads.n_heads
+    L, H = loaded.weights.n_layers, loaded.weights.n_heads
     ranks = _assemble(rels, {r.name: v for r, v in stored}, L, H, rank_cap, variant)
     union = StaticScores(loaded.name, variant, rank_cap, rels, ranks, kv_groups)
     table_manifest = {**manifest, "parameters": {**manifest["parameters"], "table_relations": [r.name for r in rels]}}
@@ -226,24 +226,22 @@ def static_scores(
     rank_cap: int = 100,
     leading_space: bool = True,
     min_pairs: int = R.MIN_PAIRS,
-    space: str = "auto",
-    memory_budget_mb: float = 512.0,
-    results_dir: str | Path | None = "results",
-    use_cache: bool = True,
-    progress: bool = True,
+    compute_space: str = "auto",
+    run: RunOptions = RunOptions(),
 ) -> StaticScores:
     """Score every usable relation in every head of ``loaded`` (cached; see the module docstring).
 
     Args:
         relations: names, paths or :class:`~maps_utils.relations.Relation` objects (default: all shipped).
-        variant: source representation (default: the model's registered variant, see
-            :func:`maps_utils.models.default_variant`; the paper's is ``first_mlp``).
+        variant: source representation (default: the model's registered variant, ``loaded.variant``; the
+            paper's is ``first_mlp``).
         rank_cap: ranks are exact below it, so scores for every k <= rank_cap come from one run.
         leading_space, min_pairs: the single-token filter (paper: True, 30).
-        space, memory_budget_mb: speed and memory only (results are identical).
-        results_dir: where per-relation ranks, scores.csv and the manifest go (None: no files).
-        use_cache: False recomputes every relation (and still stores the results).
+        compute_space: ``auto``, ``head`` or ``model`` (speed only; results are identical).
+        run: where per-relation ranks, ``scores.csv`` and the manifest go (``results_dir``; None: no files),
+            cache use, progress bars and the rank engine's memory budget (:class:`~maps_utils.store.RunOptions`).
     """
+    arguments = call_arguments(locals())
     t0 = time.perf_counter()
     variant = variant or loaded.variant
     check_variant(variant)
@@ -251,26 +249,20 @@ def static_scores(
     scored, skipped = _usable(relations, loaded.tokenizer, leading_space, min_pairs)
     if not scored:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}.")
-    L, H = loaded.heads.n_layers, loaded.heads.n_heads
     identity = _identity(loaded, variant, rank_cap, leading_space, min_pairs)
     identity_key = content_key(identity)
     keys = {r.name: _relation_key(identity_key, r) for r in scored}
-    out = check_results_dir(results_dir) / model_slug(loaded.name) / "static" / variant if results_dir else None
-    slots = Slots(out / "ranks" if out is not None else None, enabled=use_cache)
+    out = run.folder(loaded.name, "static", variant)
+    slots = Slots(out / "ranks" if out is not None else None, enabled=run.use_cache)
     values = {r.name: v for r in scored if (v := slots.read(r.name, keys[r.name])) is not None}
     todo = [r for r in scored if r.name not in values]
     if todo:
-        ranks = _compute(loaded, todo, slots, content_key([keys[r.name] for r in todo]), variant=variant,
-                         rank_cap=rank_cap, space=space, memory_budget_mb=memory_budget_mb, progress=progress)
-        at = 0
-        for rel in todo:
-            sl = slice(at, at + rel.n)
-            values[rel.name] = _slot_value(rel, identity_key, ranks.top[..., sl], ranks.bottom[..., sl])
-            at += rel.n
+        values.update(_compute_values(loaded, todo, slots, identity_key, keys, variant, rank_cap, compute_space, run))
+    L, H = loaded.weights.n_layers, loaded.weights.n_heads
     result = StaticScores(loaded.name, variant, rank_cap, scored, _assemble(scored, values, L, H, rank_cap, variant),
-                          loaded.heads.kv_groups.tolist(), skipped, from_cache=not todo)
-    params = {**identity, "key": content_key(keys), "relations": keys, "skipped_relations": skipped,
-              "computed": [r.name for r in todo], "space": space, "memory_budget_mb": memory_budget_mb}
+                          loaded.weights.kv_groups.tolist(), skipped, from_cache=not todo)
+    params = {**arguments, **identity, "key": content_key(keys), "relations": keys, "skipped_relations": skipped,
+              "computed": [r.name for r in todo]}
     result.manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     if out is not None and (todo or not (out / "scores.csv").is_file()):
         with slots.lock():
@@ -279,6 +271,20 @@ def static_scores(
             slots.remove(PARTIAL)
             _write_table(out, slots, loaded, identity_key, scored, result.kv_groups, variant, rank_cap, result.manifest)
     return result
+
+
+def _compute_values(loaded, todo: list[ScoredRelation], slots: Slots, identity_key: str, keys: dict[str, str],
+                    variant: str, rank_cap: int, compute_space: str, run: RunOptions) -> dict[str, dict]:
+    """The slot values of the relations not found in the store (their pairs ranked together in one pass)."""
+    ranks = _compute(loaded, todo, slots, content_key([keys[r.name] for r in todo]), variant=variant,
+                     rank_cap=rank_cap, compute_space=compute_space, memory_budget_mb=run.memory_budget_mb,
+                     progress=run.progress)
+    values, at = {}, 0
+    for rel in todo:
+        sl = slice(at, at + rel.n)
+        values[rel.name] = _slot_value(rel, identity_key, ranks.top[..., sl], ranks.bottom[..., sl])
+        at += rel.n
+    return values
 
 
 _ONLY_CRITERION = object()

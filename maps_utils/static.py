@@ -62,28 +62,28 @@ def uses_first_mlp(variant: str, layer: int) -> bool:
 
 
 @torch.no_grad()
-def source_vectors(heads: HeadWeights, token_ids: Tensor | Sequence[int], variant: str, layer: int) -> Tensor:
+def source_vectors(weights: HeadWeights, token_ids: Tensor | Sequence[int], variant: str, layer: int) -> Tensor:
     """``[n, d_model]`` source representations of ``token_ids`` for heads of ``layer``."""
-    x = heads.embed(token_ids)
-    return heads.first_mlp(x) if uses_first_mlp(variant, layer) else x
+    x = weights.embed(token_ids)
+    return weights.first_mlp(x) if uses_first_mlp(variant, layer) else x
 
 
 @torch.no_grad()
-def head_rows(heads: HeadWeights, layer: int, x: Tensor) -> Tensor:
+def head_rows(weights: HeadWeights, layer: int, x: Tensor) -> Tensor:
     """``[n_heads, n, d_model]``: ``w = (x W_V[g(h)]) W_O[h]`` for every query head of ``layer`` (no biases);
     row s of M is ``w_s @ U``."""
-    return heads.ov(layer).to(x.dtype).writes(x)
+    return weights.ov(layer).to(x.dtype).writes(x)
 
 
-def _pick_space(heads: HeadWeights, space: str, n_pairs: int) -> str:
+def _pick_space(weights: HeadWeights, compute_space: str, n_pairs: int) -> str:
     """Head space costs d_head·d_model·V per head up front, then d_head per scanned entry instead of
     d_model; with about 5% of the vocabulary scanned per row it pays off beyond this many pairs."""
-    if space not in SPACES:
-        raise ValueError(f"Unknown space '{space}'; use one of {', '.join(SPACES)}.")
-    if space == "auto":
-        d, dh = heads.d_model, heads.d_head
+    if compute_space not in SPACES:
+        raise ValueError(f"Unknown compute space '{compute_space}'; use one of {', '.join(SPACES)}.")
+    if compute_space == "auto":
+        d, dh = weights.d_model, weights.d_head
         return "head" if dh * 4 <= d and n_pairs > 20 * dh * d / (d - dh) else "model"
-    return space
+    return compute_space
 
 
 def scan_permutation(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
@@ -145,7 +145,7 @@ def ranks_of_targets(
     """
     R, V = rows.shape[0], columns.cols.shape[1]
     pos = columns.position[targets.to(columns.position.device)]  # scan position of each target
-    tau = (rows * columns.cols[:, pos].T).sum(1)  # [R] the target's own entry
+    target_logit = (rows * columns.cols[:, pos].T).sum(1)  # [R] the target's own entry
     above = torch.zeros(R, dtype=torch.int64, device=rows.device)
     below = torch.zeros(R, dtype=torch.int64, device=rows.device)
     budget = max(1, int(memory_budget_mb * 2**20 / 6))  # scores (4 B) + two boolean masks
@@ -156,13 +156,13 @@ def ranks_of_targets(
         while active.numel() and start < V:
             stop = min(V, start + int(chunk), start + max(1, budget // active.numel()))
             scores = rows[active] @ columns.cols[:, start:stop]  # [A, C]
-            t = tau[active]
+            t = target_logit[active]
             # count only the side that is still undecided: a row near the top has long passed the cap
             # below it (and vice versa), so most long scans need one comparison pass, not two
             need_above, need_below = above[active] < rank_cap, below[active] < rank_cap
             n_above = _count(scores, t, need_above, torch.gt)
             n_below = _count(scores, t, need_below, torch.lt)
-            # the target's own column is no rival: undo its count where rounding moved it off tau
+            # the target's own column is no rival: undo its count where rounding moved it off target_logit
             p = pos[active]
             mine = ((p >= start) & (p < stop)).nonzero().squeeze(1)
             own = scores[mine, p[mine] - start]
@@ -178,13 +178,13 @@ def ranks_of_targets(
 
 @torch.no_grad()
 def layer_ranks(
-    heads: HeadWeights,
+    weights: HeadWeights,
     layer: int,
     x: Tensor,
     targets: Tensor,
     *,
     rank_cap: int = 100,
-    space: str = "auto",
+    compute_space: str = "auto",
     memory_budget_mb: float = 512.0,
     perm: Tensor | None = None,
     model_columns: Columns | None = None,
@@ -193,24 +193,24 @@ def layer_ranks(
 
     ``x`` is ``[n, d_model]`` (the sources' representations for this layer), ``targets`` ``[n]``.
     """
-    space = _pick_space(heads, space, x.shape[0])
-    U = heads.U.to(x.dtype)
+    compute_space = _pick_space(weights, compute_space, x.shape[0])
+    U = weights.U.to(x.dtype)
     perm = scan_permutation(U.shape[1], U.device) if perm is None else perm
-    ov = heads.ov(layer).to(x.dtype)
+    ov = weights.ov(layer).to(x.dtype)
     z = ov.values(x)  # [G, n, dh], shared per KV group
-    if space == "model":
+    if compute_space == "model":
         if model_columns is None:
             model_columns = Columns(U[:, perm], perm, _inverse(perm))
-        w = head_rows(heads, layer, x)  # [H, n, d]
-        top, bottom = ranks_of_targets(w.reshape(-1, heads.d_model), targets.repeat(heads.n_heads),
+        w = head_rows(weights, layer, x)  # [H, n, d]
+        top, bottom = ranks_of_targets(w.reshape(-1, weights.d_model), targets.repeat(weights.n_heads),
                                        model_columns, rank_cap, memory_budget_mb)
-        return top.view(heads.n_heads, -1), bottom.view(heads.n_heads, -1)
+        return top.view(weights.n_heads, -1), bottom.view(weights.n_heads, -1)
     position = _inverse(perm)
     U_perm = U[:, perm]
     tops, bottoms = [], []
-    for h in range(heads.n_heads):
+    for h in range(weights.n_heads):
         cols = Columns(ov.columns(h, U_perm), perm, position)  # C_h = W_O[h] U, [dh, V] in scan order
-        top, bottom = ranks_of_targets(z[heads.kv_group(h)], targets, cols, rank_cap, memory_budget_mb)
+        top, bottom = ranks_of_targets(z[weights.kv_group(h)], targets, cols, rank_cap, memory_budget_mb)
         tops.append(top)
         bottoms.append(bottom)
     return torch.stack(tops), torch.stack(bottoms)
@@ -238,13 +238,13 @@ class RankResult:
 
 @torch.no_grad()
 def target_ranks(
-    heads: HeadWeights,
+    weights: HeadWeights,
     source_ids: Sequence[int] | Tensor,
     target_ids: Sequence[int] | Tensor,
     *,
     variant: str = "first_mlp",
     rank_cap: int = 100,
-    space: str = "auto",
+    compute_space: str = "auto",
     memory_budget_mb: float = 512.0,
     layers: Sequence[int] | None = None,
     progress: bool = True,
@@ -268,24 +268,24 @@ def target_ranks(
         on_layer: called as ``on_layer(layer, result)`` after each layer (checkpointing).
     """
     check_variant(variant)
-    device = heads.U.device
-    dtype = dtype or heads.U.dtype
+    device = weights.U.device
+    dtype = dtype or weights.U.dtype
     src = torch.as_tensor(source_ids, device=device)
     tgt = torch.as_tensor(target_ids, device=device)
-    L, H, n = heads.n_layers, heads.n_heads, src.numel()
+    L, H, n = weights.n_layers, weights.n_heads, src.numel()
     if out is None:
         out = RankResult(torch.full((L, H, n), rank_cap, dtype=torch.int16),
                          torch.full((L, H, n), rank_cap, dtype=torch.int16), variant, rank_cap)
-    perm = scan_permutation(heads.vocab_size, device)
+    perm = scan_permutation(weights.vocab_size, device)
     model_columns = None
-    if _pick_space(heads, space, n) == "model":
-        model_columns = Columns(heads.U.to(dtype)[:, perm].contiguous(), perm, _inverse(perm))
+    if _pick_space(weights, compute_space, n) == "model":
+        model_columns = Columns(weights.U.to(dtype)[:, perm].contiguous(), perm, _inverse(perm))
     todo = list(range(L)) if layers is None else list(layers)
-    raw = heads.embed(src).to(dtype)
-    mlp = heads.first_mlp(heads.embed(src)).to(dtype) if any(uses_first_mlp(variant, la) for la in todo) else None
+    raw = weights.embed(src).to(dtype)
+    mlp = weights.first_mlp(weights.embed(src)).to(dtype) if any(uses_first_mlp(variant, la) for la in todo) else None
     for layer in tqdm(todo, desc=f"ranks ({variant})", disable=not progress or len(todo) < 2):
         x = mlp if uses_first_mlp(variant, layer) else raw
-        t, b = layer_ranks(heads, layer, x, tgt, rank_cap=rank_cap, space=space,
+        t, b = layer_ranks(weights, layer, x, tgt, rank_cap=rank_cap, compute_space=compute_space,
                            memory_budget_mb=memory_budget_mb, perm=perm, model_columns=model_columns)
         out.top[layer], out.bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()
         if on_layer is not None:
@@ -296,7 +296,7 @@ def target_ranks(
 # ---- top-k mappings and saliency ---------------------------------------------------------------------
 @torch.no_grad()
 def top_mappings(
-    heads: HeadWeights,
+    weights: HeadWeights,
     layer: int,
     head: int,
     token_ids: Sequence[int] | Tensor,
@@ -310,13 +310,13 @@ def top_mappings(
 
     The vocabulary is processed in chunks, so memory stays at n × chunk.
     """
-    x = source_vectors(heads, token_ids, variant, layer)
-    w = heads.ov(layer).head_write(head, x)  # [n, d]
+    x = source_vectors(weights, token_ids, variant, layer)
+    w = weights.ov(layer).head_write(head, x)  # [n, d]
     if suppression:
         w = -w
     best_v = w.new_full((w.shape[0], 0), float("-inf"))
     best_i = torch.zeros((w.shape[0], 0), dtype=torch.long, device=w.device)
-    U = heads.U
+    U = weights.U
     for start in range(0, U.shape[1], chunk):
         s = w @ U[:, start : start + chunk]
         v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
@@ -327,7 +327,7 @@ def top_mappings(
 
 @torch.no_grad()
 def saliency(
-    heads: HeadWeights,
+    weights: HeadWeights,
     *,
     variant: str = "first_mlp_all",
     chunk: int = 8192,
@@ -340,16 +340,16 @@ def saliency(
     variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1).
     """
     check_variant(variant)
-    dtype = dtype or heads.U.dtype
-    L, H, V = heads.n_layers, heads.n_heads, heads.vocab_size
+    dtype = dtype or weights.U.dtype
+    L, H, V = weights.n_layers, weights.n_heads, weights.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)
-    ovs = [heads.ov(layer).to(dtype) for layer in range(L)]
+    ovs = [weights.ov(layer).to(dtype) for layer in range(L)]
     gram = [ov.out_gram() for ov in ovs]  # [H, dh, dh] per layer
-    device = heads.U.device
+    device = weights.U.device
     for start in tqdm(range(0, V, chunk), desc=f"saliency ({variant})", disable=not progress):
         ids = torch.arange(start, min(V, start + chunk), device=device)
-        raw = heads.embed(ids).to(dtype)
-        mlp = heads.first_mlp(heads.embed(ids)).to(dtype) if variant != "raw" else None
+        raw = weights.embed(ids).to(dtype)
+        mlp = weights.first_mlp(weights.embed(ids)).to(dtype) if variant != "raw" else None
         for layer in range(L):
             x = mlp if uses_first_mlp(variant, layer) else raw
             y = ovs[layer].head_values(x)  # [H, n, dh]
@@ -361,7 +361,7 @@ def saliency(
 
 @torch.no_grad()
 def salient_operations(
-    heads: HeadWeights,
+    weights: HeadWeights,
     tokenizer=None,
     *,
     n_tokens: int = 15,
@@ -380,13 +380,13 @@ def salient_operations(
     """
     import pandas as pd
 
-    sal = saliency(heads, variant=variant, progress=progress) if saliency_scores is None else saliency_scores
-    pairs = heads_subset or [(la, h) for la in range(heads.n_layers) for h in range(heads.n_heads)]
+    sal = saliency(weights, variant=variant, progress=progress) if saliency_scores is None else saliency_scores
+    pairs = heads_subset or [(la, h) for la in range(weights.n_layers) for h in range(weights.n_heads)]
     rows = []
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
     for layer, h in pairs:
         values, ids = torch.topk(sal[layer, h], n_tokens)
-        _, maps = top_mappings(heads, layer, h, ids.to(heads.U.device), n_mappings, variant=variant)
+        _, maps = top_mappings(weights, layer, h, ids.to(weights.U.device), n_mappings, variant=variant)
         for rank, (tid, value, mapped) in enumerate(zip(ids.tolist(), values.tolist(), maps.tolist(), strict=True)):
             rows.append({"layer": layer, "head": h, "rank": rank, "token_id": tid, "token": decode(tid),
                          "saliency": value, "mapping_ids": mapped, "mappings": [decode(m) for m in mapped]})

@@ -6,6 +6,9 @@ the value (the model's weights hash among it). A slot is used only when its key 
 recomputed and an unchanged one reused; a query for a few items reads what a larger run stored and writes only
 what it adds. Writes are atomic; a slot that cannot be read (a truncated or corrupt file) is removed with a
 one-line notice and recomputed. :meth:`Slots.lock` serialises writers that update a shared table.
+
+:class:`RunOptions` is how a step runs and where it keeps its results; every engine entry point takes one, and
+:meth:`RunOptions.folder` is the one place a result folder's path is made (``<results_dir>/<model-slug>/...``).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import logging
 import pickle
 import zipfile
 from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -33,6 +37,53 @@ _UNREADABLE = (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFil
 
 class StoreBusyError(MapsError):
     """Another run held a results folder's lock for longer than the timeout."""
+
+
+def model_slug(name: str) -> str:
+    """A file-system-safe name for a model id (``EleutherAI/pythia-6.9b`` -> ``EleutherAI__pythia-6.9b``)."""
+    return str(name).replace("/", "__").replace("\\", "__")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a step runs and where its results go: what travels together through the static, dynamic, ablation,
+    description and detection entry points.
+
+    Attributes:
+        results_dir: where slots, tables and manifests go (``<results_dir>/<model-slug>/...``); None: no files.
+        use_cache: False recomputes every item (and still stores the results).
+        progress: show progress bars.
+        seed: seeds every random choice (pair subsets, head samples, random heads, control order, negatives).
+        batch_size: prompts per forward pass; None: the step's own default (64 dynamic, 512 ablation).
+        memory_budget_mb: working memory of the rank engine (speed only; results are identical).
+    """
+
+    results_dir: str | Path | None = "results"
+    use_cache: bool = True
+    progress: bool = True
+    seed: int = 0
+    batch_size: int | None = None
+    memory_budget_mb: float = 512.0
+
+    def folder(self, model: str, *parts: str) -> Path | None:
+        """``<results_dir>/<model-slug>/<parts...>`` (:func:`result_folder`); None when this run keeps no files."""
+        return None if self.results_dir is None else result_folder(self.results_dir, model, *parts)
+
+    def batch(self, default: int) -> int:
+        """The batch size: this run's, else the step's ``default``."""
+        return default if self.batch_size is None else self.batch_size
+
+    def manifest(self) -> dict:
+        """The options as a manifest records them (the results folder as a string)."""
+        out = asdict(self)
+        out["results_dir"] = None if self.results_dir is None else str(self.results_dir)
+        return out
+
+
+def result_folder(results_dir: str | Path, model: str, *parts: str) -> Path:
+    """Where a model's results go: ``<results_dir>/<model-slug>/<parts...>`` (the folder checked, see
+    :func:`check_results_dir`). Every result path is made here."""
+    return check_results_dir(results_dir).joinpath(model_slug(model), *parts)
 
 
 def check_results_dir(path: str | Path) -> Path:

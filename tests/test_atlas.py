@@ -15,6 +15,7 @@ import torch
 from maps_utils import HeadWeights, LoadedModel
 from maps_utils import atlas as AT
 from maps_utils import scores as SC
+from maps_utils.store import RunOptions
 
 from .conftest import make_tiny, word_tokenizer
 
@@ -30,7 +31,7 @@ def tiny_static(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(pairs))
         rels.append(path)
-    return loaded, SC.static_scores(loaded, rels, results_dir=None, progress=False)
+    return loaded, SC.static_scores(loaded, rels, run=RunOptions(results_dir=None, progress=False))
 
 
 def _fake_tables(H):
@@ -45,7 +46,7 @@ def _fake_tables(H):
 
 def test_atlas_data_matches_the_score_table(tiny_static):
     loaded, static = tiny_static
-    H = loaded.heads.n_heads
+    H = loaded.weights.n_heads
     ops, desc, heads, summary = _fake_tables(H)
     data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary)
     table = static.table()
@@ -91,7 +92,7 @@ def _dom(path, fragment):
 
 def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     loaded, static = tiny_static
-    ops, desc, heads, summary = _fake_tables(loaded.heads.n_heads)
+    ops, desc, heads, summary = _fake_tables(loaded.weights.n_heads)
     data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary)
     page = tmp_path / "atlas.html"
     page.write_text(AT.render_atlas(data))
@@ -132,7 +133,7 @@ def test_a_1440_head_atlas_renders_and_answers_in_a_headless_browser(tmp_path):
                          "test", 0.0)
     path = tmp_path / "same.json"
     path.write_text(json.dumps([[f"t{i}", f"t{i}"] for i in range(40)]))
-    static = SC.static_scores(loaded, [path], results_dir=None, progress=False)
+    static = SC.static_scores(loaded, [path], run=RunOptions(results_dir=None, progress=False))
     data = AT.atlas_data(static)
     page = tmp_path / "atlas.html"
     page.write_text(AT.render_atlas(data))

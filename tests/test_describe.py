@@ -17,11 +17,13 @@ import pandas as pd
 import pytest
 import torch
 
-from maps_utils import describe as D
+from maps_utils import describe as DS
 from maps_utils import describer as DR
 from maps_utils import response_cache as RC
+from maps_utils import sampling as SA
 from maps_utils.heads import HeadWeights
 from maps_utils.models import LoadedModel
+from maps_utils.store import RunOptions
 
 from .conftest import make_tiny, word_tokenizer
 
@@ -31,75 +33,75 @@ OPENAI_SECRET = "sk-openai-AlsoSecret-1717171717"
 
 # ---- head selection ---------------------------------------------------------------------------------
 def test_quartiles_follow_the_papers_bins():
-    assert D.quartile_labels(48) == ["[0,12)", "[12,24)", "[24,36)", "[36,48)"]
-    assert D.quartile_labels(30) == ["[0,8)", "[8,15)", "[15,23)", "[23,30)"]
-    assert [D.layer_quartile(la, 30) for la in (0, 7, 8, 14, 15, 22, 23, 29)] == [0, 0, 1, 1, 2, 2, 3, 3]
-    assert D.quartile_labels(2) == ["[0,1)", "(none)", "[1,2)", "(none)"]
+    assert SA.quartile_labels(48) == ["[0,12)", "[12,24)", "[24,36)", "[36,48)"]
+    assert SA.quartile_labels(30) == ["[0,8)", "[8,15)", "[15,23)", "[23,30)"]
+    assert [SA.layer_quartile(la, 30) for la in (0, 7, 8, 14, 15, 22, 23, 29)] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert SA.quartile_labels(2) == ["[0,1)", "(none)", "[1,2)", "(none)"]
 
 
 def test_stratified_sample_is_even_seeded_and_overridable():
-    a = D.select_heads(30, 9, "sample", n=40, seed=0)
+    a = SA.select_heads(30, 9, "sample", n=40, seed=0)
     assert len(a) == len(set(a)) == 40 and a == sorted(a)
-    per_q = pd.Series([D.layer_quartile(la, 30) for la, _ in a]).value_counts().sort_index().tolist()
+    per_q = pd.Series([SA.layer_quartile(la, 30) for la, _ in a]).value_counts().sort_index().tolist()
     assert per_q == [10, 10, 10, 10]
-    assert a == D.select_heads(30, 9, "sample", n=40, seed=0)
-    assert a != D.select_heads(30, 9, "sample", n=40, seed=1)
-    b = D.select_heads(30, 9, 41, seed=0)
+    assert a == SA.select_heads(30, 9, "sample", n=40, seed=0)
+    assert a != SA.select_heads(30, 9, "sample", n=40, seed=1)
+    b = SA.select_heads(30, 9, 41, seed=0)
     assert len(b) == 41 and len(set(b)) == 41
-    assert len(D.select_heads(30, 9, "all")) == 270
-    assert D.select_heads(30, 9, 1000) == D.select_heads(30, 9, "all")
-    assert D.select_heads(30, 9, [(3, 1), [0, 2], (3, 1)]) == [(0, 2), (3, 1)]
-    assert D.select_heads(30, 9, "[[3, 1], [0, 2]]") == [(0, 2), (3, 1)]  # as papermill passes a list written as text
+    assert len(SA.select_heads(30, 9, "all")) == 270
+    assert SA.select_heads(30, 9, 1000) == SA.select_heads(30, 9, "all")
+    assert SA.select_heads(30, 9, [(3, 1), [0, 2], (3, 1)]) == [(0, 2), (3, 1)]
+    assert SA.select_heads(30, 9, "[[3, 1], [0, 2]]") == [(0, 2), (3, 1)]  # as papermill passes a list written as text
     with pytest.raises(ValueError, match="give a list of"):
-        D.select_heads(30, 9, (2, 3))
+        SA.select_heads(30, 9, (2, 3))
     # a 2-layer model has two empty quartiles; the sample still has the size asked for
-    assert len(D.select_heads(2, 4, "sample", n=5)) == 5
+    assert len(SA.select_heads(2, 4, "sample", n=5)) == 5
     with pytest.raises(ValueError, match="must lie in 30 layers x 9 heads"):
-        D.select_heads(30, 9, [(30, 0)])
+        SA.select_heads(30, 9, [(30, 0)])
     with pytest.raises(ValueError, match='use "all", "sample"'):
-        D.select_heads(30, 9, "everything")
+        SA.select_heads(30, 9, "everything")
     with pytest.raises(ValueError, match="at least one head"):
-        D.select_heads(30, 9, 0)
+        SA.select_heads(30, 9, 0)
 
 
 # ---- prompt and parsing -----------------------------------------------------------------------------
 def test_prompt_has_the_papers_parts():
-    p = D.build_prompt(["Tomas", " Donna", "\n"], [["tommi", " Tom", "T", "Thomas", "to"], ["Don", "a", "b", "c", "d"],
+    p = DS.build_prompt(["Tomas", " Donna", "\n"], [["tommi", " Tom", "T", "Thomas", "to"], ["Don", "a", "b", "c", "d"],
                                                   ["\n\n", "x", "y", "z", "w"]])
     assert "Input strings: ['Tomas', ' Donna', '\\\\n']" in p
     assert "\nTomas: tommi,  Tom, T, Thomas, to\n" in p  # one line per mapping, s: t1, ..., t5; spaces kept
     assert "\n\\n: \\n\\n, x, y, z, w\n" in p  # a newline token reads as \n (repr without quotes)
     assert "mapped to a list of 5 output strings" in p
     assert '"Unclear"' in p and "semantic" in p and "textual" in p
-    for key in D.KEYS:
+    for key in DS.KEYS:
         assert f'"{key}"' in p
     with pytest.raises(ValueError, match="one list of mappings per salient token"):
-        D.build_prompt(["a"], [])
+        DS.build_prompt(["a"], [])
 
 
 def test_parse_strict_then_first_object_then_raw():
-    strict = D.parse_description('{"Reasoning": "r", "Input strings": "Names.", "Observed pattern": "Name variants."}')
+    strict = DS.parse_description('{"Reasoning": "r", "Input strings": "Names.", "Observed pattern": "Name variants."}')
     assert strict == {"parse": "json", "reasoning": "r", "inputs": "Names.", "pattern": "Name variants.", "has_pattern": True}
-    fenced = D.parse_description('Sure!\n```json\n{"reasoning": "r", "input_strings": ["a", "b"], '
+    fenced = DS.parse_description('Sure!\n```json\n{"reasoning": "r", "input_strings": ["a", "b"], '
                                  '"OBSERVED PATTERN": "Maps a word to its first letter."}\n``` {"other": 1}')
     assert fenced["parse"] == "extracted" and fenced["inputs"] == "a, b" and fenced["has_pattern"]
-    unclear = D.parse_description('{"Reasoning": "none", "Input strings": "Unclear", "Observed pattern": "unclear."}')
+    unclear = DS.parse_description('{"Reasoning": "none", "Input strings": "Unclear", "Observed pattern": "unclear."}')
     assert unclear["parse"] == "json" and not unclear["has_pattern"]
-    assert not D.parse_description('{"Reasoning": "no pattern key"}')["has_pattern"]
-    cut = D.parse_description('{"Reasoning": "The inputs are", "Input strings": ["water", "ice", "ice", "ice"')
+    assert not DS.parse_description('{"Reasoning": "no pattern key"}')["has_pattern"]
+    cut = DS.parse_description('{"Reasoning": "The inputs are", "Input strings": ["water", "ice", "ice", "ice"')
     assert cut["parse"] == "unparsed" and not cut["has_pattern"] and cut["pattern"] == ""
-    assert D.parse_description('[1, 2] and then {"Observed pattern": "x"}')["parse"] == "extracted"
-    assert D.parse_description(None)["parse"] == "unparsed"
+    assert DS.parse_description('[1, 2] and then {"Observed pattern": "x"}')["parse"] == "extracted"
+    assert DS.parse_description(None)["parse"] == "unparsed"
     # JSON without any of the keys is not the requested form; extraction skips such objects
-    assert D.parse_description('{"answer": 42}')["parse"] == "no_keys"
-    skip = D.parse_description('{"a": 1} then {"Observed pattern": "Plural forms."}')
+    assert DS.parse_description('{"answer": 42}')["parse"] == "no_keys"
+    skip = DS.parse_description('{"a": 1} then {"Observed pattern": "Plural forms."}')
     assert skip["parse"] == "extracted" and skip["pattern"] == "Plural forms."
     for none in ("None", "N/A", "No pattern."):
-        assert not D.parse_description(json.dumps({"Observed pattern": none}))["has_pattern"]
+        assert not DS.parse_description(json.dumps({"Observed pattern": none}))["has_pattern"]
     # a "pattern" that says there is none counts as Unclear
     for hedge in ("The output is not clear, it is unclear how", "There is no clear pattern.", "UNCLEAR"):
-        assert D.is_unclear(hedge)
-    assert not D.is_unclear("Maps a word to its first letter.")
+        assert DS.is_unclear(hedge)
+    assert not DS.is_unclear("Maps a word to its first letter.")
 
 
 def test_cache_survives_a_cut_line_and_keeps_everything(tmp_path):
@@ -284,7 +286,7 @@ def _describer(tmp_path, url, **kw):
 def test_rate_limit_then_success_is_retried_with_backoff(scripted, tmp_path):
     srv = scripted(("status", 429), ("status", 503), ("ok", '{"Observed pattern": "Copies the input."}'))
     d, sleeps = _describer(tmp_path, srv.url)
-    out = D.describe(d, {"h": "prompt"}, progress=False).iloc[0]
+    out = DS.describe(d, {"h": "prompt"}, progress=False).iloc[0]
     assert out.status == "ok" and out.attempts == 3 and out.has_pattern and out.pattern == "Copies the input."
     assert sleeps == [0.0, 0.02]  # Retry-After: 0 from the 429, then backoff * 2 for the 503
     assert len(srv.requests) == 3
@@ -295,7 +297,7 @@ def test_timeouts_and_server_errors_fail_one_head_and_the_run_goes_on(scripted, 
     srv = scripted(("sleep", 3), ("sleep", 3), ("status", 500), ("status", 500), ("status", 500),
                    ("ok", 'Here you go: {"Observed pattern": "Unclear"} thanks'), ("ok", "not json at all {"))
     d, _ = _describer(tmp_path, srv.url, timeout=0.5, max_retries=1)
-    out = D.describe(d, {"slow": "p1", "broken": "p2", "fine": "p3", "prose": "p4"}, progress=False).set_index("id")
+    out = DS.describe(d, {"slow": "p1", "broken": "p2", "fine": "p3", "prose": "p4"}, progress=False).set_index("id")
     assert out.loc["slow", "status"] == "failed" and "Timeout" in out.loc["slow", "error"]
     assert out.loc["slow", "attempts"] == 2 and out.loc["broken", "attempts"] == 2
     assert out.loc["broken", "status"] == "failed" and "InternalServerError" in out.loc["broken", "error"]
@@ -304,7 +306,7 @@ def test_timeouts_and_server_errors_fail_one_head_and_the_run_goes_on(scripted, 
     # failures are not cached (a rerun retries them); answers are, malformed ones included
     assert {e["content"] for e in RC.ResponseCache(tmp_path / "cache.jsonl").entries.values()} == {
         'Here you go: {"Observed pattern": "Unclear"} thanks', "not json at all {"}
-    again = D.describe(d, {"fine": "p3", "prose": "p4"}, progress=False)
+    again = DS.describe(d, {"fine": "p3", "prose": "p4"}, progress=False)
     assert again.cached.all() and len(srv.requests) == 7
 
 
@@ -312,7 +314,7 @@ def test_malformed_http_answers_fail_one_head(scripted, tmp_path):
     srv = scripted(("raw", "this is not json"), ("raw", '{"choices": []}'), ("raw", '{"unexpected": 1}'),
                    ("ok", '{"Observed pattern": "fine"}'))
     d, _ = _describer(tmp_path, srv.url)
-    out = D.describe(d, {"a": "p1", "b": "p2", "c": "p3", "d": "p4"}, progress=False).set_index("id")
+    out = DS.describe(d, {"a": "p1", "b": "p2", "c": "p3", "d": "p4"}, progress=False).set_index("id")
     assert out.status.tolist() == ["failed", "failed", "failed", "ok"]
     assert out.error.str.startswith("MalformedResponse").iloc[:3].all() and (out.attempts.iloc[:3] == 1).all()
     assert len(srv.requests) == 4  # not retried
@@ -322,7 +324,7 @@ def test_unreachable_endpoint_stops_with_a_clear_message(tmp_path):
     port = _free_port()  # nothing listens there
     d, _ = _describer(tmp_path, f"http://127.0.0.1:{port}/v1", max_retries=1, max_consecutive_failures=2)
     with pytest.raises(DR.DescriberError, match=r"cannot be reached .*start that server or fix base_url"):
-        D.describe(d, {"a": "p1", "b": "p2", "c": "p3"}, progress=False)
+        DS.describe(d, {"a": "p1", "b": "p2", "c": "p3"}, progress=False)
     with pytest.raises(DR.DescriberError, match="cannot be reached"):
         DR.Describer(DR.Endpoint("server", "", f"http://127.0.0.1:{port}/v1"), tmp_path / "c2.jsonl", max_retries=0)
 
@@ -333,12 +335,12 @@ def test_concurrent_requests_overlap_and_rows_keep_the_prompts_order(scripted, t
     d, _ = _describer(tmp_path, srv.url, concurrency=4)
     prompts = {f"h{i}": f"prompt {i}" for i in range(n)}
     prompts["dup"] = "prompt 3"  # the same prompt twice: asked once
-    out = D.describe(d, prompts, progress=False)
+    out = DS.describe(d, prompts, progress=False)
     assert out.id.tolist() == list(prompts) and (out.status == "ok").all() and not out.cached.any()
     assert len(srv.requests) == n and srv.max_in_flight >= 2  # requests overlapped at the server
     assert out.set_index("id").loc["dup", "key"] == out.set_index("id").loc["h3", "key"]
     assert len(RC.ResponseCache(tmp_path / "cache.jsonl")) == n
-    again = D.describe(d, prompts, progress=False)
+    again = DS.describe(d, prompts, progress=False)
     assert again.cached.all() and len(srv.requests) == n
     with pytest.raises(ValueError, match="concurrency must be a positive integer"):
         _describer(tmp_path, srv.url, concurrency=-1)
@@ -349,7 +351,7 @@ def test_a_fatal_error_under_concurrency_stops_the_queue(scripted, tmp_path):
     srv = scripted(("status", 404, "The model `nope` does not exist"), *[("sleep", 0.3)] * 20)
     d, _ = _describer(tmp_path, srv.url, concurrency=2)
     with pytest.raises(DR.DescriberError, match="does not know the model"):
-        D.describe(d, {f"h{i}": f"p{i}" for i in range(20)}, progress=False)
+        DS.describe(d, {f"h{i}": f"p{i}" for i in range(20)}, progress=False)
     time.sleep(0.8)  # what was in flight finishes; nothing queued is sent
     assert len(srv.requests) <= 3
 
@@ -358,7 +360,7 @@ def test_server_model_is_asked_for_when_not_named(scripted, tmp_path):
     srv = scripted(("ok", '{"Observed pattern": "x"}'))
     d = DR.Describer(DR.Endpoint("server", "", srv.url), tmp_path / "c.jsonl")
     assert d.endpoint.model == "scripted-model" and "scripted-model@" in d.model_id  # in the cache key and provenance
-    out = D.describe(d, {"a": "p"}, progress=False).iloc[0]
+    out = DS.describe(d, {"a": "p"}, progress=False).iloc[0]
     assert out.status == "ok" and out.describer_model == "scripted-model"
     assert srv.requests[0]["body"]["model"] == "scripted-model"
 
@@ -372,7 +374,7 @@ def test_errors_no_retry_can_fix_stop_the_run_at_once(scripted, tmp_path, status
     srv = scripted(("status", status, message), ("ok", "{}"))
     d, sleeps = _describer(tmp_path, srv.url)
     with pytest.raises(DR.DescriberError, match=match):
-        D.describe(d, {"a": "p1", "b": "p2"}, progress=False)
+        DS.describe(d, {"a": "p1", "b": "p2"}, progress=False)
     assert len(srv.requests) == 1 and sleeps == []
 
 
@@ -380,15 +382,13 @@ def test_failed_heads_still_give_shares_and_examples(scripted, tmp_path):
     loaded = _tiny_loaded()
     srv = scripted(*[("status", 500)] * 8)
     with pytest.raises(DR.DescriberError, match=r"Every one of the 8 heads failed .*InternalServerError"):
-        D.describe_heads(loaded, heads="all", base_url=srv.url, describer_model="scripted-model", n_salient=2,
-                         n_mappings=2, results_dir=tmp_path, progress=False, max_retries=0)
+        DS.describe_heads(loaded, heads='all', base_url=srv.url, describer_model='scripted-model', n_salient=2, n_mappings=2, max_retries=0, run=RunOptions(results_dir=tmp_path, progress=False))
     table = pd.read_csv(tmp_path / "tiny-llama" / "descriptions.csv")  # written before the run stops
     assert (table.status == "failed").all() and (table.parse == "failed").all() and not table.has_pattern.any()
     srv = scripted(("status", 500), ("ok", '{"Observed pattern": "Copies tokens."}'))
     one = DR.Describer(DR.Endpoint("server", "scripted-model", srv.url), tmp_path / "c2.jsonl", max_retries=0,
                       concurrency=1)
-    res = D.describe_heads(loaded, heads=[(0, 0), (1, 1)], describer=one, n_salient=2, n_mappings=2,
-                           results_dir=tmp_path / "two", progress=False)
+    res = DS.describe_heads(loaded, heads=[(0, 0), (1, 1)], describer=one, n_salient=2, n_mappings=2, run=RunOptions(results_dir=tmp_path / 'two', progress=False))
     shares = res.shares()
     assert shares.share_failed.tolist()[0] == 1.0 and shares.share_pattern.tolist()[2] == 1.0
     assert res.clearest().pattern.tolist() == ["Copies tokens."]
@@ -407,9 +407,7 @@ def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch, caps
     srv = scripted(("ok", '{"Observed pattern": "p"}'), ("status", 500, f"boom for key {SECRET}"),
                    ("status", 500, f"boom for key {SECRET}"), ("status", 500, f"boom for key {SECRET}"),
                    ("ok", '{"Observed pattern": "q"}'), ("ok", '{"Observed pattern": "r"}'))
-    res = D.describe_heads(_tiny_loaded(), heads="all", base_url=srv.url, describer_model="scripted-model",
-                           n_salient=3, n_mappings=2, results_dir=tmp_path, progress=False, max_retries=2,
-                           backoff=0.0, concurrency=1)
+    res = DS.describe_heads(_tiny_loaded(), heads='all', base_url=srv.url, describer_model='scripted-model', n_salient=3, n_mappings=2, max_retries=2, backoff=0.0, concurrency=1, run=RunOptions(results_dir=tmp_path, progress=False))
     assert srv.requests[0]["auth"] == f"Bearer {SECRET}"  # the server's key was used; the OpenAI key went nowhere
     assert all(OPENAI_SECRET not in (r["auth"] or "") for r in srv.requests)
     assert (res.table.status == "failed").sum() == 1 and "[redacted]" in res.table.error.str.cat()
@@ -425,18 +423,18 @@ def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch, caps
     srv = scripted(("status", 401, f"Incorrect API key provided: {SECRET}"))
     d, _ = _describer(tmp_path, srv.url)
     with pytest.raises(DR.DescriberError, match=f"set a valid {DR.SERVER_KEY_ENV}") as err:
-        D.describe(d, {"a": "p-new"}, progress=False)
+        DS.describe(d, {"a": "p-new"}, progress=False)
     assert SECRET not in str(err.value)
 
 
 def test_salient_ops_table_on_a_tiny_model():
     loaded = _tiny_loaded()
-    ops = D.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, progress=False)
+    ops = DS.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, progress=False)
     assert len(ops) == 8 and set(ops.quartile) == {0, 2}
     assert all(len(m) == 3 for m in ops.mappings)
     for (_layer, _head), g in ops.groupby(["layer", "head"]):
         assert g.saliency.is_monotonic_decreasing
-    prompts = D.head_prompts(ops)
+    prompts = DS.head_prompts(ops)
     assert list(prompts) == [(0, 1), (1, 3)]
     first = ops[(ops.layer == 0) & (ops["head"] == 1)].iloc[0]
     assert f"\n{first.token}: {', '.join(first.mappings)}\n" in prompts[(0, 1)]
@@ -447,8 +445,7 @@ def test_salient_ops_table_on_a_tiny_model():
 def described(smollm2, model_cache, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.delenv("OPENAI_API_KEY", raising=False)
     out = tmp_path_factory.mktemp("described")
-    res = D.describe_heads(smollm2, heads=[(2, 3), (21, 4)], results_dir=out, progress=False, cache_dir=model_cache,
-                           describer_model="smollm2-135m")
+    res = DS.describe_heads(smollm2, heads=[(2, 3), (21, 4)], cache_dir=model_cache, describer_model='smollm2-135m', run=RunOptions(results_dir=out, progress=False))
     return res, out
 
 
@@ -466,7 +463,7 @@ def test_end_to_end_with_the_local_model_always_answers_in_the_schema(described)
     assert list(zip(t.layer, t["head"], strict=True)) == [(2, 3), (21, 4)]
     assert (t.status == "ok").all() and (~t.cached).all() and (t.finish_reason == "stop").all()
     for raw in t.raw:  # grammar-constrained: strict JSON with exactly the three keys, every time
-        assert list(json.loads(raw)) == list(D.KEYS)
+        assert list(json.loads(raw)) == list(DS.KEYS)
     assert (t.parse == "json").all()
     assert (t.describer_kind == "local").all() and (t.describer_model == "smollm2-135m").all()
     assert len(res.ops) == 30 and len(res.evidence) == 50 and set(res.evidence["rank"]) == set(range(15, 40))
@@ -493,8 +490,7 @@ def test_cache_replay_with_no_model_is_identical(described, smollm2, model_cache
         raise AssertionError("a cached rerun must not load the model")
 
     monkeypatch.setattr(LocalLLM, "_model", no_model)
-    again = D.describe_heads(smollm2, heads=[(2, 3), (21, 4)], results_dir=out, progress=False,
-                             cache_dir=model_cache, describer_model="smollm2-135m")
+    again = DS.describe_heads(smollm2, heads=[(2, 3), (21, 4)], cache_dir=model_cache, describer_model='smollm2-135m', run=RunOptions(results_dir=out, progress=False))
     assert again.table.cached.all()
     cols = ["layer", "head", "salient_tokens", "raw", "parse", "reasoning", "inputs", "pattern", "has_pattern", "key"]
     pd.testing.assert_frame_equal(again.table[cols], res.table[cols])
@@ -506,7 +502,7 @@ def test_a_server_that_accepts_but_never_answers_stops_the_run(scripted, tmp_pat
     srv = scripted(*[("hang", 5)] * 12)
     d, _ = _describer(tmp_path, srv.url, timeout=0.3, max_retries=4, max_consecutive_failures=3)
     with pytest.raises(DR.DescriberError, match=r"accepted the connection but answered none of the last 3 requests"):
-        D.describe(d, {f"h{i}": f"p{i}" for i in range(10)}, progress=False)
+        DS.describe(d, {f"h{i}": f"p{i}" for i in range(10)}, progress=False)
     assert len(srv.requests) == 3  # three timed-out attempts, then the run stopped: not 10 heads x 5 attempts
 
 
@@ -514,14 +510,14 @@ def test_the_deadline_bounds_the_whole_run(scripted, tmp_path):
     srv = scripted(*[("ok", '{"Observed pattern": "x"}')] * 5)
     d, _ = _describer(tmp_path, srv.url, deadline=0.0)
     with pytest.raises(DR.DescriberError, match=r"did not finish within the deadline of 0 s"):
-        D.describe(d, {"a": "p1", "b": "p2"}, progress=False)
+        DS.describe(d, {"a": "p1", "b": "p2"}, progress=False)
     assert srv.requests == []
 
 
 def test_an_html_answer_fails_one_head_with_one_sentence(scripted, tmp_path):
     srv = scripted(("html",), ("ok", '{"Observed pattern": "Copies."}'))
     d, _ = _describer(tmp_path, srv.url)
-    out = D.describe(d, {"a": "p1", "b": "p2"}, progress=False).set_index("id")
+    out = DS.describe(d, {"a": "p1", "b": "p2"}, progress=False).set_index("id")
     assert out.status.tolist() == ["failed", "ok"] and out.loc["b", "pattern"] == "Copies."
     assert out.loc["a", "error"].startswith("MalformedResponse: the server answered with text, not a chat completion")
     assert "base_url ends in /v1" in out.loc["a", "error"]
@@ -531,7 +527,7 @@ def test_url_credentials_never_reach_written_files(scripted, tmp_path):
     srv = scripted(("status", 500, "bad user bob:hunter2"), ("ok", '{"Observed pattern": "x"}'))
     url = srv.url.replace("http://", "http://bob:hunter2@") + "?api_key=zz9top"
     d = DR.Describer(DR.resolve_endpoint("scripted-model", url), tmp_path / "c.jsonl", max_retries=0, concurrency=1)
-    out = D.describe(d, {"a": "p1", "b": "p2"}, progress=False)
+    out = DS.describe(d, {"a": "p1", "b": "p2"}, progress=False)
     assert "hunter2" not in out.to_csv() and "zz9top" not in out.to_csv() and "[redacted]" in out.error.iloc[0]
     text = (tmp_path / "c.jsonl").read_text()
     assert "hunter2" not in text and "zz9top" not in text and "bob" not in text

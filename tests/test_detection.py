@@ -9,11 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from maps_utils import describe as D
+from maps_utils import describe as DS
 from maps_utils import describer as DR
 from maps_utils import detection as T
 from maps_utils import detection_stats as TS
 from maps_utils.rules import describe_ops, predicate_library
+from maps_utils.store import RunOptions
 
 from .test_describe import scripted  # noqa: F401 (fixture)
 
@@ -40,7 +41,7 @@ def _head_rows(layer: int, head: int, kind: str, rng, n: int = 40) -> list[dict]
     return rows
 
 
-def _result(kinds: dict, llm: dict | None = None, n_salient: int = 15) -> D.DescriptionResult:
+def _result(kinds: dict, llm: dict | None = None, n_salient: int = 15) -> DS.DescriptionResult:
     """A DescriptionResult of hand-made heads: {(layer, head): "copy" | "random"}; ``llm`` gives LLM patterns."""
     rng = np.random.default_rng(1)
     every = pd.DataFrame([r for (la, h), k in sorted(kinds.items()) for r in _head_rows(la, h, k, rng)])
@@ -49,7 +50,7 @@ def _result(kinds: dict, llm: dict | None = None, n_salient: int = 15) -> D.Desc
     table = pd.DataFrame([{"layer": la, "head": h, "quartile": la, "salient_tokens": "", "status": "ok", "parse": "json",
                            "has_pattern": (la, h) in llm, "pattern": llm.get((la, h), "Unclear"), "inputs": "words"}
                           for la, h in sorted(kinds)])
-    return D.DescriptionResult("hand-made", ops.reset_index(drop=True), table, {"model": None}, 4,
+    return DS.DescriptionResult("hand-made", ops.reset_index(drop=True), table, {"model": None}, 4,
                                evidence.reset_index(drop=True), describe_ops(ops))
 
 
@@ -118,7 +119,7 @@ def test_the_llm_judge_through_a_scripted_server(scripted, tmp_path):  # noqa: F
     res = _result(KINDS, llm=llm)
     srv = scripted(*[("judge",)] * 10)
     d = DR.Describer(DR.Endpoint("server", "scripted-model", srv.url), tmp_path / "cache.jsonl", concurrency=1)
-    det = T.score_descriptions(res, d, seed=0, results_dir=tmp_path, progress=False)
+    det = T.score_descriptions(res, d, run=RunOptions(seed=0, results_dir=tmp_path, progress=False))
     s = det.scores[det.scores.describer == "llm"].set_index(["layer", "head"])
     # the scripted judge selects the rows whose input reappears among its outputs, whatever the description: on the
     # copy head's rows exactly its own; on a random head's rows only negatives (other heads' copy rows)
@@ -132,7 +133,7 @@ def test_the_llm_judge_through_a_scripted_server(scripted, tmp_path):  # noqa: F
     assert "Copies the input word." in prompt and '"matching_rows"' in prompt and prompt.count("\n1. ") == 1
     files = {p.name for p in (tmp_path / "hand-made").iterdir()}
     assert {"detection.csv", "detection.summary.csv", "detection.manifest.json"} <= files
-    again = T.score_descriptions(res, d, seed=0, results_dir=None, progress=False)  # replayed from the cache
+    again = T.score_descriptions(res, d, run=RunOptions(seed=0, results_dir=None, progress=False))  # replayed from the cache
     assert len(srv.requests) == 7
     pd.testing.assert_frame_equal(again.scores, det.scores)
     q = det.by_quartile()

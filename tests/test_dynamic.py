@@ -13,11 +13,12 @@ import torch
 
 from maps_utils import capture as CA
 from maps_utils import correlation as C
-from maps_utils import dynamic as D
+from maps_utils import dynamic as DY
 from maps_utils import relations as R
 from maps_utils import scores as SC
 from maps_utils.heads import HeadWeights
 from maps_utils.static import target_ranks
+from maps_utils.store import RunOptions
 
 from .conftest import TINY_CONFIGS, make_tiny
 
@@ -153,7 +154,7 @@ def test_a_constructed_copying_head_scores_one_without_context():
     prompts = [p for p in prompts if p.source != p.last]
     copy_targets = [p.ids[p.source] for p in prompts]
     ranks = CA.prompt_ranks(model, heads, prompts, copy_targets, batch_size=7, rank_cap=5, progress=False)
-    rel = D.DynamicRelation("copy", None, True, [("x", "x")] * len(prompts), copy_targets, ["t"], ranks[None], [1.0],
+    rel = DY.DynamicRelation("copy", None, True, [("x", "x")] * len(prompts), copy_targets, ["t"], ranks[None], [1.0],
                             k=1, rank_cap=5)
     without = rel.scores(1, "without")[0]
     assert without[0, 0] == 1.0
@@ -230,8 +231,8 @@ def test_smollm2_prompts_match_the_natural_tokenization(smollm2):
 @pytest.mark.embedded
 def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, monkeypatch):
     rels = ["country_capital", "name_copying"]
-    kw = dict(max_pairs=30, templates=["No <X> means no", "This is a document about <X>"], results_dir=tmp_path,
-              progress=False)
+    kw = dict(max_pairs=30, templates=["No <X> means no", "This is a document about <X>"],
+              run=RunOptions(results_dir=tmp_path, progress=False))
     calls = []
     real = CA.prompt_ranks
 
@@ -241,14 +242,14 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(D, "prompt_ranks", failing_second)
+    monkeypatch.setattr(DY, "prompt_ranks", failing_second)
     with pytest.raises(KeyboardInterrupt):
-        D.dynamic_scores(smollm2, rels, **kw)
+        DY.dynamic_scores(smollm2, rels, **kw)
     assert (tmp_path / "smollm2-135m" / "dynamic" / "single" / "parts" / "country_capital.pt").is_file()
-    monkeypatch.setattr(D, "prompt_ranks", real)
-    dyn = D.dynamic_scores(smollm2, rels, **kw)
+    monkeypatch.setattr(DY, "prompt_ranks", real)
+    dyn = DY.dynamic_scores(smollm2, rels, **kw)
     assert dyn.reused == ["country_capital"]  # the interrupted run's finished relation is kept
-    again = D.dynamic_scores(smollm2, rels, **kw)
+    again = DY.dynamic_scores(smollm2, rels, **kw)
     assert again.reused == rels
     assert torch.equal(again.relation("name_copying").ranks, dyn.relation("name_copying").ranks)
     out = tmp_path / "smollm2-135m" / "dynamic" / "single"
@@ -257,9 +258,9 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
     assert set(table.n_prompts) == {30}
     assert (out / "scores.manifest.json").is_file()
     # a different cap on pairs is a different run
-    assert D.dynamic_scores(smollm2, rels, **{**kw, "max_pairs": 31}).reused == []
+    assert DY.dynamic_scores(smollm2, rels, **{**kw, "max_pairs": 31}).reused == []
 
-    static = SC.static_scores(smollm2, rels, results_dir=tmp_path, progress=False)
+    static = SC.static_scores(smollm2, rels, run=RunOptions(results_dir=tmp_path, progress=False))
     corr = C.correlations(static, dyn)
     assert len(corr) == 2 * 2 * 2  # relations x score types x contexts
     row = corr[(corr.relation == "country_capital") & (corr.score_type == "relation") & (corr.context == "without")]
@@ -272,15 +273,14 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
 
 @pytest.mark.embedded
 def test_gemma3_dynamic_and_multi_token_scores_run(gemma3, tmp_path):
-    dyn = D.dynamic_scores(gemma3, ["country_capital"], templates=["When I think about <X> I think about"],
-                           max_pairs=30, results_dir=None, progress=False)
+    dyn = DY.dynamic_scores(gemma3, ['country_capital'], templates=['When I think about <X> I think about'], max_pairs=30, run=RunOptions(results_dir=None, progress=False))
     rel = dyn.relation("country_capital")
     assert rel.ranks.shape == (1, 4, 30, 18, 4)
     assert rel.agreement == [1.0]
-    multi = D.multi_token_scores(gemma3, ["country_capital"], max_pairs=30, results_dir=tmp_path, progress=False)
+    multi = DY.multi_token_scores(gemma3, ['country_capital'], max_pairs=30, run=RunOptions(results_dir=tmp_path, progress=False))
     assert multi.relation("country_capital").ranks.shape == (1, 4, 30, 18, 4)
     assert (tmp_path / "gemma3-270m" / "dynamic" / "multi_token_paper" / "scores.csv").is_file()
     with pytest.raises(R.RelationError, match="usable multi-token pairs"):
-        D.multi_token_scores(gemma3, ["copying"], mode="natural", results_dir=None, progress=False)
+        DY.multi_token_scores(gemma3, ['copying'], mode='natural', run=RunOptions(results_dir=None, progress=False))
     with pytest.raises(ValueError, match="Unknown multi-token mode"):
-        D.multi_token_scores(gemma3, mode="other")
+        DY.multi_token_scores(gemma3, mode="other")

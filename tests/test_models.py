@@ -43,7 +43,7 @@ GEOMETRY = {
 @pytest.mark.parametrize("which", list(GEOMETRY))
 def test_embedded_adapter_shapes(which, request):
     family, L, H, G, d, dh, V, scale = GEOMETRY[which]
-    h = request.getfixturevalue(which).heads
+    h = request.getfixturevalue(which).weights
     assert (h.family, h.n_layers, h.n_heads, h.n_kv_heads, h.group_size) == (family, L, H, G, H // G)
     assert (h.d_model, h.d_head, h.vocab_size) == (d, dh, V)
     assert h.W_V(L - 1).shape == (H, d, dh) and h.W_O(0).shape == (H, dh, d)
@@ -57,7 +57,7 @@ def test_embedded_adapter_shapes(which, request):
 def test_embedded_exactness(which, request):
     loaded = request.getfixturevalue(which)
     ids = loaded.tokenizer("The capital of France is Paris. The story of a cat", return_tensors="pt").input_ids
-    m, h = loaded.model, loaded.heads
+    m, h = loaded.model, loaded.weights
     check_head_sum(m, h, ids, TOL32)
     check_values_and_z(m, h, ids, TOL32)
     check_first_mlp(m, h, ids, TOL32)
@@ -143,7 +143,7 @@ def test_local_directory_loads(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     word_tokenizer().save_pretrained(tmp_path / "ckpt")
     loaded = load(str(tmp_path / "ckpt"), device="cpu", cache_dir=tmp_path / "cache")
-    assert loaded.heads.family == "qwen2" and loaded.heads.n_kv_heads == 2
+    assert loaded.weights.family == "qwen2" and loaded.weights.n_kv_heads == 2
     assert loaded.manifest()["architecture"]["n_heads"] == 4
     a, b = model.state_dict(), loaded.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -19,6 +19,7 @@ from maps_utils import load
 from maps_utils import scores as SC
 from maps_utils.cli import main
 from maps_utils.io import atomic_dir
+from maps_utils.store import RunOptions
 
 from .conftest import make_tiny, word_tokenizer
 
@@ -71,19 +72,19 @@ def test_changed_weights_at_the_same_path_are_recomputed(tmp_path, cache, capsys
 
 
 def test_dynamic_cache_is_keyed_by_the_weights_hash(tmp_path, cache):
-    from maps_utils import dynamic as D
+    from maps_utils import dynamic as DY
 
     a = load(str(_ckpt(tmp_path / "a")), device="cpu")
     b = load(str(_ckpt(tmp_path / "b", scale=2.0)), device="cpu")
     assert a.weights_sha256 and a.weights_sha256 != b.weights_sha256
     assert a.manifest()["weights_sha256"] == a.weights_sha256
     rel = _relation(tmp_path, "mine", 3)
-    kw = dict(templates=["t1 t2 <X>"], results_dir=tmp_path / "res", progress=False)
-    D.dynamic_scores(a, [rel], **kw)
-    assert D.dynamic_scores(a, [rel], **kw).reused == ["mine"]
+    kw = dict(templates=["t1 t2 <X>"], run=RunOptions(results_dir=tmp_path / "res", progress=False))
+    DY.dynamic_scores(a, [rel], **kw)
+    assert DY.dynamic_scores(a, [rel], **kw).reused == ["mine"]
     b.name = a.name  # the same name and folder, other weights
-    assert D.dynamic_scores(b, [rel], **kw).reused == []
-    assert D.dynamic_scores(b, [rel], **kw).manifest["parameters"]["weights_sha256"] == b.weights_sha256
+    assert DY.dynamic_scores(b, [rel], **kw).reused == []
+    assert DY.dynamic_scores(b, [rel], **kw).manifest["parameters"]["weights_sha256"] == b.weights_sha256
 
 
 def test_an_updated_hugging_face_checkpoint_is_recomputed(tmp_path, cache, monkeypatch):
@@ -104,12 +105,12 @@ def test_an_updated_hugging_face_checkpoint_is_recomputed(tmp_path, cache, monke
     first = load("maps-test/tiny", device="cpu")
     assert first.source == "huggingface: maps-test/tiny"
     rel = _relation(tmp_path, "mine", 3)
-    SC.static_scores(first, [rel], results_dir=tmp_path / "res", progress=False)
-    assert SC.static_scores(first, [rel], results_dir=tmp_path / "res", progress=False).from_cache
+    SC.static_scores(first, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    assert SC.static_scores(first, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False)).from_cache
     publish("b" * 40, -1.0)
     second = load("maps-test/tiny", device="cpu")
     assert second.weights_sha256 != first.weights_sha256
-    assert not SC.static_scores(second, [rel], results_dir=tmp_path / "res", progress=False).from_cache
+    assert not SC.static_scores(second, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False)).from_cache
 
 
 # ---- 3. a smaller query never overwrites what a larger one computed; concurrent writers are serialised --
@@ -118,32 +119,32 @@ def test_a_subset_query_reads_the_full_run_and_keeps_its_table(tmp_path, cache, 
 
     loaded = load(str(_ckpt(tmp_path / "ckpt")), device="cpu")
     rels = [_relation(tmp_path, name, shift) for name, shift in (("a", 1), ("b", 2), ("c", 3))]
-    full = SC.static_scores(loaded, rels, results_dir=tmp_path / "res", progress=False)
+    full = SC.static_scores(loaded, rels, run=RunOptions(results_dir=tmp_path / 'res', progress=False))
     table = next((tmp_path / "res").rglob("scores.csv"))
     rows = pd.read_csv(table)
     calls = []
     real = S.layer_ranks
     monkeypatch.setattr(S, "layer_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    sub = SC.static_scores(loaded, rels[1:2], results_dir=tmp_path / "res", progress=False)
+    sub = SC.static_scores(loaded, rels[1:2], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
     assert calls == [] and sub.from_cache
     assert torch.equal(sub.ranks_of("b")[0], full.ranks_of("b")[0])
     assert pd.read_csv(table).equals(rows)  # still all three relations
     d = _relation(tmp_path, "d", 4)
-    SC.static_scores(loaded, [d], results_dir=tmp_path / "res", progress=False)
-    assert len(calls) == loaded.heads.n_layers  # only d was computed
+    SC.static_scores(loaded, [d], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    assert len(calls) == loaded.weights.n_layers  # only d was computed
     assert list(pd.read_csv(table).relation.unique()) == ["d", "a", "b", "c"]
 
 
 def test_a_dynamic_subset_query_keeps_the_full_table(tmp_path, cache):
-    from maps_utils import dynamic as D
+    from maps_utils import dynamic as DY
 
     loaded = load(str(_ckpt(tmp_path / "ckpt")), device="cpu")
     rels = [_relation(tmp_path, name, shift) for name, shift in (("a", 1), ("b", 2))]
-    kw = dict(templates=["t1 t2 <X>"], results_dir=tmp_path / "res", progress=False)
-    D.dynamic_scores(loaded, rels, **kw)
+    kw = dict(templates=["t1 t2 <X>"], run=RunOptions(results_dir=tmp_path / "res", progress=False))
+    DY.dynamic_scores(loaded, rels, **kw)
     table = next((tmp_path / "res").rglob("scores.csv"))
     rows = pd.read_csv(table)
-    assert D.dynamic_scores(loaded, rels[1:], **kw).reused == ["b"]
+    assert DY.dynamic_scores(loaded, rels[1:], **kw).reused == ["b"]
     assert sorted(pd.read_csv(table).relation.unique()) == ["a", "b"]
     pd.testing.assert_frame_equal(pd.read_csv(table).sort_values(list(rows.columns)).reset_index(drop=True),
                                   rows.sort_values(list(rows.columns)).reset_index(drop=True))
@@ -175,15 +176,15 @@ def test_concurrent_writers_of_different_relations_both_keep_their_results(tmp_p
 def test_corrupt_slots_and_partial_checkpoints_are_recomputed(tmp_path, cache, caplog):
     loaded = load(str(_ckpt(tmp_path / "ckpt")), device="cpu")
     rel = _relation(tmp_path, "mine", 5)
-    ref = SC.static_scores(loaded, [rel], results_dir=tmp_path / "res", progress=False)
+    ref = SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
     folder = next((tmp_path / "res").rglob("ranks"))
     slot = folder / "mine.pt"
     slot.write_bytes(slot.read_bytes()[:100])  # truncated
     (folder / "partial.pt").write_bytes(b"not a checkpoint")
-    again = SC.static_scores(loaded, [rel], results_dir=tmp_path / "res", progress=False)
+    again = SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
     assert not again.from_cache and torch.equal(again.ranks.top, ref.ranks.top)
     assert "could not be read" in caplog.text
-    assert SC.static_scores(loaded, [rel], results_dir=tmp_path / "res", progress=False).from_cache
+    assert SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False)).from_cache
 
 
 def _slow_assembly(cache: Path) -> subprocess.Popen:

@@ -9,9 +9,11 @@ import pytest
 import torch
 
 from maps_utils import HeadWeights, LoadedModel
+from maps_utils import relations as R
 from maps_utils import score_tables as TB
 from maps_utils import scores as SC
 from maps_utils import static as S
+from maps_utils.store import RunOptions
 
 from .conftest import make_tiny, word_tokenizer
 
@@ -32,13 +34,13 @@ def _relation(tmp_path, name, pairs):
 def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     pairs = [[f"t{i}", f"t{(i * 7) % 100}"] for i in range(40)]
     rel = _relation(tmp_path, "mine", pairs)
-    res = SC.static_scores(tiny_loaded, [rel], variant="first_mlp", results_dir=tmp_path / "results", progress=False)
+    res = SC.static_scores(tiny_loaded, [rel], variant='first_mlp', run=RunOptions(results_dir=tmp_path / 'results', progress=False))
     table = res.table()
     assert list(table.columns) == ["model", "relation", "category", "layer", "head", "kv_group", "score",
                                    "suppression_score", "k", "n_pairs", "variant"]
     assert len(table) == 2 * 4 and (table.k == 10).all() and (table.n_pairs == 40).all()
     assert table.kv_group.tolist() == [0, 0, 1, 1] * 2
-    direct = S.target_ranks(tiny_loaded.heads, [i for i in range(40)], [(i * 7) % 100 for i in range(40)],
+    direct = S.target_ranks(tiny_loaded.weights, [i for i in range(40)], [(i * 7) % 100 for i in range(40)],
                             variant="first_mlp", progress=False)
     assert torch.allclose(torch.tensor(table.score.values).view(2, 4), direct.scores(10))
     assert torch.allclose(torch.tensor(table.suppression_score.values).view(2, 4), direct.scores(10, True))
@@ -58,28 +60,28 @@ def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
 def test_relations_below_min_pairs_are_skipped(tiny_loaded, tmp_path):
     small = _relation(tmp_path, "small", [[f"t{i}", f"t{i}"] for i in range(10)])
     big = _relation(tmp_path, "big", [[f"t{i}", f"t{i}"] for i in range(30)])
-    res = SC.static_scores(tiny_loaded, [small, big], results_dir=None, progress=False)
+    res = SC.static_scores(tiny_loaded, [small, big], run=RunOptions(results_dir=None, progress=False))
     assert [r.name for r in res.relations] == ["big"] and res.skipped == {"small": 10}
     assert res.relation("big").copying is False  # user relations carry no metadata
 
 
 def test_cache_is_reused_and_invalidated(tiny_loaded, tmp_path, monkeypatch):
     rel = _relation(tmp_path, "mine", [[f"t{i}", f"t{i + 1}"] for i in range(35)])
-    first = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    first = SC.static_scores(tiny_loaded, [rel], run=RunOptions(results_dir=tmp_path, progress=False))
     calls = []
     real = S.layer_ranks
     monkeypatch.setattr(S, "layer_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    again = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    again = SC.static_scores(tiny_loaded, [rel], run=RunOptions(results_dir=tmp_path, progress=False))
     assert calls == [] and torch.equal(again.ranks.top, first.ranks.top)
     assert again.from_cache and not first.from_cache
     rel.write_text(json.dumps([[f"t{i}", f"t{i + 2}"] for i in range(35)]))  # changed input: recomputed
-    SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    SC.static_scores(tiny_loaded, [rel], run=RunOptions(results_dir=tmp_path, progress=False))
     assert len(calls) == 2
 
 
 def test_interrupted_run_resumes_from_finished_layers(tiny_loaded, tmp_path, monkeypatch):
     rel = _relation(tmp_path, "mine", [[f"t{i}", f"t{99 - i}"] for i in range(40)])
-    reference = SC.static_scores(tiny_loaded, [rel], results_dir=None, progress=False)
+    reference = SC.static_scores(tiny_loaded, [rel], run=RunOptions(results_dir=None, progress=False))
     monkeypatch.setattr(SC, "CHECKPOINT_SECONDS", 0.0)
     real = S.layer_ranks
     seen = []
@@ -92,10 +94,10 @@ def test_interrupted_run_resumes_from_finished_layers(tiny_loaded, tmp_path, mon
 
     monkeypatch.setattr(S, "layer_ranks", flaky)
     with pytest.raises(KeyboardInterrupt):
-        SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+        SC.static_scores(tiny_loaded, [rel], run=RunOptions(results_dir=tmp_path, progress=False))
     partial = tmp_path / "tiny-llama" / "static" / "first_mlp" / "ranks" / "partial.pt"
     assert partial.is_file()
-    resumed = SC.static_scores(tiny_loaded, [rel], results_dir=tmp_path, progress=False)
+    resumed = SC.static_scores(tiny_loaded, [rel], run=RunOptions(results_dir=tmp_path, progress=False))
     assert seen == [0, 1, 1]  # layer 0 was not recomputed
     assert torch.equal(resumed.ranks.top, reference.ranks.top)
     assert not partial.exists()
@@ -117,8 +119,7 @@ def test_choose_variant_picks_the_copying_variant(tmp_path):
     loaded = LoadedModel("tiny-copy", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
                          "test", 0.0)
     rel = _relation(tmp_path, "copy", [[f"t{i}", f"t{i}"] for i in range(100)])
-    best, table = SC.choose_variant(loaded, relations=("copy",), scoring_relations=[rel], results_dir=None,
-                                    progress=False)
+    best, table = SC.choose_variant(loaded, relations=('copy',), scoring_relations=[rel], run=RunOptions(results_dir=None, progress=False))
     assert best == "raw" and table.loc["raw", "best_head_copying"] == 1.0
     assert table.loc["first_mlp", "best_head_copying"] < 1.0
 
@@ -170,3 +171,28 @@ def test_kv_group_similarity_detects_shared_profiles(groups):
     noise = TB.kv_group_similarity(_synthetic_table(torch.rand(L, H, R, generator=g), groups, ["linguistic"] * R),
                                    n_perm=200)
     assert noise["p_value"] > 0.01
+
+
+def test_run_options_make_every_result_path_and_manifests_record_every_argument(tiny_loaded, tmp_path):
+    import inspect
+
+    from maps_utils.manifest import call_arguments
+    from maps_utils.store import result_folder
+
+    run = RunOptions(results_dir=tmp_path, progress=False, memory_budget_mb=64.0)
+    assert run.folder("org/model", "static") == result_folder(tmp_path, "org/model", "static") == \
+        tmp_path / "org__model" / "static"
+    assert RunOptions(results_dir=None).folder("m") is None
+    assert RunOptions().batch(64) == 64 and RunOptions(batch_size=8).batch(64) == 8
+    assert call_arguments({"run": run, "top_k": R.TopK(), "relations": [R.Relation("r", (("a", "b"),))],
+                           "path": tmp_path, "loaded": tiny_loaded}) == {
+        "run": {**run.manifest(), "results_dir": str(tmp_path)}, "top_k": {"copying": 1, "other": 10},
+        "relations": ["r"], "path": str(tmp_path)}
+
+    rel = _relation(tmp_path, "mine", [[f"t{i}", f"t{i + 1}"] for i in range(35)])
+    res = SC.static_scores(tiny_loaded, [rel], rank_cap=20, run=run)
+    params = res.manifest["parameters"]
+    # a parameter added to the signature is recorded without anyone listing it
+    assert set(inspect.signature(SC.static_scores).parameters) - {"loaded"} <= set(params)
+    assert params["run"]["memory_budget_mb"] == 64.0 and params["rank_cap"] == 20
+    assert (run.folder("tiny-llama", "static", res.variant) / "scores.csv").is_file()

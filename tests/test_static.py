@@ -51,13 +51,13 @@ def _pairs(vocab: int, n: int = 40, seed: int = 0):
 
 
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
-@pytest.mark.parametrize("space", ["head", "model"])
-def test_factored_equals_dense_on_every_family(key, space):
+@pytest.mark.parametrize("compute_space", ["head", "model"])
+def test_factored_equals_dense_on_every_family(key, compute_space):
     heads = HeadWeights(make_tiny(key))
     src, tgt = _pairs(heads.vocab_size)
     for variant in S.VARIANTS:
-        check_against_dense(heads, src, tgt, variant, cap=heads.vocab_size, space=space)  # full ranks
-        check_against_dense(heads, src, tgt, variant, cap=7, space=space)  # capped ranks
+        check_against_dense(heads, src, tgt, variant, cap=heads.vocab_size, compute_space=compute_space)  # full ranks
+        check_against_dense(heads, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
 
 
 def test_chunking_and_memory_budget_do_not_change_results():
@@ -65,8 +65,8 @@ def test_chunking_and_memory_budget_do_not_change_results():
     src, tgt = _pairs(heads.vocab_size, n=60)
     ref = S.target_ranks(heads, src, tgt, rank_cap=20, progress=False)
     for budget in (1e-4, 0.01, 64):  # from a handful of entries per block to everything at once
-        for space in ("head", "model"):
-            res = S.target_ranks(heads, src, tgt, rank_cap=20, memory_budget_mb=budget, space=space, progress=False)
+        for compute_space in ("head", "model"):
+            res = S.target_ranks(heads, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
             assert torch.equal(res.top, ref.top) and torch.equal(res.bottom, ref.bottom)
     order = S.Columns(heads.U, torch.arange(heads.vocab_size), torch.arange(heads.vocab_size))  # unshuffled order
     w = S.head_rows(heads, 1, S.source_vectors(heads, src, "first_mlp", 1))[2]
@@ -169,7 +169,7 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
     from maps_utils import relations as R
 
     loaded = request.getfixturevalue(which)
-    heads = loaded.heads
+    heads = loaded.weights
     rel = R.filter_single_token(R.load("country_capital"), loaded.tokenizer)
     src, tgt = rel.source_ids[:30], rel.target_ids[:30]
     layers = [1, heads.n_layers - 1]
