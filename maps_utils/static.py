@@ -255,7 +255,7 @@ def target_ranks(
     """Target ranks of every (source, target) pair in every head (see the module docstring).
 
     Args:
-        heads: the model's :class:`HeadWeights` (its device is used).
+        weights: the model's :class:`HeadWeights` (its device is used).
         source_ids, target_ids: token ids of the pairs (e.g. from ``relations.filter_single_token``).
         variant: source representation, one of :data:`VARIANTS` (the paper's relation scores: ``first_mlp``).
         rank_cap: ranks are exact below it.
