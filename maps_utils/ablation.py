@@ -19,9 +19,9 @@ target``), over the single-token-filtered pairs. Then:
 
 Speed: removing heads at the last position changes nothing at earlier positions, so every chunk of equal-length
 prompts runs its prefix once (keeping the KV cache) and each ablation step is one batched forward pass of the last
-token per chunk (the embedded models' causal prompts have one length per relation: one chunk up to ``batch_size``).
+token per chunk (the embedded models' causal prompts have one length per relation: one chunk up to ``run.batch_size``).
 Prompts are tokenised with the tokenizer's own special tokens (a BOS where it adds one), as in the dynamic scores.
-Every random choice comes from ``seed`` and the relation's name, so a rerun gives identical tables. Results are
+Every random choice comes from ``run.seed`` and the relation's name, so a rerun gives identical tables. Results are
 cached per task (``results/<model>/ablation/<kind>/parts/``): an interrupted run resumes at the next task.
 
 This module chooses the heads and runs the experiment; the prompts and forward passes are in

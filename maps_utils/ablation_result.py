@@ -20,7 +20,7 @@ class AblationResult:
     model: str
     kind: str
     tasks: pd.DataFrame  # relation, category, in_paper, template, n_pairs, demo_overlap, base, status
-    relation_heads: pd.DataFrame  # relation, rank, layer, head, score
+    head_table: pd.DataFrame  # relation, rank, layer, head, score
     controls: pd.DataFrame  # relation, control, overlap, base, control_base
     curves: pd.DataFrame  # relation, task, curve, sample, step, accuracy, n_prompts
     manifest: dict = field(default_factory=dict)
@@ -68,7 +68,7 @@ class AblationResult:
 
     def heads_by_relation(self) -> pd.DataFrame:
         """Per relation: how many relation heads, the best static score, and the first ten heads (``layer.head``)."""
-        named = self.relation_heads.assign(h=self.relation_heads.layer.astype(str) + "." + self.relation_heads["head"].astype(str))
+        named = self.head_table.assign(h=self.head_table.layer.astype(str) + "." + self.head_table["head"].astype(str))
         return named.groupby("relation", sort=False).agg(n_heads=("h", "size"), best=("score", "max"),
                                                           first_ten=("h", lambda s: ", ".join(s[:10])))
 
@@ -79,7 +79,7 @@ class AblationResult:
     def write(self, results_dir: str | Path) -> Path:
         """Write every table (CSV + manifest) under ``<results_dir>/<model>/ablation/<kind>/``."""
         out = result_folder(results_dir, self.model, "ablation", self.kind)
-        for name, table in (("tasks", self.tasks), ("heads", self.relation_heads), ("controls", self.controls),
+        for name, table in (("tasks", self.tasks), ("heads", self.head_table), ("controls", self.controls),
                             ("curves", self.curves), ("summary", self.summary())):
             write_table(table, out / f"{name}.csv", self.manifest)
         return out

@@ -139,13 +139,14 @@ def write_correlations(corr: pd.DataFrame, loaded, static, dynamic: DynamicScore
     return write_table(corr, out / f"{name}.csv", manifest)
 
 
-def multi_token_run(loaded, static, mode: str, *, relations=None, k: int | None = None, max_pairs: int | None = None,
-                    run: RunOptions = RunOptions()):
+def multi_token_run(loaded, static, mode: str, *, relations=None, k: int | None = None,
+                    run: RunOptions = RunOptions(), **kwargs):
     """Multi-token dynamic scores in one tokenisation ``mode``, their correlation with the single-token static
-    scores (written as ``multi_token_<mode>_correlations.csv`` when there is any), and a sentence on the run."""
+    scores (written as ``multi_token_<mode>_correlations.csv`` when there is any), and a sentence on the run;
+    ``kwargs`` (max_pairs, rank_cap, ...) go to :func:`~maps_utils.dynamic.multi_token_scores`."""
     from .dynamic import multi_token_scores
 
-    mt = multi_token_scores(loaded, relations, mode=mode, k=k, max_pairs=max_pairs, run=run)
+    mt = multi_token_scores(loaded, relations, mode=mode, k=k, run=run, **kwargs)
     corr = correlations(static, mt, k=k)
     no_static = [r.name for r in mt.relations if r.name not in {s.name for s in static.relations}]
     note = (f"mode {mode}: {len(mt.relations)} relations, pairs {({r.name: r.n for r in mt.relations})}; "

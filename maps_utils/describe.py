@@ -304,9 +304,11 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient
     ``prompt_variant`` is "paper" (default for GPT-4o and servers) or "hinted" (default for the local model).
     Raises :class:`~maps_utils.describer.DescriberError` (after writing the tables) when every head failed.
     """
+    # every argument but the describer's own settings (recorded below from the describer) and a raw base_url,
+    # which may carry credentials (the describer's provenance records it redacted)
+    arguments = call_arguments(locals(), skip=("loaded", "describer", "describer_kw", "base_url"))
     from .rules import describe_ops
 
-    arguments = call_arguments(locals())
     t0 = time.perf_counter()
     w = loaded.weights
     chosen = select_heads(w.n_layers, w.n_heads, heads, n=n, seed=run.seed)
@@ -316,7 +318,7 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient
     evidence = everything[everything["rank"] >= n_salient].reset_index(drop=True)
     if describer is None:
         if run.results_dir is None and "cache_path" not in describer_kw:
-            raise ValueError("describe_heads needs results_dir or a cache_path for the response cache.")
+            raise ValueError("describe_heads needs run.results_dir or a cache_path for the response cache.")
         cache_path = describer_kw.pop("cache_path", None) or run.folder(loaded.name) / "descriptions.cache.jsonl"
         describer = Describer(resolve_endpoint(describer_model, base_url), cache_path, **describer_kw)
     prompt_variant = prompt_variant or ("hinted" if describer.endpoint.kind == "local" else "paper")

@@ -58,7 +58,7 @@ def call_arguments(arguments: dict, skip: tuple[str, ...] = ("loaded", "static",
 
 
 def _plain(value):
-    if hasattr(value, "manifest") and is_dataclass(value) and not isinstance(value, type):
+    if callable(getattr(value, "manifest", None)) and is_dataclass(value) and not isinstance(value, type):
         return value.manifest()
     if is_dataclass(value) and not isinstance(value, type):
         return value.name if hasattr(value, "pairs") else asdict(value)  # a Relation by its name

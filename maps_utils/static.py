@@ -259,7 +259,7 @@ def target_ranks(
         source_ids, target_ids: token ids of the pairs (e.g. from ``relations.filter_single_token``).
         variant: source representation, one of :data:`VARIANTS` (the paper's relation scores: ``first_mlp``).
         rank_cap: ranks are exact below it.
-        space: ``auto``, ``head`` or ``model`` (speed only; the results are identical).
+        compute_space: ``auto``, ``head`` or ``model`` (speed only; the results are identical).
         memory_budget_mb: bounds the largest block of scores held at once.
         layers: a subset of layers (default all); other layers' ranks are returned as ``rank_cap``.
         dtype: compute dtype (default the model's; float32 is the fast one on CPU).

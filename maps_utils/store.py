@@ -67,7 +67,7 @@ class RunOptions:
 
     def folder(self, model: str, *parts: str) -> Path | None:
         """``<results_dir>/<model-slug>/<parts...>`` (:func:`result_folder`); None when this run keeps no files."""
-        return None if self.results_dir is None else result_folder(self.results_dir, model, *parts)
+        return result_folder(self.results_dir, model, *parts) if self.results_dir else None
 
     def batch(self, default: int) -> int:
         """The batch size: this run's, else the step's ``default``."""

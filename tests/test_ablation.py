@@ -228,16 +228,19 @@ def tiny_setup(tmp_path):
                                causal_template=f"t{90 + i} t9{i} <X> t99"))
     rels.append(R.Relation("no_template", rels[0].pairs))
     rels.append(R.Relation("too_few", rels[0].pairs[:5], causal_template="t90 <X>"))
-    static = SC.static_scores(loaded, [r for r in rels if r.name != 'too_few'], min_pairs=30, run=RunOptions(results_dir=None, progress=False))
+    static = SC.static_scores(loaded, [r for r in rels if r.name != "too_few"], min_pairs=30,
+                              run=RunOptions(results_dir=None, progress=False))
     return loaded, static, rels
 
 
 def test_same_seed_gives_identical_tables_and_a_rerun_resumes(tiny_setup, tmp_path):
     loaded, static, rels = tiny_setup
     kw = dict(n_random=3, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=5)
-    a = A.causal_experiment(loaded, static, rels, **kw, run=RunOptions(seed=7, results_dir=tmp_path, progress=False))
-    b = A.causal_experiment(loaded, static, rels, **kw, run=RunOptions(seed=7, results_dir=None, progress=False))
-    for name in ("tasks", "relation_heads", "controls", "curves"):
+    a = A.causal_experiment(loaded, static, rels, **kw,
+                            run=RunOptions(seed=7, results_dir=tmp_path, progress=False))
+    b = A.causal_experiment(loaded, static, rels, **kw,
+                            run=RunOptions(seed=7, results_dir=None, progress=False))
+    for name in ("tasks", "head_table", "controls", "curves"):
         pd.testing.assert_frame_equal(getattr(a, name), getattr(b, name))
     pd.testing.assert_frame_equal(a.summary(), b.summary())
     status = a.tasks.set_index("relation").status
@@ -247,20 +250,22 @@ def test_same_seed_gives_identical_tables_and_a_rerun_resumes(tiny_setup, tmp_pa
     assert run == ["copy_a", "copy_b", "shift", "double"]
     # random samples: as many heads as the relation's, none of them relation heads, different per seed
     for rel in run:
-        own = {(r.layer, r.head) for r in a.relation_heads[a.relation_heads.relation == rel].itertuples()}
+        own = {(r.layer, r.head) for r in a.head_table[a.head_table.relation == rel].itertuples()}
         rnd = a.curve(rel, "random")
         assert rnd["sample"].nunique() == 3
         for _, g in rnd.groupby("sample"):
             removed = {tuple(map(int, h.split("."))) for h in g.removed if h}
             assert len(removed) == min(len(own), 12 - len(own)) and not removed & own
-    c = A.causal_experiment(loaded, static, rels, **kw, run=RunOptions(seed=8, results_dir=None, progress=False))
+    c = A.causal_experiment(loaded, static, rels, **kw,
+                            run=RunOptions(seed=8, results_dir=None, progress=False))
     assert not a.curves[a.curves.curve == "random"].removed.equals(c.curves[c.curves.curve == "random"].removed)
     # the rerun reads every finished task back from the cache
-    again = A.causal_experiment(loaded, static, rels, **kw, run=RunOptions(seed=7, results_dir=tmp_path, progress=False))
+    again = A.causal_experiment(loaded, static, rels, **kw,
+                                run=RunOptions(seed=7, results_dir=tmp_path, progress=False))
     assert sorted(again.reused) == sorted(run)
     pd.testing.assert_frame_equal(again.curves, a.curves)
     out = tmp_path / "tiny-causal" / "ablation" / "zero"
-    tables = {"tasks": a.tasks, "heads": a.relation_heads, "controls": a.controls, "curves": a.curves,
+    tables = {"tasks": a.tasks, "heads": a.head_table, "controls": a.controls, "curves": a.curves,
               "summary": a.summary()}
     for name, table in tables.items():
         manifest = json.loads((out / f"{name}.manifest.json").read_text())
@@ -284,7 +289,8 @@ def test_the_cache_is_keyed_by_the_weights_hash(tiny_setup, tmp_path):
 
 def test_summary_follows_the_paper_definitions(tiny_setup):
     loaded, static, rels = tiny_setup
-    res = A.causal_experiment(loaded, static, rels[:4], n_random=2, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=4, run=RunOptions(results_dir=None, progress=False))
+    res = A.causal_experiment(loaded, static, rels[:4], n_random=2, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=4,
+                              run=RunOptions(results_dir=None, progress=False))
     summary = res.summary().set_index("relation")
     for rel in summary.index:
         acc = res.curve(rel).sort_values("step").accuracy.to_numpy()
@@ -316,8 +322,10 @@ def test_curve_steps_spread_evenly_and_keep_the_table_step():
 def test_sparse_baselines_give_the_same_table_and_the_same_accuracies_where_evaluated(tiny_setup, tmp_path):
     loaded, static, rels = tiny_setup
     kw = dict(n_random=3, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=6)
-    full = A.causal_experiment(loaded, static, rels[:4], **kw, run=RunOptions(results_dir=None, progress=False))
-    sparse = A.causal_experiment(loaded, static, rels[:4], baseline_steps=2, **kw, run=RunOptions(results_dir=tmp_path, progress=False))
+    full = A.causal_experiment(loaded, static, rels[:4], **kw,
+                               run=RunOptions(results_dir=None, progress=False))
+    sparse = A.causal_experiment(loaded, static, rels[:4], baseline_steps=2, **kw,
+                                 run=RunOptions(results_dir=tmp_path, progress=False))
     pd.testing.assert_frame_equal(sparse.summary(), full.summary())
     assert sparse.manifest["parameters"]["baseline_steps"] == 2
     key = ["relation", "task", "curve", "sample", "step"]
@@ -332,17 +340,20 @@ def test_sparse_baselines_give_the_same_table_and_the_same_accuracies_where_eval
         else:  # the baselines: step 0, both ends, and the table's step
             assert set(g.step) >= {0, 1, int(summary.loc[rel, "heads_removed"])} and g.step.max() <= m
     with pytest.raises(ValueError, match="baseline_steps must be a positive integer"):
-        A.causal_experiment(loaded, static, rels[:4], baseline_steps=0, **kw, run=RunOptions(results_dir=None, progress=False))
+        A.causal_experiment(loaded, static, rels[:4], baseline_steps=0, **kw,
+                            run=RunOptions(results_dir=None, progress=False))
 
 
 def test_mean_ablation_runs_the_same_experiment_with_mean_z(tiny_setup, tmp_path):
     loaded, static, rels = tiny_setup
     kw = dict(n_random=1, min_base=0.0, max_base_gap=1.0, max_overlap=1.0, max_heads=3)
-    zero = A.causal_experiment(loaded, static, rels[:2], **kw, run=RunOptions(results_dir=None, progress=False))
-    mean = A.causal_experiment(loaded, static, rels[:2], kind='mean', **kw, run=RunOptions(results_dir=tmp_path, progress=False))
+    zero = A.causal_experiment(loaded, static, rels[:2], **kw,
+                               run=RunOptions(results_dir=None, progress=False))
+    mean = A.causal_experiment(loaded, static, rels[:2], kind="mean", **kw,
+                               run=RunOptions(results_dir=tmp_path, progress=False))
     assert (tmp_path / "tiny-causal" / "ablation" / "mean" / "summary.csv").is_file()
     assert mean.manifest["parameters"]["kind"] == "mean" and mean.kind == "mean"
-    pd.testing.assert_frame_equal(mean.relation_heads, zero.relation_heads)  # same heads, same base accuracies ...
+    pd.testing.assert_frame_equal(mean.head_table, zero.head_table)  # same heads, same base accuracies ...
     assert mean.tasks.base.tolist() == zero.tasks.base.tolist()
     task, _ = AH.build_task(rels[0], loaded.tokenizer)
     first = [tuple(map(int, h.split("."))) for h in zero.curve(rels[0].name).sort_values("step").removed if h]
@@ -388,7 +399,8 @@ def test_summary_on_hand_built_curves():
 
 def test_low_base_accuracy_is_skipped_and_reported(tiny_setup):
     loaded, static, rels = tiny_setup
-    res = A.causal_experiment(loaded, static, rels[:4], n_random=1, min_base=1.01, run=RunOptions(results_dir=None, progress=False))
+    res = A.causal_experiment(loaded, static, rels[:4], n_random=1, min_base=1.01,
+                              run=RunOptions(results_dir=None, progress=False))
     assert (res.tasks.status.str.startswith("skipped: base accuracy")).all() and res.curves.empty
     assert res.summary().empty
 
@@ -396,7 +408,7 @@ def test_low_base_accuracy_is_skipped_and_reported(tiny_setup):
 def test_bad_arguments_get_one_clear_error(tiny_setup):
     loaded, static, rels = tiny_setup
     with pytest.raises(ValueError, match="Unknown ablation kind 'half'; use one of zero, mean"):
-        A.causal_experiment(loaded, static, rels, kind='half', run=RunOptions(results_dir=None))
+        A.causal_experiment(loaded, static, rels, kind="half", run=RunOptions(results_dir=None))
     with pytest.raises(ValueError, match="batch_size and max_heads must be positive"):
         A.causal_experiment(loaded, static, rels, run=RunOptions(batch_size=0, results_dir=None))
     with pytest.raises(ValueError, match="listed more than once: copy_a; list each relation once"):
@@ -410,8 +422,10 @@ def test_bad_arguments_get_one_clear_error(tiny_setup):
 # ---- the embedded model -----------------------------------------------------------------------------------------
 @pytest.mark.embedded
 def test_smollm2_small_run_matches_plain_forward_passes(smollm2, tmp_path):
-    static = SC.static_scores(smollm2, ['country_capital', 'noun_pronoun'], run=RunOptions(results_dir=tmp_path, progress=False))
-    res = A.causal_experiment(smollm2, static, ['country_capital', 'noun_pronoun'], max_pairs=30, n_random=2, max_heads=6, run=RunOptions(results_dir=tmp_path, progress=False))
+    static = SC.static_scores(smollm2, ["country_capital", "noun_pronoun"],
+                              run=RunOptions(results_dir=tmp_path, progress=False))
+    res = A.causal_experiment(smollm2, static, ["country_capital", "noun_pronoun"], max_pairs=30, n_random=2, max_heads=6,
+                              run=RunOptions(results_dir=tmp_path, progress=False))
     tasks = res.tasks.set_index("relation")
     assert (tasks.status == "run").all() and (tasks.n_pairs == 30).all()
     for rel in ("country_capital", "noun_pronoun"):
@@ -422,7 +436,7 @@ def test_smollm2_small_run_matches_plain_forward_passes(smollm2, tmp_path):
         torch.testing.assert_close(cached, full, rtol=0, atol=2e-4)
         base = (full.argmax(-1) == torch.tensor(task.targets)).float().mean().item()
         assert tasks.base[rel] == pytest.approx(base)
-        heads = res.relation_heads[res.relation_heads.relation == rel]
+        heads = res.head_table[res.head_table.relation == rel]
         assert len(heads) == 6 and (heads.score > 0).all() and heads.score.is_monotonic_decreasing
     summary = res.summary().set_index("relation")
     assert summary.loc["country_capital", "tr"] < summary.loc["country_capital", "base"]

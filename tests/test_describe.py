@@ -382,13 +382,15 @@ def test_failed_heads_still_give_shares_and_examples(scripted, tmp_path):
     loaded = _tiny_loaded()
     srv = scripted(*[("status", 500)] * 8)
     with pytest.raises(DR.DescriberError, match=r"Every one of the 8 heads failed .*InternalServerError"):
-        DS.describe_heads(loaded, heads='all', base_url=srv.url, describer_model='scripted-model', n_salient=2, n_mappings=2, max_retries=0, run=RunOptions(results_dir=tmp_path, progress=False))
+        DS.describe_heads(loaded, heads="all", base_url=srv.url, describer_model="scripted-model", n_salient=2, n_mappings=2, max_retries=0,
+                          run=RunOptions(results_dir=tmp_path, progress=False))
     table = pd.read_csv(tmp_path / "tiny-llama" / "descriptions.csv")  # written before the run stops
     assert (table.status == "failed").all() and (table.parse == "failed").all() and not table.has_pattern.any()
     srv = scripted(("status", 500), ("ok", '{"Observed pattern": "Copies tokens."}'))
     one = DR.Describer(DR.Endpoint("server", "scripted-model", srv.url), tmp_path / "c2.jsonl", max_retries=0,
                       concurrency=1)
-    res = DS.describe_heads(loaded, heads=[(0, 0), (1, 1)], describer=one, n_salient=2, n_mappings=2, run=RunOptions(results_dir=tmp_path / 'two', progress=False))
+    res = DS.describe_heads(loaded, heads=[(0, 0), (1, 1)], describer=one, n_salient=2, n_mappings=2,
+                            run=RunOptions(results_dir=tmp_path / "two", progress=False))
     shares = res.shares()
     assert shares.share_failed.tolist()[0] == 1.0 and shares.share_pattern.tolist()[2] == 1.0
     assert res.clearest().pattern.tolist() == ["Copies tokens."]
@@ -407,7 +409,8 @@ def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch, caps
     srv = scripted(("ok", '{"Observed pattern": "p"}'), ("status", 500, f"boom for key {SECRET}"),
                    ("status", 500, f"boom for key {SECRET}"), ("status", 500, f"boom for key {SECRET}"),
                    ("ok", '{"Observed pattern": "q"}'), ("ok", '{"Observed pattern": "r"}'))
-    res = DS.describe_heads(_tiny_loaded(), heads='all', base_url=srv.url, describer_model='scripted-model', n_salient=3, n_mappings=2, max_retries=2, backoff=0.0, concurrency=1, run=RunOptions(results_dir=tmp_path, progress=False))
+    res = DS.describe_heads(_tiny_loaded(), heads="all", base_url=srv.url, describer_model="scripted-model", n_salient=3, n_mappings=2, max_retries=2, backoff=0.0, concurrency=1,
+                            run=RunOptions(results_dir=tmp_path, progress=False))
     assert srv.requests[0]["auth"] == f"Bearer {SECRET}"  # the server's key was used; the OpenAI key went nowhere
     assert all(OPENAI_SECRET not in (r["auth"] or "") for r in srv.requests)
     assert (res.table.status == "failed").sum() == 1 and "[redacted]" in res.table.error.str.cat()
@@ -445,7 +448,8 @@ def test_salient_ops_table_on_a_tiny_model():
 def described(smollm2, model_cache, tmp_path_factory, monkeypatch_module):
     monkeypatch_module.delenv("OPENAI_API_KEY", raising=False)
     out = tmp_path_factory.mktemp("described")
-    res = DS.describe_heads(smollm2, heads=[(2, 3), (21, 4)], cache_dir=model_cache, describer_model='smollm2-135m', run=RunOptions(results_dir=out, progress=False))
+    res = DS.describe_heads(smollm2, heads=[(2, 3), (21, 4)], cache_dir=model_cache, describer_model="smollm2-135m",
+                            run=RunOptions(results_dir=out, progress=False))
     return res, out
 
 
@@ -490,7 +494,8 @@ def test_cache_replay_with_no_model_is_identical(described, smollm2, model_cache
         raise AssertionError("a cached rerun must not load the model")
 
     monkeypatch.setattr(LocalLLM, "_model", no_model)
-    again = DS.describe_heads(smollm2, heads=[(2, 3), (21, 4)], cache_dir=model_cache, describer_model='smollm2-135m', run=RunOptions(results_dir=out, progress=False))
+    again = DS.describe_heads(smollm2, heads=[(2, 3), (21, 4)], cache_dir=model_cache, describer_model="smollm2-135m",
+                              run=RunOptions(results_dir=out, progress=False))
     assert again.table.cached.all()
     cols = ["layer", "head", "salient_tokens", "raw", "parse", "reasoning", "inputs", "pattern", "has_pattern", "key"]
     pd.testing.assert_frame_equal(again.table[cols], res.table[cols])

@@ -133,7 +133,8 @@ def test_the_llm_judge_through_a_scripted_server(scripted, tmp_path):  # noqa: F
     assert "Copies the input word." in prompt and '"matching_rows"' in prompt and prompt.count("\n1. ") == 1
     files = {p.name for p in (tmp_path / "hand-made").iterdir()}
     assert {"detection.csv", "detection.summary.csv", "detection.manifest.json"} <= files
-    again = T.score_descriptions(res, d, run=RunOptions(seed=0, results_dir=None, progress=False))  # replayed from the cache
+    again = T.score_descriptions(res, d,
+                                 run=RunOptions(seed=0, results_dir=None, progress=False))  # replayed from the cache
     assert len(srv.requests) == 7
     pd.testing.assert_frame_equal(again.scores, det.scores)
     q = det.by_quartile()

@@ -39,32 +39,32 @@ LENGTHS = [5, 9, 3, 7, 9, 1, 6]
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
 def test_head_writes_at_the_last_position_sum_to_the_attention_output(key):
     model = make_tiny(key)
-    heads = HeadWeights(model)
+    weights = HeadWeights(model)
     prompts = random_prompts(model.config.vocab_size, LENGTHS)
     ids, last, source = CA.pad_batch(prompts, 0, "cpu")
     rows = torch.arange(len(prompts))
     attn_out = {}
-    handles = [heads.attn_module(la).register_forward_hook(
-        lambda m, a, o, la=la: attn_out.__setitem__(la, o[0][rows, last])) for la in range(heads.n_layers)]
+    handles = [weights.attn_module(la).register_forward_hook(
+        lambda m, a, o, la=la: attn_out.__setitem__(la, o[0][rows, last])) for la in range(weights.n_layers)]
     try:
         with torch.no_grad():
             model(input_ids=ids)
     finally:
         for h in handles:
             h.remove()
-    z, v = CA.capture(model, heads, ids, last, source)
-    with_ctx, _ = CA.head_writes(heads, z, v)
-    for layer in range(heads.n_layers):
+    z, v = CA.capture(model, weights, ids, last, source)
+    with_ctx, _ = CA.head_writes(weights, z, v)
+    for layer in range(weights.n_layers):
         total = with_ctx[:, layer].sum(1)
-        if heads.b_O(layer) is not None:
-            total = total + heads.b_O(layer)
+        if weights.b_O(layer) is not None:
+            total = total + weights.b_O(layer)
         torch.testing.assert_close(total, attn_out[layer], rtol=1e-10, atol=1e-10)
 
 
-def _forced_attention(monkeypatch, model, heads: HeadWeights, layer: int, last: torch.Tensor, source: torch.Tensor):
+def _forced_attention(monkeypatch, model, weights: HeadWeights, layer: int, last: torch.Tensor, source: torch.Tensor):
     """Make ``layer``'s eager attention put all weight of each prompt's last query on its source token,
     by masking every other key of that row (an explicit override inside the model's own attention)."""
-    target = heads.attn_module(layer)
+    target = weights.attn_module(layer)
     module = sys.modules[type(target).__module__]
     original = module.eager_attention_forward
 
@@ -88,20 +88,20 @@ def _forced_attention(monkeypatch, model, heads: HeadWeights, layer: int, last: 
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
 def test_without_context_value_path_equals_an_explicit_attention_override(key, monkeypatch):
     model = make_tiny(key)
-    heads = HeadWeights(model)
+    weights = HeadWeights(model)
     prompts = random_prompts(model.config.vocab_size, LENGTHS, seed=1)
     ids, last, source = CA.pad_batch(prompts, 0, "cpu")
-    z_clean, v = CA.capture(model, heads, ids, last, source)
-    _, without = CA.head_writes(heads, z_clean, v)
-    for layer in range(heads.n_layers):
+    z_clean, v = CA.capture(model, weights, ids, last, source)
+    _, without = CA.head_writes(weights, z_clean, v)
+    for layer in range(weights.n_layers):
         with monkeypatch.context() as mp:
-            _forced_attention(mp, model, heads, layer, last, source)
-            z_forced, _ = CA.capture(model, heads, ids, last, source)
+            _forced_attention(mp, model, weights, layer, last, source)
+            z_forced, _ = CA.capture(model, weights, ids, last, source)
         # the forced head's mixed value is exactly the source's value vector of its KV group ...
-        expected = v[:, layer, heads.kv_groups]
+        expected = v[:, layer, weights.kv_groups]
         torch.testing.assert_close(z_forced[:, layer], expected, rtol=1e-10, atol=1e-10)
         # ... so its write equals the without-context write, and earlier layers are untouched
-        forced_write = torch.einsum("bhe,hem->bhm", z_forced[:, layer], heads.W_O(layer))
+        forced_write = torch.einsum("bhe,hem->bhm", z_forced[:, layer], weights.W_O(layer))
         torch.testing.assert_close(forced_write, without[:, layer], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(z_forced[:, :layer], z_clean[:, :layer], rtol=0, atol=0)
         assert not torch.allclose(z_forced[:, layer], z_clean[:, layer])  # the override did something
@@ -110,18 +110,18 @@ def test_without_context_value_path_equals_an_explicit_attention_override(key, m
 @pytest.mark.parametrize("key", ["llama-gqa", "gpt2", "gemma3-mqa", "gpt_neox-parallel"])
 def test_batched_scores_equal_one_prompt_at_a_time(key):
     model = make_tiny(key)
-    heads = HeadWeights(model)
+    weights = HeadWeights(model)
     V = model.config.vocab_size
     prompts = random_prompts(V, LENGTHS * 3, seed=2)
     targets = torch.randint(0, V, (len(prompts),), generator=torch.Generator().manual_seed(3)).tolist()
-    one = CA.prompt_ranks(model, heads, prompts, targets, batch_size=1, rank_cap=V, progress=False)
-    batched = CA.prompt_ranks(model, heads, prompts, targets, batch_size=8, rank_cap=V, progress=False)
+    one = CA.prompt_ranks(model, weights, prompts, targets, batch_size=1, rank_cap=V, progress=False)
+    batched = CA.prompt_ranks(model, weights, prompts, targets, batch_size=8, rank_cap=V, progress=False)
     assert torch.equal(one, batched)
     # exact, uncapped ranks equal a dense computation of every head write's projection
-    z, v = CA.capture(model, heads, *CA.pad_batch(prompts, 0, "cpu"))
-    with_ctx, without = CA.head_writes(heads, z, v)
+    z, v = CA.capture(model, weights, *CA.pad_batch(prompts, 0, "cpu"))
+    with_ctx, without = CA.head_writes(weights, z, v)
     for slot, writes in ((0, with_ctx), (2, without)):
-        logits = writes @ heads.U  # [n, L, H, V]
+        logits = writes @ weights.U  # [n, L, H, V]
         t = torch.tensor(targets)[:, None, None, None]
         own = logits.gather(-1, t.expand(*logits.shape[:3], 1))
         assert torch.equal(one[slot].long(), (logits > own).sum(-1))
@@ -149,18 +149,18 @@ def test_a_constructed_copying_head_scores_one_without_context():
         model.model.layers[0].input_layernorm.weight.fill_(1.0)
         attn.v_proj.weight[:d] = torch.eye(d)
         attn.o_proj.weight[:, :d] = torch.eye(d)
-    heads = HeadWeights(model)
+    weights = HeadWeights(model)
     prompts = random_prompts(vocab, [4, 6, 2, 8, 5] * 8, seed=4)
     prompts = [p for p in prompts if p.source != p.last]
     copy_targets = [p.ids[p.source] for p in prompts]
-    ranks = CA.prompt_ranks(model, heads, prompts, copy_targets, batch_size=7, rank_cap=5, progress=False)
+    ranks = CA.prompt_ranks(model, weights, prompts, copy_targets, batch_size=7, rank_cap=5, progress=False)
     rel = DY.DynamicRelation("copy", None, True, [("x", "x")] * len(prompts), copy_targets, ["t"], ranks[None], [1.0],
                             k=1, rank_cap=5)
     without = rel.scores(1, "without")[0]
     assert without[0, 0] == 1.0
     assert without[0, 1] < 0.5  # the random head is no copying head
     assert rel.scores(1, "with")[0, 0, 0] < 1.0  # in context the head attends elsewhere too
-    static = target_ranks(heads, list(range(vocab)), list(range(vocab)), variant="raw", rank_cap=5, progress=False)
+    static = target_ranks(weights, list(range(vocab)), list(range(vocab)), variant="raw", rank_cap=5, progress=False)
     assert static.scores(1)[0, 0] == 1.0
 
 
@@ -273,14 +273,17 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
 
 @pytest.mark.embedded
 def test_gemma3_dynamic_and_multi_token_scores_run(gemma3, tmp_path):
-    dyn = DY.dynamic_scores(gemma3, ['country_capital'], templates=['When I think about <X> I think about'], max_pairs=30, run=RunOptions(results_dir=None, progress=False))
+    dyn = DY.dynamic_scores(gemma3, ["country_capital"], templates=["When I think about <X> I think about"], max_pairs=30,
+                            run=RunOptions(results_dir=None, progress=False))
     rel = dyn.relation("country_capital")
     assert rel.ranks.shape == (1, 4, 30, 18, 4)
     assert rel.agreement == [1.0]
-    multi = DY.multi_token_scores(gemma3, ['country_capital'], max_pairs=30, run=RunOptions(results_dir=tmp_path, progress=False))
+    multi = DY.multi_token_scores(gemma3, ["country_capital"], max_pairs=30,
+                                  run=RunOptions(results_dir=tmp_path, progress=False))
     assert multi.relation("country_capital").ranks.shape == (1, 4, 30, 18, 4)
     assert (tmp_path / "gemma3-270m" / "dynamic" / "multi_token_paper" / "scores.csv").is_file()
     with pytest.raises(R.RelationError, match="usable multi-token pairs"):
-        DY.multi_token_scores(gemma3, ['copying'], mode='natural', run=RunOptions(results_dir=None, progress=False))
+        DY.multi_token_scores(gemma3, ["copying"], mode="natural",
+                              run=RunOptions(results_dir=None, progress=False))
     with pytest.raises(ValueError, match="Unknown multi-token mode"):
         DY.multi_token_scores(gemma3, mode="other")

@@ -24,15 +24,15 @@ def test_every_family_has_a_tiny_model():
 
 def test_adapter_family_and_geometry(tiny):
     key, model = tiny
-    heads = HeadWeights(model)
-    assert heads.family == FAMILY_OF[key]
+    weights = HeadWeights(model)
+    assert weights.family == FAMILY_OF[key]
     cfg = TINY_CONFIGS[key][1]
-    assert heads.n_layers == 2
-    assert heads.n_heads == 4
-    assert heads.n_kv_heads == cfg.get("num_key_value_heads", 4)
-    assert heads.W_V(0).shape == (4, heads.d_model, heads.d_head)
-    assert heads.W_O(1).shape == (4, heads.d_head, heads.d_model)
-    assert heads.W_V_kv(0).shape == (heads.n_kv_heads, heads.d_model, heads.d_head)
+    assert weights.n_layers == 2
+    assert weights.n_heads == 4
+    assert weights.n_kv_heads == cfg.get("num_key_value_heads", 4)
+    assert weights.W_V(0).shape == (4, weights.d_model, weights.d_head)
+    assert weights.W_O(1).shape == (4, weights.d_head, weights.d_model)
+    assert weights.W_V_kv(0).shape == (weights.n_kv_heads, weights.d_model, weights.d_head)
 
 
 def test_head_outputs_sum_to_attention_output(tiny):
@@ -60,27 +60,27 @@ def test_gqa_head_to_group_mapping(key):
     from .conftest import make_tiny
 
     model = make_tiny(key)
-    heads = HeadWeights(model)
-    assert heads.group_size == 2
-    assert [heads.kv_group(h) for h in range(4)] == [0, 0, 1, 1]
-    v_proj = heads.v_module(0).weight  # [n_kv*d_head, d_model]
-    dh = heads.d_head
+    weights = HeadWeights(model)
+    assert weights.group_size == 2
+    assert [weights.kv_group(h) for h in range(4)] == [0, 0, 1, 1]
+    v_proj = weights.v_module(0).weight  # [n_kv*d_head, d_model]
+    dh = weights.d_head
     for h in range(4):
         g = h // 2
-        assert torch.equal(heads.W_V(0)[h], v_proj[g * dh : (g + 1) * dh].T)
+        assert torch.equal(weights.W_V(0)[h], v_proj[g * dh : (g + 1) * dh].T)
     # query heads keep their own W_O
-    assert not torch.equal(heads.W_O(0)[0], heads.W_O(0)[1])
+    assert not torch.equal(weights.W_O(0)[0], weights.W_O(0)[1])
     with pytest.raises(IndexError):
-        heads.kv_group(4)
+        weights.kv_group(4)
 
 
 def test_gemma_embedding_scale_and_output_gain():
     from .conftest import make_tiny
 
-    heads = HeadWeights(make_tiny("gemma3-gqa"))
-    assert float(heads.embed_scale) == pytest.approx(64**0.5)
-    block = heads.block(1)
-    assert torch.equal(heads.attn_out_gain(1), 1.0 + block.post_attention_layernorm.weight)
+    weights = HeadWeights(make_tiny("gemma3-gqa"))
+    assert float(weights.embed_scale) == pytest.approx(64**0.5)
+    block = weights.block(1)
+    assert torch.equal(weights.attn_out_gain(1), 1.0 + block.post_attention_layernorm.weight)
     # the other families apply no gain after the output projection
     llama = HeadWeights(make_tiny("llama-gqa"))
     assert llama.attn_out_gain(0) is None and float(llama.embed_scale) == 1.0
@@ -98,8 +98,8 @@ def test_biases_present_where_the_architecture_has_them():
         "qwen2-gqa": (True, False, False),
     }
     for key, (bv, bo, bu) in expect.items():
-        heads = HeadWeights(make_tiny(key))
-        got = (heads.b_V(0) is not None, heads.b_O(0) is not None, heads.U_bias is not None)
+        weights = HeadWeights(make_tiny(key))
+        got = (weights.b_V(0) is not None, weights.b_O(0) is not None, weights.U_bias is not None)
         assert got == (bv, bo, bu), key
 
 
@@ -116,7 +116,7 @@ def test_unsupported_architecture_names_the_supported_ones():
 
 def test_ov_norms_equal_dense_frobenius(tiny):
     _, model = tiny
-    heads = HeadWeights(model)
-    for layer in range(heads.n_layers):
-        dense = torch.stack([torch.linalg.matrix_norm(heads.W_V(layer)[h] @ heads.W_O(layer)[h]) for h in range(4)])
-        assert torch.allclose(heads.ov(layer).frobenius_norms(), dense, rtol=1e-10)
+    weights = HeadWeights(model)
+    for layer in range(weights.n_layers):
+        dense = torch.stack([torch.linalg.matrix_norm(weights.W_V(layer)[h] @ weights.W_O(layer)[h]) for h in range(4)])
+        assert torch.allclose(weights.ov(layer).frobenius_norms(), dense, rtol=1e-10)

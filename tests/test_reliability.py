@@ -105,12 +105,14 @@ def test_an_updated_hugging_face_checkpoint_is_recomputed(tmp_path, cache, monke
     first = load("maps-test/tiny", device="cpu")
     assert first.source == "huggingface: maps-test/tiny"
     rel = _relation(tmp_path, "mine", 3)
-    SC.static_scores(first, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
-    assert SC.static_scores(first, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False)).from_cache
+    SC.static_scores(first, [rel], run=RunOptions(results_dir=tmp_path / "res", progress=False))
+    assert SC.static_scores(first, [rel],
+                            run=RunOptions(results_dir=tmp_path / "res", progress=False)).from_cache
     publish("b" * 40, -1.0)
     second = load("maps-test/tiny", device="cpu")
     assert second.weights_sha256 != first.weights_sha256
-    assert not SC.static_scores(second, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False)).from_cache
+    assert not SC.static_scores(second, [rel],
+                                run=RunOptions(results_dir=tmp_path / "res", progress=False)).from_cache
 
 
 # ---- 3. a smaller query never overwrites what a larger one computed; concurrent writers are serialised --
@@ -119,18 +121,18 @@ def test_a_subset_query_reads_the_full_run_and_keeps_its_table(tmp_path, cache, 
 
     loaded = load(str(_ckpt(tmp_path / "ckpt")), device="cpu")
     rels = [_relation(tmp_path, name, shift) for name, shift in (("a", 1), ("b", 2), ("c", 3))]
-    full = SC.static_scores(loaded, rels, run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    full = SC.static_scores(loaded, rels, run=RunOptions(results_dir=tmp_path / "res", progress=False))
     table = next((tmp_path / "res").rglob("scores.csv"))
     rows = pd.read_csv(table)
     calls = []
     real = S.layer_ranks
     monkeypatch.setattr(S, "layer_ranks", lambda *a, **k: calls.append(1) or real(*a, **k))
-    sub = SC.static_scores(loaded, rels[1:2], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    sub = SC.static_scores(loaded, rels[1:2], run=RunOptions(results_dir=tmp_path / "res", progress=False))
     assert calls == [] and sub.from_cache
     assert torch.equal(sub.ranks_of("b")[0], full.ranks_of("b")[0])
     assert pd.read_csv(table).equals(rows)  # still all three relations
     d = _relation(tmp_path, "d", 4)
-    SC.static_scores(loaded, [d], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    SC.static_scores(loaded, [d], run=RunOptions(results_dir=tmp_path / "res", progress=False))
     assert len(calls) == loaded.weights.n_layers  # only d was computed
     assert list(pd.read_csv(table).relation.unique()) == ["d", "a", "b", "c"]
 
@@ -176,15 +178,16 @@ def test_concurrent_writers_of_different_relations_both_keep_their_results(tmp_p
 def test_corrupt_slots_and_partial_checkpoints_are_recomputed(tmp_path, cache, caplog):
     loaded = load(str(_ckpt(tmp_path / "ckpt")), device="cpu")
     rel = _relation(tmp_path, "mine", 5)
-    ref = SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    ref = SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / "res", progress=False))
     folder = next((tmp_path / "res").rglob("ranks"))
     slot = folder / "mine.pt"
     slot.write_bytes(slot.read_bytes()[:100])  # truncated
     (folder / "partial.pt").write_bytes(b"not a checkpoint")
-    again = SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False))
+    again = SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / "res", progress=False))
     assert not again.from_cache and torch.equal(again.ranks.top, ref.ranks.top)
     assert "could not be read" in caplog.text
-    assert SC.static_scores(loaded, [rel], run=RunOptions(results_dir=tmp_path / 'res', progress=False)).from_cache
+    assert SC.static_scores(loaded, [rel],
+                            run=RunOptions(results_dir=tmp_path / "res", progress=False)).from_cache
 
 
 def _slow_assembly(cache: Path) -> subprocess.Popen:

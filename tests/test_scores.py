@@ -34,7 +34,8 @@ def _relation(tmp_path, name, pairs):
 def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     pairs = [[f"t{i}", f"t{(i * 7) % 100}"] for i in range(40)]
     rel = _relation(tmp_path, "mine", pairs)
-    res = SC.static_scores(tiny_loaded, [rel], variant='first_mlp', run=RunOptions(results_dir=tmp_path / 'results', progress=False))
+    res = SC.static_scores(tiny_loaded, [rel], variant="first_mlp",
+                           run=RunOptions(results_dir=tmp_path / "results", progress=False))
     table = res.table()
     assert list(table.columns) == ["model", "relation", "category", "layer", "head", "kv_group", "score",
                                    "suppression_score", "k", "n_pairs", "variant"]
@@ -119,7 +120,8 @@ def test_choose_variant_picks_the_copying_variant(tmp_path):
     loaded = LoadedModel("tiny-copy", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
                          "test", 0.0)
     rel = _relation(tmp_path, "copy", [[f"t{i}", f"t{i}"] for i in range(100)])
-    best, table = SC.choose_variant(loaded, relations=('copy',), scoring_relations=[rel], run=RunOptions(results_dir=None, progress=False))
+    best, table = SC.choose_variant(loaded, relations=("copy",), scoring_relations=[rel],
+                                    run=RunOptions(results_dir=None, progress=False))
     assert best == "raw" and table.loc["raw", "best_head_copying"] == 1.0
     assert table.loc["first_mlp", "best_head_copying"] < 1.0
 

@@ -12,9 +12,9 @@ from .conftest import TINY_CONFIGS, make_tiny
 
 
 # ---- the naive reference: explicit d×d W_VO per head, full-vocabulary rows, torch.topk ------------------
-def dense_rows(heads: HeadWeights, layer: int, head: int, x: torch.Tensor) -> torch.Tensor:
-    w_vo = heads.W_V(layer)[head] @ heads.W_O(layer)[head]  # [d, d]
-    return (x @ w_vo) @ heads.U  # [n, V]
+def dense_rows(weights: HeadWeights, layer: int, head: int, x: torch.Tensor) -> torch.Tensor:
+    w_vo = weights.W_V(layer)[head] @ weights.W_O(layer)[head]  # [d, d]
+    return (x @ w_vo) @ weights.U  # [n, V]
 
 
 def dense_ranks(rows: torch.Tensor, targets: torch.Tensor, cap: int):
@@ -30,12 +30,12 @@ def dense_topk_hits(rows: torch.Tensor, targets: torch.Tensor, k: int, suppressi
     return (idx == targets[:, None]).any(1)
 
 
-def check_against_dense(heads, src, tgt, variant, cap, **kw):
-    res = S.target_ranks(heads, src, tgt, variant=variant, rank_cap=cap, progress=False, **kw)
-    for layer in range(heads.n_layers):
-        x = S.source_vectors(heads, src, variant, layer).to(heads.U.dtype)
-        for h in range(heads.n_heads):
-            rows = dense_rows(heads, layer, h, x)
+def check_against_dense(weights, src, tgt, variant, cap, **kw):
+    res = S.target_ranks(weights, src, tgt, variant=variant, rank_cap=cap, progress=False, **kw)
+    for layer in range(weights.n_layers):
+        x = S.source_vectors(weights, src, variant, layer).to(weights.U.dtype)
+        for h in range(weights.n_heads):
+            rows = dense_rows(weights, layer, h, x)
             top, bottom = dense_ranks(rows, torch.as_tensor(tgt), cap)
             assert torch.equal(res.top[layer, h].long(), top), (layer, h)
             assert torch.equal(res.bottom[layer, h].long(), bottom), (layer, h)
@@ -53,23 +53,23 @@ def _pairs(vocab: int, n: int = 40, seed: int = 0):
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
 @pytest.mark.parametrize("compute_space", ["head", "model"])
 def test_factored_equals_dense_on_every_family(key, compute_space):
-    heads = HeadWeights(make_tiny(key))
-    src, tgt = _pairs(heads.vocab_size)
+    weights = HeadWeights(make_tiny(key))
+    src, tgt = _pairs(weights.vocab_size)
     for variant in S.VARIANTS:
-        check_against_dense(heads, src, tgt, variant, cap=heads.vocab_size, compute_space=compute_space)  # full ranks
-        check_against_dense(heads, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
+        check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
+        check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
 
 
 def test_chunking_and_memory_budget_do_not_change_results():
-    heads = HeadWeights(make_tiny("llama-gqa"))
-    src, tgt = _pairs(heads.vocab_size, n=60)
-    ref = S.target_ranks(heads, src, tgt, rank_cap=20, progress=False)
+    weights = HeadWeights(make_tiny("llama-gqa"))
+    src, tgt = _pairs(weights.vocab_size, n=60)
+    ref = S.target_ranks(weights, src, tgt, rank_cap=20, progress=False)
     for budget in (1e-4, 0.01, 64):  # from a handful of entries per block to everything at once
         for compute_space in ("head", "model"):
-            res = S.target_ranks(heads, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
+            res = S.target_ranks(weights, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
             assert torch.equal(res.top, ref.top) and torch.equal(res.bottom, ref.bottom)
-    order = S.Columns(heads.U, torch.arange(heads.vocab_size), torch.arange(heads.vocab_size))  # unshuffled order
-    w = S.head_rows(heads, 1, S.source_vectors(heads, src, "first_mlp", 1))[2]
+    order = S.Columns(weights.U, torch.arange(weights.vocab_size), torch.arange(weights.vocab_size))  # unshuffled order
+    w = S.head_rows(weights, 1, S.source_vectors(weights, src, "first_mlp", 1))[2]
     top, bottom = S.ranks_of_targets(w, torch.tensor(tgt), order, rank_cap=20, first_chunk=3, growth=1.1)
     assert torch.equal(top, ref.top[1, 2].long()) and torch.equal(bottom, ref.bottom[1, 2].long())
 
@@ -77,18 +77,18 @@ def test_chunking_and_memory_budget_do_not_change_results():
 def test_gqa_heads_use_their_groups_value_projection():
     """Built from the raw v_proj / o_proj weights, not through the adapter."""
     model = make_tiny("llama-gqa")
-    heads = HeadWeights(model)
+    weights = HeadWeights(model)
     attn = model.model.layers[1].self_attn
-    dh = heads.d_head
-    src, tgt = _pairs(heads.vocab_size)
-    res = S.target_ranks(heads, src, tgt, rank_cap=heads.vocab_size, progress=False)
-    x = S.source_vectors(heads, src, "first_mlp", 1)
+    dh = weights.d_head
+    src, tgt = _pairs(weights.vocab_size)
+    res = S.target_ranks(weights, src, tgt, rank_cap=weights.vocab_size, progress=False)
+    x = S.source_vectors(weights, src, "first_mlp", 1)
     for h in range(4):
         g = h // 2
         w_v = attn.v_proj.weight[g * dh : (g + 1) * dh].T  # [d, dh]
         w_o = attn.o_proj.weight[:, h * dh : (h + 1) * dh].T  # [dh, d]
         rows = x @ w_v @ w_o @ model.lm_head.weight.T
-        top, _ = dense_ranks(rows, torch.tensor(tgt), heads.vocab_size)
+        top, _ = dense_ranks(rows, torch.tensor(tgt), weights.vocab_size)
         assert torch.equal(res.top[1, h].long(), top)
 
 
@@ -122,11 +122,11 @@ def test_identity_head_copies_and_negated_head_suppresses():
 
 
 def test_variant_and_k_change_results_as_expected():
-    heads = _identity_model(+1)
+    weights = _identity_model(+1)
     ids = list(range(60))
-    raw = S.target_ranks(heads, ids, ids, variant="raw", rank_cap=60, progress=False)
-    mlp = S.target_ranks(heads, ids, ids, variant="first_mlp", rank_cap=60, progress=False)
-    mlp_all = S.target_ranks(heads, ids, ids, variant="first_mlp_all", rank_cap=60, progress=False)
+    raw = S.target_ranks(weights, ids, ids, variant="raw", rank_cap=60, progress=False)
+    mlp = S.target_ranks(weights, ids, ids, variant="first_mlp", rank_cap=60, progress=False)
+    mlp_all = S.target_ranks(weights, ids, ids, variant="first_mlp_all", rank_cap=60, progress=False)
     assert torch.equal(mlp.top[0], raw.top[0])  # the paper's variant keeps raw E for layer 0 ...
     assert not torch.equal(mlp.top[1], raw.top[1])  # ... and reads MLP0(E) from layer 1 on
     assert torch.equal(mlp_all.top[1], mlp.top[1]) and not torch.equal(mlp_all.top[0], raw.top[0])
@@ -135,29 +135,29 @@ def test_variant_and_k_change_results_as_expected():
     with pytest.raises(ValueError, match="exceeds rank_cap"):
         mlp.scores(61)
     with pytest.raises(ValueError, match="Unknown embedding variant"):
-        S.target_ranks(heads, ids, ids, variant="mlp", progress=False)
+        S.target_ranks(weights, ids, ids, variant="mlp", progress=False)
 
 
 # ---- top mappings and saliency -------------------------------------------------------------------------------
 def test_top_mappings_equal_dense_topk():
-    heads = HeadWeights(make_tiny("gemma3-gqa"))
-    src, _ = _pairs(heads.vocab_size, n=9)
+    weights = HeadWeights(make_tiny("gemma3-gqa"))
+    src, _ = _pairs(weights.vocab_size, n=9)
     for suppression in (False, True):
-        v, i = S.top_mappings(heads, 1, 3, src, k=5, suppression=suppression, chunk=13)
-        rows = dense_rows(heads, 1, 3, S.source_vectors(heads, src, "first_mlp", 1))
+        v, i = S.top_mappings(weights, 1, 3, src, k=5, suppression=suppression, chunk=13)
+        rows = dense_rows(weights, 1, 3, S.source_vectors(weights, src, "first_mlp", 1))
         dv, di = torch.topk(-rows if suppression else rows, 5, dim=1)
         assert torch.equal(i, di) and torch.allclose(v, dv)
 
 
 @pytest.mark.parametrize("key", ["gpt2", "phi-gqa", "gemma3-mqa"])
 def test_saliency_is_norm_amplification(key):
-    heads = HeadWeights(make_tiny(key))
-    sal = S.saliency(heads, variant="first_mlp_all", chunk=17, progress=False, dtype=torch.float64)
-    ids = torch.arange(heads.vocab_size)
-    for layer in range(heads.n_layers):
-        x = S.source_vectors(heads, ids, "first_mlp_all", layer)
-        for h in range(heads.n_heads):
-            w_vo = heads.W_V(layer)[h] @ heads.W_O(layer)[h]
+    weights = HeadWeights(make_tiny(key))
+    sal = S.saliency(weights, variant="first_mlp_all", chunk=17, progress=False, dtype=torch.float64)
+    ids = torch.arange(weights.vocab_size)
+    for layer in range(weights.n_layers):
+        x = S.source_vectors(weights, ids, "first_mlp_all", layer)
+        for h in range(weights.n_heads):
+            w_vo = weights.W_V(layer)[h] @ weights.W_O(layer)[h]
             expected = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
             assert torch.allclose(sal[layer, h].double(), expected, rtol=1e-5)
 
@@ -169,29 +169,29 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
     from maps_utils import relations as R
 
     loaded = request.getfixturevalue(which)
-    heads = loaded.weights
+    weights = loaded.weights
     rel = R.filter_single_token(R.load("country_capital"), loaded.tokenizer)
     src, tgt = rel.source_ids[:30], rel.target_ids[:30]
-    layers = [1, heads.n_layers - 1]
-    res = S.target_ranks(heads, src, tgt, rank_cap=50, layers=layers, dtype=torch.float64, progress=False)
+    layers = [1, weights.n_layers - 1]
+    res = S.target_ranks(weights, src, tgt, rank_cap=50, layers=layers, dtype=torch.float64, progress=False)
     for layer in layers:
-        x = S.source_vectors(heads, src, "first_mlp", layer).double()
-        for h in range(heads.n_heads):
-            w_vo = heads.W_V(layer)[h].double() @ heads.W_O(layer)[h].double()
-            rows = (x @ w_vo) @ heads.U.double()
+        x = S.source_vectors(weights, src, "first_mlp", layer).double()
+        for h in range(weights.n_heads):
+            w_vo = weights.W_V(layer)[h].double() @ weights.W_O(layer)[h].double()
+            rows = (x @ w_vo) @ weights.U.double()
             top, bottom = dense_ranks(rows, torch.tensor(tgt), 50)
             assert torch.equal(res.top[layer, h].long(), top), (layer, h)
             assert torch.equal(res.bottom[layer, h].long(), bottom), (layer, h)
 
 
 def test_salient_operations_match_dense():
-    heads = HeadWeights(make_tiny("qwen2-gqa"))
-    ops = S.salient_operations(heads, n_tokens=4, n_mappings=3, heads_subset=[(1, 2)], progress=False)
-    ids = torch.arange(heads.vocab_size)
-    x = S.source_vectors(heads, ids, "first_mlp_all", 1)
-    w_vo = heads.W_V(1)[2] @ heads.W_O(1)[2]
+    weights = HeadWeights(make_tiny("qwen2-gqa"))
+    ops = S.salient_operations(weights, n_tokens=4, n_mappings=3, heads_subset=[(1, 2)], progress=False)
+    ids = torch.arange(weights.vocab_size)
+    x = S.source_vectors(weights, ids, "first_mlp_all", 1)
+    w_vo = weights.W_V(1)[2] @ weights.W_O(1)[2]
     amp = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
     top = torch.topk(amp, 4).indices
     assert ops.token_id.tolist() == top.tolist() and ops["rank"].tolist() == [0, 1, 2, 3]
-    expected = torch.topk((x[top] @ w_vo) @ heads.U, 3, dim=1).indices
+    expected = torch.topk((x[top] @ w_vo) @ weights.U, 3, dim=1).indices
     assert ops.mapping_ids.tolist() == expected.tolist()
