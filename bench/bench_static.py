@@ -65,7 +65,7 @@ def run_engine(name: str, device: str, variant: str) -> dict:
 
 def run_naive(name: str, device: str, variant: str, layers: str) -> dict:
     import maps_utils
-    from maps_utils.static import source_vectors
+    from maps_utils.sources import source_vectors
 
     loaded = maps_utils.load(name, device=device)
     h = loaded.weights

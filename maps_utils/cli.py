@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"embedded name, HF id or path (default {DEFAULT_MODEL})")
         cmd.add_argument("--device", default="auto")
         cmd.add_argument("--dtype", default="float32")
-        cmd.add_argument("--variant", default=None, help="embedding variant (default: the model's registered one)")
+        cmd.add_argument("--variant", default=None, help="source representation (maps_utils.sources; default: the model's registered one)")
         cmd.add_argument("--results-dir", default="results", help="where result tables and caches live")
         cmd.set_defaults(func=func)
         if name == "score":

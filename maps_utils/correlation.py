@@ -110,8 +110,39 @@ def compare_variants(loaded, dynamic: DynamicScores, variants, *, static=None, r
 
 
 def best_variant(by_variant: pd.DataFrame) -> str:
-    """The variant with the higher mean r for relation scores without context."""
+    """The inference criterion: the variant (source representation) with the highest mean r for relation scores
+    without context, where the head reads the source alone (ties: the first column)."""
     return str(by_variant.loc[("relation", "without")].idxmax())
+
+
+def representation_table(by_variant: pd.DataFrame, paper_models: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per representation (a :func:`compare_variants` table): mean r of relation and suppression scores
+    without and with context; the paper's models' means (``paper.dynamic_summary()``) below, where given."""
+    t = by_variant.T
+    t.columns = [f"{score} r {'w/o' if context == 'without' else 'w/'}" for score, context in t.columns]
+    t.index.name = "representation"
+    if paper_models is not None:
+        paper = paper_models[["mean r w/o", "mean r w/"]].rename(
+            columns={"mean r w/o": "relation r w/o", "mean r w/": "relation r w/"})
+        paper.index = [f"paper: {m}" for m in paper.index]
+        t = pd.concat([t, paper])
+    return t
+
+
+def depth_curve(by_variant: pd.DataFrame) -> pd.DataFrame:
+    """Mean r of relation scores (without / with context) of ``context_free_N`` per N, and of the full
+    ``context_free`` (N = the layer itself) as the last row: how many blocks a token needs before it settles."""
+    from .sources import parse
+
+    rows = []
+    for name in by_variant.columns:
+        rep = parse(name)
+        if rep.base == "context_free":
+            rows.append({"N": rep.depth if rep.depth is not None else "all", "representation": name,
+                         "r w/o": by_variant.loc[("relation", "without"), name],
+                         "r w/": by_variant.loc[("relation", "with"), name]})
+    rows.sort(key=lambda r: (r["N"] == "all", r["N"] if r["N"] != "all" else 0))
+    return pd.DataFrame(rows).set_index("N")
 
 
 def summary_row(rel_table: pd.DataFrame, label: str) -> pd.DataFrame:
@@ -123,20 +154,37 @@ def summary_row(rel_table: pd.DataFrame, label: str) -> pd.DataFrame:
     }], index=[label]).round(3)
 
 
-def write_correlations(corr: pd.DataFrame, loaded, static, dynamic: DynamicScores, k: int | None,
-                       wall_seconds: float, run: RunOptions, name: str = "correlations") -> Path | None:
-    """The correlation table as ``<results_dir>/<model>/dynamic/<name>.csv`` with its manifest (the static variant,
-    k and the dynamic run's parameters); None when ``run`` keeps no files."""
+def _write(table: pd.DataFrame, loaded, name: str, parameters: dict, wall_seconds: float,
+           run: RunOptions) -> Path | None:
+    """``table`` as ``<results_dir>/<model>/dynamic/<name>.csv`` with its manifest; None when ``run`` keeps no files."""
     from .manifest import build_manifest
     from .store import write_table
 
     out = run.folder(loaded.name, "dynamic")
     if out is None:
         return None
-    manifest = build_manifest(parameters={"static_variant": static.variant, "k": k,
-                                          "dynamic": dynamic.manifest["parameters"]},
-                              wall_seconds=wall_seconds, model=loaded.manifest())
-    return write_table(corr, out / f"{name}.csv", manifest)
+    manifest = build_manifest(parameters=parameters, wall_seconds=wall_seconds, model=loaded.manifest())
+    return write_table(table, out / f"{name}.csv", manifest)
+
+
+def write_correlations(corr: pd.DataFrame, loaded, static, dynamic: DynamicScores, k: int | None,
+                       wall_seconds: float, run: RunOptions, name: str = "correlations") -> Path | None:
+    """The correlation table as ``<results_dir>/<model>/dynamic/<name>.csv`` with its manifest (the static variant,
+    k and the dynamic run's parameters); None when ``run`` keeps no files."""
+    return _write(corr, loaded, name, {"static_variant": static.variant, "k": k,
+                                       "dynamic": dynamic.manifest["parameters"]}, wall_seconds, run)
+
+
+def write_representations(table: pd.DataFrame, loaded, dynamic: DynamicScores, representations, k: int | None,
+                          wall_seconds: float, run: RunOptions) -> Path | None:
+    """The :func:`representation_table` as ``<results_dir>/<model>/dynamic/representations.csv`` with its manifest
+    (the representations, k, the context-free prefix and the dynamic run's parameters)."""
+    from .sources import default_prefix
+
+    return _write(table.reset_index(), loaded, "representations",
+                  {"representations": list(representations), "k": k,
+                   "context_free_prefix": list(default_prefix(loaded.weights)),
+                   "dynamic": dynamic.manifest["parameters"]}, wall_seconds, run)
 
 
 def multi_token_run(loaded, static, mode: str, *, relations=None, k: int | None = None,

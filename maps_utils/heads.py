@@ -54,6 +54,7 @@ class ArchSpec:
     embed: Callable[[nn.Module], nn.Embedding] = lambda model: model.get_input_embeddings()
     unembed: Callable[[nn.Module], nn.Linear] = lambda model: model.get_output_embeddings()
     attn_out_gain: Callable[[nn.Module], Tensor | None] = lambda block: None  # per-channel gain after o_proj
+    attn_norm: Callable[[nn.Module], nn.Module] = lambda block: block.input_layernorm  # block -> attention's input norm
 
 
 def _bias(module: nn.Module) -> Tensor | None:
@@ -125,6 +126,7 @@ GPT2 = ArchSpec(
     v_module=lambda attn: attn.c_attn,
     values_from_output=lambda out, d: _split_kv(out[..., 2 * d.d_model : 3 * d.d_model], d),
     mlp0=lambda block, x: block.mlp(block.ln_2(x)),
+    attn_norm=lambda block: block.ln_1,
 )
 
 
@@ -294,6 +296,10 @@ class HeadWeights:
     def attn_module(self, layer: int) -> nn.Module:
         """The attention module: input = normalised residual, first output = sum_h z_h W_O[h] + b_O."""
         return self.spec.attn(self._blocks[layer])
+
+    def input_norm(self, layer: int) -> nn.Module:
+        """The norm module the layer's attention reads the residual through (gain, and centring and bias for LayerNorm)."""
+        return self.spec.attn_norm(self._blocks[layer])
 
     def W_V_kv(self, layer: int) -> Tensor:
         """``[n_kv_heads, d_model, d_head]`` value projection per KV head."""

@@ -92,6 +92,19 @@ def default_variant(name: str) -> str:
     return EMBEDDED[name].embedding_variant if name in EMBEDDED else PAPER_VARIANT
 
 
+def salient_variant(registered: str) -> str:
+    """The source representation of salient operations for a model registered with ``registered``: the paper's
+    ``first_mlp_all`` where the registered one is a paper variant, else the registered one (e.g. ``context_free``)."""
+    from .sources import PAPER
+
+    return "first_mlp_all" if registered in PAPER else registered
+
+
+def variant_note(name: str) -> str:
+    """Why ``name`` uses its registered representation (the measurement behind it), or "" for the paper default."""
+    return EMBEDDED[name].variant_note if name in EMBEDDED else ""
+
+
 # ---- result type ---------------------------------------------------------------------------------
 @dataclass
 class LoadedModel:

@@ -224,3 +224,29 @@ def description_shares(shares, title: str = "") -> plt.Figure:
     table = shares.rename(columns={f"share_{c}": c for c in cats} | {"n_heads": "n"})
     return stacked_quartiles(table, cats, title, colors=["#1b7837", "#bdbdbd", "#fdae61", "#d73027"],
                              ylabel="share of described heads")
+
+
+def fidelity_figure(profile, depth=None, title: str = "") -> plt.Figure:
+    """Left: the fidelity profile (a ``fidelity.profile`` table: mean cosine per layer, one line per
+    representation). Right, when ``depth`` (``correlation.depth_curve``) is given: mean static-dynamic r of
+    ``context_free_N`` against N."""
+    fig, axes = plt.subplots(1, 2 if depth is not None else 1, figsize=(12 if depth is not None else 7, 4),
+                             squeeze=False)
+    ax = axes[0, 0]
+    for name in profile.columns:
+        style = "-" if name.startswith("context_free") else "--" if name.endswith("+norm") else ":"
+        ax.plot(profile.index, profile[name], style, marker=".", label=name)
+    ax.set(xlabel="layer", ylabel="cosine with the real normalised source", ylim=(-0.05, 1.05),
+           title="fidelity per layer")
+    ax.legend(fontsize=7, ncol=2)
+    if depth is not None:
+        ax = axes[0, 1]
+        xs = [str(n) for n in depth.index]
+        ax.plot(xs, depth["r w/o"], marker="o", label="without context")
+        ax.plot(xs, depth["r w/"], marker="s", label="with context")
+        ax.set(xlabel="blocks run before the residual is held (N)", ylabel="mean r (relation scores)",
+               title="context_free_N: static-dynamic r", ylim=(min(0.0, float(depth[["r w/o", "r w/"]].min().min())), 1.0))
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from . import relations as R
+from . import sources
 from .hashing import content_key
 from .io import atomic_write_text
 from .manifest import build_manifest, call_arguments, write_manifest
@@ -131,10 +132,14 @@ def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
 
 
 def _identity(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs) -> dict:
-    """What the ranks of every relation depend on besides its own pairs (the weights' hash included)."""
-    return {"engine_version": ENGINE_VERSION, "weights_sha256": loaded.weights_sha256,
-            "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": variant,
-            "rank_cap": rank_cap, "leading_space": leading_space, "min_pairs": min_pairs}
+    """What the ranks of every relation depend on besides its own pairs (the weights' hash included; the
+    context-free pass's prefix for the representations that run one)."""
+    identity = {"engine_version": ENGINE_VERSION, "weights_sha256": loaded.weights_sha256,
+                "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": variant,
+                "rank_cap": rank_cap, "leading_space": leading_space, "min_pairs": min_pairs}
+    if not sources.parse(variant).parameters_only:
+        identity["source_prefix"] = list(sources.default_prefix(loaded.weights))
+    return identity
 
 
 def _relation_key(identity_key: str, rel: ScoredRelation) -> str:

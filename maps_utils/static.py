@@ -1,8 +1,8 @@
 """Static MAPS engine: relation and suppression scores, target ranks, top-k mappings and saliency.
 
 For head h of layer l, row s of the mapping matrix M = E·W_V·W_O·U is
-``m_s = (x_s W_V[g(h)]) (W_O[h] U)`` where x_s is the source representation (the raw embedding, or
-block 0's MLP branch applied to it; see :data:`VARIANTS`). No biases, no layer norm before U.
+``m_s = (x_s W_V[g(h)]) (W_O[h] U)`` where x_s is the source representation (the raw embedding, block 0's
+MLP branch applied to it, or another of :mod:`maps_utils.sources`). No biases, no layer norm before U.
 Nothing of size d×d or V×V is ever formed.
 
 **Ranks.** The target's rank in its row is the number of *other* tokens with a strictly larger
@@ -35,37 +35,18 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .errors import OptionError
+from . import sources
 from .heads import HeadWeights
 
 log = logging.getLogger(__name__)
-
-VARIANTS = ("first_mlp", "raw", "first_mlp_all")
-"""Source representations. ``first_mlp``: the paper's relation scores — raw E for layer-0 heads, block 0's
-MLP branch applied to E for layers >= 1. ``raw``: E for every layer (the paper's choice for Llama-3.1-70B).
-``first_mlp_all``: the MLP branch for every layer, layer 0 included (what the paper's salient-operations
-analysis did, MAPS-SPEC §8.1)."""
 
 SPACES = ("auto", "head", "model")
 SEED = 0  # the scan order's seed; results never depend on it, only the speed does
 
 
 def check_variant(variant: str) -> None:
-    if variant not in VARIANTS:
-        raise OptionError(f"Unknown embedding variant '{variant}'; use one of {', '.join(VARIANTS)}.")
-
-
-def uses_first_mlp(variant: str, layer: int) -> bool:
-    """Whether heads of ``layer`` read MLP0(E) (else raw E) under ``variant``."""
-    check_variant(variant)
-    return variant == "first_mlp_all" or (variant == "first_mlp" and layer > 0)
-
-
-@torch.no_grad()
-def source_vectors(weights: HeadWeights, token_ids: Tensor | Sequence[int], variant: str, layer: int) -> Tensor:
-    """``[n, d_model]`` source representations of ``token_ids`` for heads of ``layer``."""
-    x = weights.embed(token_ids)
-    return weights.first_mlp(x) if uses_first_mlp(variant, layer) else x
+    """An :class:`~maps_utils.errors.OptionError` unless ``variant`` names a source representation."""
+    sources.check(variant)
 
 
 @torch.no_grad()
@@ -251,13 +232,15 @@ def target_ranks(
     dtype: torch.dtype | None = None,
     out: RankResult | None = None,
     on_layer=None,
+    prefix: Sequence[int] | None = None,
 ) -> RankResult:
     """Target ranks of every (source, target) pair in every head (see the module docstring).
 
     Args:
         weights: the model's :class:`HeadWeights` (its device is used).
         source_ids, target_ids: token ids of the pairs (e.g. from ``relations.filter_single_token``).
-        variant: source representation, one of :data:`VARIANTS` (the paper's relation scores: ``first_mlp``).
+        variant: source representation (:mod:`maps_utils.sources`; the paper's relation scores: ``first_mlp``).
+        prefix: the tokens before the source in a context-free pass (default: the model's BOS).
         rank_cap: ranks are exact below it.
         compute_space: ``auto``, ``head`` or ``model`` (speed only; the results are identical).
         memory_budget_mb: bounds the largest block of scores held at once.
@@ -281,11 +264,9 @@ def target_ranks(
     if _pick_space(weights, compute_space, n) == "model":
         model_columns = Columns(weights.U.to(dtype)[:, perm].contiguous(), perm, _inverse(perm))
     todo = list(range(L)) if layers is None else list(layers)
-    raw = weights.embed(src).to(dtype)
-    mlp = weights.first_mlp(weights.embed(src)).to(dtype) if any(uses_first_mlp(variant, la) for la in todo) else None
+    xs = sources.SourceVectors(weights, src, variant, layers=todo, prefix=prefix, dtype=dtype)
     for layer in tqdm(todo, desc=f"ranks ({variant})", disable=not progress or len(todo) < 2):
-        x = mlp if uses_first_mlp(variant, layer) else raw
-        t, b = layer_ranks(weights, layer, x, tgt, rank_cap=rank_cap, compute_space=compute_space,
+        t, b = layer_ranks(weights, layer, xs.layer(layer), tgt, rank_cap=rank_cap, compute_space=compute_space,
                            memory_budget_mb=memory_budget_mb, perm=perm, model_columns=model_columns)
         out.top[layer], out.bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()
         if on_layer is not None:
@@ -305,12 +286,13 @@ def top_mappings(
     variant: str = "first_mlp",
     suppression: bool = False,
     chunk: int = 32768,
+    prefix: Sequence[int] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Top-k targets of the given sources' rows of M for one head: ``(values, ids)``, each ``[n, k]``.
 
     The vocabulary is processed in chunks, so memory stays at n × chunk.
     """
-    x = source_vectors(weights, token_ids, variant, layer)
+    x = sources.source_vectors(weights, token_ids, variant, layer, prefix=prefix)
     w = weights.ov(layer).head_write(head, x)  # [n, d]
     if suppression:
         w = -w
@@ -333,11 +315,13 @@ def saliency(
     chunk: int = 8192,
     progress: bool = True,
     dtype: torch.dtype | None = None,
+    prefix: Sequence[int] | None = None,
 ) -> Tensor:
     """``[n_layers, n_heads, V]`` norm amplification ‖x_t W_VO‖ / ‖x_t‖ of every token for every head.
 
     Uses ‖y W_O‖² = y (W_O W_Oᵀ) yᵀ with y = x W_V, so W_VO (d×d) is never formed. The default
-    variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1).
+    variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1). A forward-pass
+    representation (``context_free``) runs one batched pass per chunk of the vocabulary.
     """
     check_variant(variant)
     dtype = dtype or weights.U.dtype
@@ -348,10 +332,9 @@ def saliency(
     device = weights.U.device
     for start in tqdm(range(0, V, chunk), desc=f"saliency ({variant})", disable=not progress):
         ids = torch.arange(start, min(V, start + chunk), device=device)
-        raw = weights.embed(ids).to(dtype)
-        mlp = weights.first_mlp(weights.embed(ids)).to(dtype) if variant != "raw" else None
+        xs = sources.SourceVectors(weights, ids, variant, prefix=prefix, dtype=dtype)
         for layer in range(L):
-            x = mlp if uses_first_mlp(variant, layer) else raw
+            x = xs.layer(layer)
             y = ovs[layer].head_values(x)  # [H, n, dh]
             sq = torch.einsum("hne,hef,hnf->hn", y, gram[layer], y).clamp_min(0)
             xn = torch.linalg.vector_norm(x, dim=1).clamp_min(torch.finfo(dtype).tiny)

@@ -108,16 +108,20 @@ def test_dynamic_correlation_notebook_runs_in_a_small_configuration(smollm2, tmp
     text = run_notebook("02_dynamic_correlation.ipynb", tmp_path / "02.ipynb", model="smollm2-135m", device="cpu",
                         relations=["name_copying", "country_capital", "noun_pronoun"], max_pairs=40,
                         templates=["No <X> means no", "This is a document about <X>"], multi_token_modes=["paper"],
+                        representations=["raw+norm", "context_free", "context_free_1"],
                         figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
     for name in ("02_scatter_relation", "02_scatter_suppression", "02_correlation_vs_paper",
-                 "02_scatter_multi_token_paper"):
+                 "02_scatter_multi_token_paper", "02_source_representations"):
         assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.png").is_file(), name
     out = tmp_path / "res" / "smollm2-135m" / "dynamic"
-    for name in ("correlations", "multi_token_paper_correlations", "single/scores"):
+    for name in ("correlations", "multi_token_paper_correlations", "single/scores", "representations",
+                 "fidelity/fidelity"):
         assert (out / f"{name}.csv").is_file(), name
         assert (out / f"{name}.manifest.json").is_file(), name
+    reps = pd.read_csv(out / "representations.csv").set_index("representation")
+    assert {"first_mlp", "raw+norm", "context_free", "context_free_1", "paper: GPT-2 xl"} <= set(reps.index)
     assert "Mean r without context" in text
-    assert "static variant with the higher mean r" in text
+    assert "highest mean r (relation scores, without context)" in text and "registered for smollm2-135m" in text
 
 
 @pytest.mark.embedded

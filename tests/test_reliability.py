@@ -313,7 +313,7 @@ def no_loading(monkeypatch):
     (["--device", "cuda"], "TORCH_SPEC"),
     (["--device", "gpu0"], "Unknown device 'gpu0'"),
     (["--dtype", "float64x"], "Unknown dtype 'float64x'"),
-    (["--variant", "first-mlp"], "Unknown embedding variant 'first-mlp'"),
+    (["--variant", "first-mlp"], "Unknown source representation 'first-mlp'"),
     (["--k", "0"], "--k 0 is not a positive number"),
 ])
 def test_bad_options_are_one_sentence_before_loading(bad, expect, tmp_path, cache, capsys, no_loading):

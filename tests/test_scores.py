@@ -127,11 +127,15 @@ def test_choose_variant_picks_the_copying_variant(tmp_path):
 
 
 def test_registry_variants():
-    from maps_utils.models import EMBEDDED, PAPER_VARIANT, default_variant
+    from maps_utils import sources
+    from maps_utils.models import EMBEDDED, PAPER_VARIANT, default_variant, salient_variant, variant_note
 
-    assert PAPER_VARIANT == "first_mlp" and default_variant("gpt2-xl") == "first_mlp"
+    assert PAPER_VARIANT == "first_mlp" and default_variant("gpt2-xl") == "first_mlp" and variant_note("gpt2-xl") == ""
     for name, entry in EMBEDDED.items():
-        assert default_variant(name) == entry.embedding_variant in S.VARIANTS and entry.variant_note
+        sources.check(entry.embedding_variant)
+        assert default_variant(name) == entry.embedding_variant and variant_note(name) == entry.variant_note != ""
+    assert salient_variant("first_mlp") == salient_variant("raw") == "first_mlp_all"
+    assert salient_variant("context_free") == "context_free"
 
 
 def _synthetic_table(profiles: torch.Tensor, kv_groups: list[int], categories: list[str]) -> pd.DataFrame:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from maps_utils import HeadWeights
+from maps_utils import sources as SRC
 from maps_utils import static as S
 
 from .conftest import TINY_CONFIGS, make_tiny
@@ -33,7 +34,7 @@ def dense_topk_hits(rows: torch.Tensor, targets: torch.Tensor, k: int, suppressi
 def check_against_dense(weights, src, tgt, variant, cap, **kw):
     res = S.target_ranks(weights, src, tgt, variant=variant, rank_cap=cap, progress=False, **kw)
     for layer in range(weights.n_layers):
-        x = S.source_vectors(weights, src, variant, layer).to(weights.U.dtype)
+        x = SRC.source_vectors(weights, src, variant, layer).to(weights.U.dtype)
         for h in range(weights.n_heads):
             rows = dense_rows(weights, layer, h, x)
             top, bottom = dense_ranks(rows, torch.as_tensor(tgt), cap)
@@ -55,7 +56,7 @@ def _pairs(vocab: int, n: int = 40, seed: int = 0):
 def test_factored_equals_dense_on_every_family(key, compute_space):
     weights = HeadWeights(make_tiny(key))
     src, tgt = _pairs(weights.vocab_size)
-    for variant in S.VARIANTS:
+    for variant in SRC.names(depths=(1,)):
         check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
         check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
 
@@ -69,7 +70,7 @@ def test_chunking_and_memory_budget_do_not_change_results():
             res = S.target_ranks(weights, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
             assert torch.equal(res.top, ref.top) and torch.equal(res.bottom, ref.bottom)
     order = S.Columns(weights.U, torch.arange(weights.vocab_size), torch.arange(weights.vocab_size))  # unshuffled order
-    w = S.head_rows(weights, 1, S.source_vectors(weights, src, "first_mlp", 1))[2]
+    w = S.head_rows(weights, 1, SRC.source_vectors(weights, src, "first_mlp", 1))[2]
     top, bottom = S.ranks_of_targets(w, torch.tensor(tgt), order, rank_cap=20, first_chunk=3, growth=1.1)
     assert torch.equal(top, ref.top[1, 2].long()) and torch.equal(bottom, ref.bottom[1, 2].long())
 
@@ -82,7 +83,7 @@ def test_gqa_heads_use_their_groups_value_projection():
     dh = weights.d_head
     src, tgt = _pairs(weights.vocab_size)
     res = S.target_ranks(weights, src, tgt, rank_cap=weights.vocab_size, progress=False)
-    x = S.source_vectors(weights, src, "first_mlp", 1)
+    x = SRC.source_vectors(weights, src, "first_mlp", 1)
     for h in range(4):
         g = h // 2
         w_v = attn.v_proj.weight[g * dh : (g + 1) * dh].T  # [d, dh]
@@ -134,7 +135,7 @@ def test_variant_and_k_change_results_as_expected():
     assert scores == sorted(scores) and scores[-1] == 1.0  # larger k never lowers a score; k = V always hits
     with pytest.raises(ValueError, match="exceeds rank_cap"):
         mlp.scores(61)
-    with pytest.raises(ValueError, match="Unknown embedding variant"):
+    with pytest.raises(ValueError, match="Unknown source representation"):
         S.target_ranks(weights, ids, ids, variant="mlp", progress=False)
 
 
@@ -144,18 +145,19 @@ def test_top_mappings_equal_dense_topk():
     src, _ = _pairs(weights.vocab_size, n=9)
     for suppression in (False, True):
         v, i = S.top_mappings(weights, 1, 3, src, k=5, suppression=suppression, chunk=13)
-        rows = dense_rows(weights, 1, 3, S.source_vectors(weights, src, "first_mlp", 1))
+        rows = dense_rows(weights, 1, 3, SRC.source_vectors(weights, src, "first_mlp", 1))
         dv, di = torch.topk(-rows if suppression else rows, 5, dim=1)
         assert torch.equal(i, di) and torch.allclose(v, dv)
 
 
+@pytest.mark.parametrize("variant", ["first_mlp_all", "raw+norm", "context_free"])
 @pytest.mark.parametrize("key", ["gpt2", "phi-gqa", "gemma3-mqa"])
-def test_saliency_is_norm_amplification(key):
+def test_saliency_is_norm_amplification(key, variant):
     weights = HeadWeights(make_tiny(key))
-    sal = S.saliency(weights, variant="first_mlp_all", chunk=17, progress=False, dtype=torch.float64)
+    sal = S.saliency(weights, variant=variant, chunk=17, progress=False, dtype=torch.float64)
     ids = torch.arange(weights.vocab_size)
     for layer in range(weights.n_layers):
-        x = S.source_vectors(weights, ids, "first_mlp_all", layer)
+        x = SRC.source_vectors(weights, ids, variant, layer)
         for h in range(weights.n_heads):
             w_vo = weights.W_V(layer)[h] @ weights.W_O(layer)[h]
             expected = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
@@ -166,6 +168,7 @@ def test_saliency_is_norm_amplification(key):
 @pytest.mark.embedded
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_engine_equals_dense_on_embedded_sample(which, request):
+    """Every source representation; one head per sampled layer (the engine ranks all of the layer's heads)."""
     from maps_utils import relations as R
 
     loaded = request.getfixturevalue(which)
@@ -173,22 +176,24 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
     rel = R.filter_single_token(R.load("country_capital"), loaded.tokenizer)
     src, tgt = rel.source_ids[:30], rel.target_ids[:30]
     layers = [1, weights.n_layers - 1]
-    res = S.target_ranks(weights, src, tgt, rank_cap=50, layers=layers, dtype=torch.float64, progress=False)
-    for layer in layers:
-        x = S.source_vectors(weights, src, "first_mlp", layer).double()
-        for h in range(weights.n_heads):
+    for variant in SRC.names(depths=(2,)):
+        res = S.target_ranks(weights, src, tgt, variant=variant, rank_cap=50, layers=layers, dtype=torch.float64,
+                             progress=False)
+        for layer in layers:
+            h = layer % weights.n_heads
+            x = SRC.source_vectors(weights, src, variant, layer).double()
             w_vo = weights.W_V(layer)[h].double() @ weights.W_O(layer)[h].double()
             rows = (x @ w_vo) @ weights.U.double()
             top, bottom = dense_ranks(rows, torch.tensor(tgt), 50)
-            assert torch.equal(res.top[layer, h].long(), top), (layer, h)
-            assert torch.equal(res.bottom[layer, h].long(), bottom), (layer, h)
+            assert torch.equal(res.top[layer, h].long(), top), (variant, layer, h)
+            assert torch.equal(res.bottom[layer, h].long(), bottom), (variant, layer, h)
 
 
 def test_salient_operations_match_dense():
     weights = HeadWeights(make_tiny("qwen2-gqa"))
     ops = S.salient_operations(weights, n_tokens=4, n_mappings=3, heads_subset=[(1, 2)], progress=False)
     ids = torch.arange(weights.vocab_size)
-    x = S.source_vectors(weights, ids, "first_mlp_all", 1)
+    x = SRC.source_vectors(weights, ids, "first_mlp_all", 1)
     w_vo = weights.W_V(1)[2] @ weights.W_O(1)[2]
     amp = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
     top = torch.topk(amp, 4).indices
