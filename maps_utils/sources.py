@@ -20,11 +20,13 @@ those and the candidates measured beside them. A name is a base, optionally foll
   how many blocks the model needs to finish rewriting a token.
 
 :class:`SourceVectors` gives one token set's vectors for any layer; the forward-pass bases run one batched
-two-token pass per chunk of tokens (stopped after the deepest layer they need), once per token set.
+pass per chunk of tokens (the prefix's keys and values computed once and reused; stopped after the deepest layer
+they need), once per token set.
 """
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -112,22 +114,28 @@ def residuals(weights: HeadWeights, token_ids: Tensor | Sequence[int], prefix: S
     """``[depth + 1, n, d_model]``: each token's residual at the input of layers 0..depth (``depth`` < n_layers) in
     a forward pass of ``[*prefix, token]``, read at the token's position from the input of each layer's input norm.
 
-    The pass stops once layer ``depth``'s input has been read; tokens go in chunks of :data:`CHUNK`.
+    The prefix runs once; its keys and values are reused for every token (a chunk of :data:`CHUNK` tokens is one
+    batch of length-1 sequences after it). The pass stops once layer ``depth``'s input has been read.
     """
     if not 0 <= depth < weights.n_layers:
         raise ValueError(f"depth {depth} must be in 0..{weights.n_layers - 1}")
     device = weights.U.device
     ids = torch.as_tensor(token_ids, device=device).reshape(-1)
+    cache = None
+    if prefix:
+        cache = weights.model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True).cache
     out = []
     for start in range(0, ids.numel(), CHUNK):
-        chunk = ids[start:start + CHUNK]
-        batch = torch.cat([torch.as_tensor(list(prefix), dtype=ids.dtype, device=device).expand(len(chunk), -1),
-                           chunk[:, None]], 1)  # [n, len(prefix) + 1]
-        out.append(_read_residuals(weights, batch, depth))
+        chunk = ids[start:start + CHUNK, None]  # [n, 1]
+        past = None
+        if cache is not None:
+            past = copy.deepcopy(cache)
+            past.batch_repeat_interleave(len(chunk))
+        out.append(_read_residuals(weights, chunk, depth, past))
     return torch.cat(out, 1) if out else torch.empty((depth + 1, 0, weights.d_model))
 
 
-def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int) -> Tensor:
+def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int, past) -> Tensor:
     seen: list[Tensor] = []
 
     def hook(module, args):
@@ -137,7 +145,7 @@ def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int) -> Tensor:
 
     handles = [weights.input_norm(layer).register_forward_pre_hook(hook) for layer in range(depth + 1)]
     try:
-        weights.model(input_ids=batch, use_cache=False)
+        weights.model(input_ids=batch, cache=past, use_cache=past is not None)
     except _Stop:
         pass
     finally:
