@@ -43,6 +43,7 @@ DESCRIPTION_SCHEMA = {
 }
 """The answer's form; the local model decodes under it (string lengths capped so an answer always closes)."""
 PROMPT_VARIANTS = ("paper", "hinted")
+SALIENCY_VERSION = 1  # the stored saliency tables' format
 
 
 # ---- salient operations and the prompt ----------------------------------------------------------------
@@ -53,24 +54,46 @@ def show_token(text: str) -> str:
 
 
 def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15, n_mappings: int = 5,
-                variant: str = "first_mlp_all", progress: bool = True) -> pd.DataFrame:
+                variant: str = "first_mlp_all", run: RunOptions = RunOptions(results_dir=None)) -> pd.DataFrame:
     """Each head's top ``n_salient`` tokens by norm amplification and their top ``n_mappings`` targets.
 
     One row per (head, salient token): layer, head, quartile, rank, token_id, token, saliency, mapping_ids,
     mappings. ``variant`` is the source representation; the paper's salient operations apply the first MLP in
-    every layer (``"first_mlp_all"``, MAPS-SPEC §4.1).
+    every layer (``"first_mlp_all"``, MAPS-SPEC §4.1). The whole-vocabulary saliency is kept in the results store
+    (``run``; :func:`cached_saliency`).
     """
-    from .static import saliency, salient_operations
+    from .static import salient_operations
 
     if n_salient < 1 or n_mappings < 1:
         raise ValueError(f"n_salient and n_mappings must be >= 1 (got {n_salient}, {n_mappings}).")
     if not heads:
         raise ValueError("salient_ops needs at least one (layer, head).")
-    sal = saliency(loaded.weights, variant=variant, progress=progress)
+    sal = cached_saliency(loaded, variant, run)
     ops = salient_operations(loaded.weights, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
-                             variant=variant, heads_subset=list(heads), saliency_scores=sal, progress=progress)
+                             variant=variant, heads_subset=list(heads), saliency_scores=sal, progress=run.progress)
     ops.insert(2, "quartile", [layer_quartile(la, loaded.weights.n_layers) for la in ops.layer])
     return ops
+
+
+def cached_saliency(loaded, variant: str, run: RunOptions):
+    """``[n_layers, n_heads, V]`` saliency of every token (:func:`maps_utils.static.saliency`), read from
+    ``<results_dir>/<model>/saliency/<variant>.pt`` when it was stored for these weights, dtype and representation
+    (and the context-free prefix), else computed and stored. A ``context_free`` saliency runs the model once over the
+    whole vocabulary, so keeping it matters."""
+    from .hashing import content_key
+    from .sources import default_prefix, parse
+    from .static import saliency
+    from .store import Slots
+
+    key = content_key({"engine_version": SALIENCY_VERSION, "weights_sha256": loaded.weights_sha256,
+                       "dtype": str(loaded.dtype), "variant": variant,
+                       "prefix": None if parse(variant).parameters_only else list(default_prefix(loaded.weights))})
+    slots = Slots(run.folder(loaded.name, "saliency"), enabled=run.use_cache)
+    sal = slots.read(variant, key)
+    if sal is None:
+        sal = saliency(loaded.weights, variant=variant, progress=run.progress)
+        slots.write(variant, key, sal)
+    return sal
 
 
 PROMPT = """\
@@ -313,7 +336,7 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient
     w = loaded.weights
     chosen = select_heads(w.n_layers, w.n_heads, heads, n=n, seed=run.seed)
     everything = salient_ops(loaded, chosen, n_salient=max(n_salient, n_evidence), n_mappings=n_mappings,
-                             variant=variant, progress=run.progress)
+                             variant=variant, run=run)
     ops = everything[everything["rank"] < n_salient].reset_index(drop=True)
     evidence = everything[everything["rank"] >= n_salient].reset_index(drop=True)
     if describer is None:

@@ -430,9 +430,13 @@ def test_the_key_is_sent_but_never_written(scripted, tmp_path, monkeypatch, caps
     assert SECRET not in str(err.value)
 
 
-def test_salient_ops_table_on_a_tiny_model():
+def test_salient_ops_table_on_a_tiny_model(tmp_path, monkeypatch):
     loaded = _tiny_loaded()
-    ops = DS.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, progress=False)
+    run = RunOptions(results_dir=tmp_path / "res", progress=False)
+    ops = DS.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, run=run)
+    assert (tmp_path / "res" / loaded.name / "saliency" / "first_mlp_all.pt").is_file()
+    monkeypatch.setattr("maps_utils.static.saliency", None)  # the stored saliency is read, not recomputed
+    assert DS.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, run=run).equals(ops)
     assert len(ops) == 8 and set(ops.quartile) == {0, 2}
     assert all(len(m) == 3 for m in ops.mappings)
     for (_layer, _head), g in ops.groupby(["layer", "head"]):
