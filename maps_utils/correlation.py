@@ -106,7 +106,8 @@ def compare_variants(loaded, dynamic: DynamicScores, variants, *, static=None, r
         for _, r in summary(correlations(st, dynamic, k=k)).iterrows():
             rows.append({"static variant": v, "score": r["score_type"], "context": r["context"],
                          "mean r": round(r["mean r"], 3)})
-    return pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="static variant", values="mean r")
+    table = pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="static variant", values="mean r")
+    return table[list(dict.fromkeys(variants))]
 
 
 def best_variant(by_variant: pd.DataFrame) -> str:
@@ -118,7 +119,7 @@ def best_variant(by_variant: pd.DataFrame) -> str:
 def representation_table(by_variant: pd.DataFrame, paper_models: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per representation (a :func:`compare_variants` table): mean r of relation and suppression scores
     without and with context; the paper's models' means (``paper.dynamic_summary()``) below, where given."""
-    t = by_variant.T
+    t = by_variant.T[[(s, c) for s in ("relation", "suppression") for c in ("without", "with")]]
     t.columns = [f"{score} r {'w/o' if context == 'without' else 'w/'}" for score, context in t.columns]
     t.index.name = "representation"
     if paper_models is not None:
