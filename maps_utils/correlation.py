@@ -121,12 +121,12 @@ def representation_table(by_variant: pd.DataFrame, paper_models: pd.DataFrame | 
     without and with context; the paper's models' means (``paper.dynamic_summary()``) below, where given."""
     t = by_variant.T[[(s, c) for s in ("relation", "suppression") for c in ("without", "with")]]
     t.columns = [f"{score} r {'w/o' if context == 'without' else 'w/'}" for score, context in t.columns]
-    t.index.name = "representation"
     if paper_models is not None:
         paper = paper_models[["mean r w/o", "mean r w/"]].rename(
             columns={"mean r w/o": "relation r w/o", "mean r w/": "relation r w/"})
         paper.index = [f"paper: {m}" for m in paper.index]
         t = pd.concat([t, paper])
+    t.index.name = "representation"
     return t
 
 

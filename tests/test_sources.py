@@ -168,6 +168,7 @@ def test_the_criterion_picks_the_representation_the_heads_read(tmp_path):
 
     from maps_utils import correlation as C
     from maps_utils import dynamic as DY
+    from maps_utils import paper as P
     from maps_utils.models import LoadedModel
     from maps_utils.store import RunOptions
 
@@ -189,3 +190,5 @@ def test_the_criterion_picks_the_representation_the_heads_read(tmp_path):
     table = C.representation_table(by)
     assert table.index.tolist() == ["first_mlp", "raw", "context_free"]  # in the order asked
     assert table.columns.tolist() == ["relation r w/o", "relation r w/", "suppression r w/o", "suppression r w/"]
+    with_paper = C.representation_table(by, P.dynamic_summary())
+    assert with_paper.index.name == "representation" and "paper: GPT-2 xl" in with_paper.index
