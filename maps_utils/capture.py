@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from . import relations as R
 from .heads import HeadWeights
+from .hooks import StopForward, run_until_stop
 from .static import Columns, _inverse, ranks_of_targets, scan_permutation
 
 log = logging.getLogger(__name__)
@@ -92,10 +93,6 @@ def pad_batch(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[Tensor, T
 
 
 # ---- one forward pass: each head's z at the last position and its value at the source position --------
-class _Stop(Exception):
-    """Raised after the last layer's attention: nothing later is needed."""
-
-
 @torch.inference_mode()
 def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
     """Run ``model`` once on right-padded ``input_ids`` (see :func:`pad_batch`); return ``z_last`` ``[B, L, n_heads, d_head]`` (every head's mixed value at each
@@ -111,7 +108,7 @@ def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source
         def hook(mod, args):
             z_last[layer] = weights.split_z(args[0][rows, last])
             if layer == L - 1:
-                raise _Stop
+                raise StopForward  # nothing after the last layer's attention is needed
         return hook
 
     def v_hook(layer):
@@ -122,13 +119,7 @@ def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source
     for layer in range(L):
         handles.append(weights.out_proj_module(layer).register_forward_pre_hook(z_hook(layer)))
         handles.append(weights.v_module(layer).register_forward_hook(v_hook(layer)))
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until_stop(model, handles, input_ids=input_ids, use_cache=False)
     return torch.stack(z_last, 1), torch.stack(v_src, 1)
 
 

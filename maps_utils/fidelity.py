@@ -24,15 +24,12 @@ from .capture import build_prompts, pad_batch
 from .dynamic import _pad_id, _relations, _subsample
 from .hashing import content_key
 from .heads import HeadWeights
+from .hooks import StopForward, run_until_stop
 from .manifest import build_manifest, call_arguments
 from .models import LoadedModel
 from .store import RunOptions, Slots, write_table
 
 ENGINE_VERSION = 1
-
-
-class _Stop(Exception):
-    """Raised after the last layer's value projection: nothing later is needed."""
 
 
 @torch.inference_mode()
@@ -45,16 +42,10 @@ def real_sources(model, weights: HeadWeights, input_ids: Tensor, source: Tensor)
     def hook(module, args):
         seen.append(args[0][rows, source])
         if len(seen) == L:
-            raise _Stop
+            raise StopForward
 
     handles = [weights.v_module(layer).register_forward_pre_hook(hook) for layer in range(L)]
-    try:
-        model(input_ids=input_ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until_stop(model, handles, input_ids=input_ids, use_cache=False)
     return torch.stack(seen, 1)
 
 

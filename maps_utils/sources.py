@@ -36,6 +36,7 @@ from torch import Tensor
 
 from .errors import OptionError
 from .heads import HeadWeights
+from .hooks import StopForward, run_until_stop
 
 PAPER = ("first_mlp", "raw", "first_mlp_all")
 PARAMETER_BASES = ("raw", "first_mlp", "first_mlp_all", "raw_mlp", "block0")
@@ -105,10 +106,6 @@ def default_prefix(weights: HeadWeights) -> tuple[int, ...]:
     return (int(bos),) if isinstance(bos, int) and 0 <= bos < rows else ()
 
 
-class _Stop(Exception):
-    """Raised once the deepest residual needed has been read."""
-
-
 @torch.inference_mode()
 def residuals(weights: HeadWeights, token_ids: Tensor | Sequence[int], prefix: Sequence[int], depth: int) -> Tensor:
     """``[depth + 1, n, d_model]``: each token's residual at the input of layers 0..depth (``depth`` < n_layers) in
@@ -141,16 +138,10 @@ def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int, past) -> Te
     def hook(module, args):
         seen.append(args[0][:, -1].clone())  # [n, d]: the residual at the token's position
         if len(seen) > depth:
-            raise _Stop
+            raise StopForward
 
     handles = [weights.input_norm(layer).register_forward_pre_hook(hook) for layer in range(depth + 1)]
-    try:
-        weights.model(input_ids=batch, cache=past, use_cache=past is not None)
-    except _Stop:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+    run_until_stop(weights.model, handles, input_ids=batch, cache=past, use_cache=past is not None)
     return torch.stack(seen)
 
 
