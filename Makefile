@@ -146,10 +146,11 @@ lab: $(STAMP) ## open JupyterLab on the notebooks
 lint: $(STAMP) ## ruff on the package, tests and benchmarks
 	$(BIN)/ruff check maps_utils tests bench
 
-bench: $(STAMP) ## benchmarks: model loading (GGUF vs cache), static scores (engine vs naive loop), source representations -> results/bench/
+bench: $(STAMP) ## benchmarks: model loading (GGUF vs cache), static scores (engine vs naive loop), source representations, scaling to the paper's shapes -> results/bench/
 	$(BIN)/python bench/bench_load.py --models smollm2-135m gemma3-270m
 	$(BIN)/python bench/bench_static.py --models smollm2-135m gemma3-270m --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 	$(BIN)/python bench/bench_sources.py --models smollm2-135m gemma3-270m
+	$(BIN)/python bench/bench_scale.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 
 relations: $(STAMP) ## regenerate the script-made relation datasets and refresh checksums (needs the `data` extra)
 	$(BIN)/python -m pip install --quiet -e ".[data]"

@@ -10,8 +10,13 @@ those and the candidates measured beside them. A name is a base, optionally foll
 * ``raw_mlp``: E + MLP0(E), block 0's residual without its attention (E for layer-0 heads).
 * ``block0``: the residual after block 0 for the token alone, a one-token forward pass in which the token can
   only attend to itself (E for layer-0 heads). Still a function of the parameters only.
-* ``+norm`` (any of the above): then layer l's own input norm module, exactly as the model applies it before
-  its attention (its gain; centring and bias for LayerNorm). Without it, no norm is applied (the paper's choice).
+* ``+centre`` (any of the above): minus the representation's mean over a fixed vocabulary sample (the
+  :data:`STAT_TOKENS` evenly spaced token ids, under the same base and layer).
+* ``+nomassive`` (any of the above): with the massive dimensions set to zero: those whose mean absolute value
+  over the same sample exceeds :data:`MASSIVE_FACTOR` times the median dimension's.
+* ``+norm`` (any of the above, after a modifier if one is given): then layer l's own input norm module, exactly as
+  the model applies it before its attention (its gain; centring and bias for LayerNorm). Without it, no norm is
+  applied (the paper's choice).
 * ``context_free``: the token's own residual at the input of layer l in a forward pass of ``[prefix, s]``, where the
   prefix is the model's BOS (``config.bos_token_id``; nothing where the model has none), then through layer l's
   input norm. It needs no prompt context, but it is no longer read from the parameters alone.
@@ -41,9 +46,13 @@ from .hooks import StopForward, run_until_stop
 PAPER = ("first_mlp", "raw", "first_mlp_all")
 PARAMETER_BASES = ("raw", "first_mlp", "first_mlp_all", "raw_mlp", "block0")
 FORWARD_BASES = ("block0", "context_free")
+MODIFIERS = ("centre", "nomassive")
 NORM = "+norm"
 CHUNK = 2048  # tokens per forward pass of the forward-pass bases
-_NAME = re.compile(r"^(?P<base>raw|first_mlp_all|first_mlp|raw_mlp|block0)(?P<norm>\+norm)?$"
+STAT_TOKENS = 4096  # vocabulary sample for +centre and +nomassive
+MASSIVE_FACTOR = 10.0  # +nomassive: a dimension is massive above this multiple of the median mean |x|
+_NAME = re.compile(r"^(?P<base>raw|first_mlp_all|first_mlp|raw_mlp|block0)(?:\+(?P<mod>centre|nomassive))?"
+                   r"(?P<norm>\+norm)?$"
                    r"|^context_free(?:_(?P<depth>[1-9][0-9]*))?$")
 
 
@@ -55,6 +64,7 @@ class Representation:
     base: str
     norm: bool
     depth: int | None = None  # context_free_N: blocks run before the residual is held fixed
+    modifier: str | None = None  # "centre" or "nomassive" (see the module docstring)
 
     @property
     def forward_pass(self) -> bool:
@@ -80,18 +90,20 @@ def parse(name: str) -> Representation:
     m = _NAME.match(name) if isinstance(name, str) else None
     if m is None:
         raise OptionError(f"Unknown source representation {name!r}; use one of {', '.join(PARAMETER_BASES)} "
-                          f"(each optionally with '{NORM}'), context_free or context_free_N (N >= 1 blocks).")
+                          f"(each optionally with '+centre' or '+nomassive', then '{NORM}'), context_free or "
+                          "context_free_N (N >= 1 blocks).")
     if m.group("base"):
-        return Representation(name, m.group("base"), bool(m.group("norm")))
+        return Representation(name, m.group("base"), bool(m.group("norm")), modifier=m.group("mod"))
     depth = m.group("depth")
     return Representation(name, "context_free", True, int(depth) if depth else None)
 
 
-def names(depths: Sequence[int] = ()) -> list[str]:
-    """Every parameter-only name, with and without ``+norm``, then ``context_free`` and ``context_free_N`` for
-    each of ``depths``."""
-    return ([b for base in PARAMETER_BASES for b in (base, base + NORM)] + ["context_free"]
-            + [f"context_free_{n}" for n in depths])
+def names(depths: Sequence[int] = (), modifiers: Sequence[str] = ()) -> list[str]:
+    """Every parameter-only base, with and without ``+norm`` (and each of ``modifiers`` before it), then
+    ``context_free`` and ``context_free_N`` for each of ``depths``."""
+    mods = [""] + [f"+{m}" for m in modifiers]
+    return ([base + mod + norm for base in PARAMETER_BASES for mod in mods for norm in ("", NORM)]
+            + ["context_free"] + [f"context_free_{n}" for n in depths])
 
 
 def check(name: str) -> None:
@@ -180,8 +192,7 @@ class SourceVectors:
             self._cache["residuals"] = residuals(self.weights, self.ids, prefix, deepest)
         return self._cache["residuals"][blocks]
 
-    def unnormed(self, layer: int) -> Tensor:
-        """``[n, d_model]``: the residual the representation takes for ``layer``, before any norm."""
+    def _base(self, layer: int) -> Tensor:
         blocks = self.rep.blocks_before(layer)
         if blocks == 0 and self.rep.base != "context_free":
             return self._raw()
@@ -190,6 +201,31 @@ class SourceVectors:
         if self.rep.base == "raw_mlp":
             return self._raw() + self._mlp()
         return self._residual(blocks)
+
+    def _sample_stats(self, layer: int) -> tuple[Tensor, Tensor]:
+        """The base's mean ``[d]`` and mean absolute value ``[d]`` for ``layer`` over the vocabulary sample."""
+        key = f"stats{self.rep.blocks_before(layer)}"
+        if key not in self._cache:
+            if "sample" not in self._cache:
+                rows = self.weights.spec.embed(self.weights.model).weight.shape[0]
+                ids = torch.linspace(0, rows - 1, min(STAT_TOKENS, rows)).round().long().unique()
+                self._cache["sample"] = SourceVectors(self.weights, ids, self.rep.base, layers=self.layers,
+                                                      prefix=self.prefix, dtype=self.dtype)
+            x = self._cache["sample"]._base(layer)  # [STAT_TOKENS, d]
+            self._cache[key] = torch.stack([x.mean(0), x.abs().mean(0)])
+        mean, mean_abs = self._cache[key]
+        return mean, mean_abs
+
+    def unnormed(self, layer: int) -> Tensor:
+        """``[n, d_model]``: the residual the representation takes for ``layer``, before any norm (after its
+        modifier)."""
+        x = self._base(layer)
+        if self.rep.modifier == "centre":
+            return x - self._sample_stats(layer)[0]
+        if self.rep.modifier == "nomassive":
+            mean_abs = self._sample_stats(layer)[1]
+            return x * (mean_abs <= MASSIVE_FACTOR * mean_abs.median())
+        return x
 
     @torch.inference_mode()
     def layer(self, layer: int) -> Tensor:

@@ -87,12 +87,41 @@ def test_parameter_bases_and_norm(key):
                                       rtol=1e-12, atol=1e-12), (base, layer)
 
 
+@pytest.mark.parametrize("key", list(TINY_CONFIGS))
+def test_centre_and_nomassive_by_their_definitions(key, monkeypatch):
+    """+centre subtracts the base's mean over the vocabulary sample; +nomassive zeroes the dimensions whose mean |x|
+    over it exceeds MASSIVE_FACTOR times the median; +norm applies after either."""
+    model = make_tiny(key)
+    weights = HeadWeights(model)
+    ids = _ids(weights)
+    monkeypatch.setattr(SRC, "STAT_TOKENS", 40)
+    monkeypatch.setattr(SRC, "MASSIVE_FACTOR", 1.2)  # random weights have no massive dimensions: make some
+    rows = model.get_input_embeddings().weight.shape[0]
+    sample = torch.linspace(0, rows - 1, 40).round().long().unique()
+    for base in SRC.PARAMETER_BASES:
+        plain, on_sample = SRC.SourceVectors(weights, ids, base), SRC.SourceVectors(weights, sample, base)
+        centred, trimmed = SRC.SourceVectors(weights, ids, base + "+centre"), SRC.SourceVectors(
+            weights, ids, base + "+nomassive+norm")
+        for layer in range(weights.n_layers):
+            x, s = plain.layer(layer), on_sample.layer(layer)
+            assert torch.allclose(centred.layer(layer), x - s.mean(0), rtol=1e-12, atol=1e-12), (base, layer)
+            level = s.abs().mean(0)
+            keep = level <= 1.2 * level.median()
+            assert 0 < int(keep.sum()) < len(keep)
+            with torch.no_grad():
+                expected = weights.input_norm(layer)(torch.where(keep, x, 0.0))
+            assert torch.allclose(trimmed.layer(layer), expected, rtol=1e-12, atol=1e-12), (base, layer)
+
+
 def test_names_parse_and_bad_names_get_one_sentence():
     assert SRC.parse("first_mlp+norm") == SRC.Representation("first_mlp+norm", "first_mlp", True)
     assert SRC.parse("context_free_4").depth == 4 and SRC.parse("context_free").depth is None
     assert not SRC.parse("context_free").parameters_only and SRC.parse("block0").parameters_only
-    assert all(SRC.parse(n).name == n for n in SRC.names(depths=(1, 2)))
-    for bad in ("context_free+norm", "context_free_0", "mlp", "raw+norm+norm", None):
+    assert SRC.parse("block0+centre+norm") == SRC.Representation("block0+centre+norm", "block0", True, None, "centre")
+    every = SRC.names(depths=(1, 2), modifiers=SRC.MODIFIERS)
+    assert len(every) == len(SRC.PARAMETER_BASES) * 6 + 3 and all(SRC.parse(n).name == n for n in every)
+    for bad in ("context_free+norm", "context_free_0", "mlp", "raw+norm+norm", "raw+norm+centre", "raw+centre+nomassive",
+                "context_free+centre", None):
         with pytest.raises(OptionError, match="Unknown source representation") as err:
             SRC.parse(bad)
         assert "\n" not in str(err.value)

@@ -56,7 +56,7 @@ def _pairs(vocab: int, n: int = 40, seed: int = 0):
 def test_factored_equals_dense_on_every_family(key, compute_space):
     weights = HeadWeights(make_tiny(key))
     src, tgt = _pairs(weights.vocab_size)
-    for variant in SRC.names(depths=(1,)):
+    for variant in SRC.names(depths=(1,), modifiers=SRC.MODIFIERS):
         check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
         check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
 
@@ -176,7 +176,7 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
     rel = R.filter_single_token(R.load("country_capital"), loaded.tokenizer)
     src, tgt = rel.source_ids[:30], rel.target_ids[:30]
     layers = [1, weights.n_layers - 1]
-    for variant in SRC.names(depths=(2,)):
+    for variant in SRC.names(depths=(2,)) + ["raw_mlp+centre", "block0+nomassive+norm"]:
         res = S.target_ranks(weights, src, tgt, variant=variant, rank_cap=50, layers=layers, dtype=torch.float64,
                              progress=False)
         for layer in layers:

@@ -1,0 +1,18 @@
+#!/bin/bash
+# The GPU checks, for a machine with CUDA (run from the repository root with the python that has torch and
+# transformers; WHEELS=folder installs transformers etc. from wheels first where that python lacks them):
+#   1. the engine's ranks on the GPU equal the CPU's exactly (tests/test_device.py, float64, every family);
+#   2. the scaling series on the GPU (bench/bench_scale.py --device cuda), full depth for every shape.
+# Results: $OUT (default results/bench): scale-cuda.csv, its manifest, gpu-tests.log.
+set -o pipefail
+OUT=${OUT:-results/bench}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+if [ -n "$WHEELS" ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+$PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name(0))" || exit 1
+$PY -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -4
+$PY bench/bench_scale.py --device cuda --out "$OUT" ${SCALE_ARGS:-}
