@@ -121,7 +121,7 @@ def default_prefix(weights: HeadWeights) -> tuple[int, ...]:
 @torch.inference_mode()
 def residuals(weights: HeadWeights, token_ids: Tensor | Sequence[int], prefix: Sequence[int], depth: int) -> Tensor:
     """``[depth + 1, n, d_model]``: each token's residual at the input of layers 0..depth (``depth`` < n_layers) in
-    a forward pass of ``[*prefix, token]``, read at the token's position from the input of each layer's input norm.
+    a forward pass of ``[*prefix, token]``, read at the token's position from the input of each block.
 
     The prefix runs once; its keys and values are reused for every token (a chunk of :data:`CHUNK` tokens is one
     batch of length-1 sequences after it). The pass stops once layer ``depth``'s input has been read.
@@ -147,12 +147,13 @@ def residuals(weights: HeadWeights, token_ids: Tensor | Sequence[int], prefix: S
 def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int, past) -> Tensor:
     seen: list[Tensor] = []
 
-    def hook(module, args):
-        seen.append(args[0][:, -1].clone())  # [n, d]: the residual at the token's position
+    def hook(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]  # the residual entering the block
+        seen.append(hidden[:, -1].clone())  # [n, d]: at the token's position
         if len(seen) > depth:
             raise StopForward
 
-    handles = [weights.input_norm(layer).register_forward_pre_hook(hook) for layer in range(depth + 1)]
+    handles = [weights.block(layer).register_forward_pre_hook(hook, with_kwargs=True) for layer in range(depth + 1)]
     run_until_stop(weights.model, handles, input_ids=batch, cache=past, use_cache=past is not None)
     return torch.stack(seen)
 

@@ -59,12 +59,32 @@ TINY_CONFIGS = {
              intermediate_size=96, vocab_size=101, max_position_embeddings=64),
     ),
 }
-
-FAMILY_OF = {
-    "gpt2": "gpt2", "gpt_neox-parallel": "gpt_neox", "gpt_neox-sequential": "gpt_neox", "phi-gqa": "phi",
-    "llama-gqa": "llama", "llama-mha-untied": "llama", "gemma3-gqa": "gemma3", "gemma3-mqa": "gemma3",
-    "qwen2-gqa": "qwen2",
+_BASE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96, vocab_size=101,
+             max_position_embeddings=64, pad_token_id=None)
+_GQA = dict(_BASE, num_key_value_heads=2)
+TINY_CONFIGS |= {  # the families added by issue 20 (transformers' own config classes, tiny sizes)
+    "qwen3-gqa": ("Qwen3Config", dict(_GQA, head_dim=16)),
+    "mistral-gqa": ("MistralConfig", _GQA),
+    "mixtral-gqa": ("MixtralConfig", dict(_GQA, num_local_experts=4, num_experts_per_tok=2)),
+    "gemma-gqa": ("GemmaConfig", dict(_GQA, head_dim=16)),
+    "gemma2-gqa": ("Gemma2Config", dict(_GQA, head_dim=16, query_pre_attn_scalar=16, sliding_window=8)),
+    "phi3-gqa": ("Phi3Config", _GQA),
+    "olmo2-gqa": ("Olmo2Config", _GQA),
+    "gptj": ("GPTJConfig", dict(n_embd=64, n_layer=2, n_head=4, n_inner=96, rotary_dim=8, vocab_size=101,
+                                n_positions=64)),
+    "falcon-mqa": ("FalconConfig", dict(_BASE, ffn_hidden_size=96)),
+    "falcon-gqa": ("FalconConfig", dict(_BASE, ffn_hidden_size=96, new_decoder_architecture=True, num_kv_heads=2)),
+    "falcon-mha-sequential": ("FalconConfig", dict(_BASE, ffn_hidden_size=96, multi_query=False, parallel_attn=False,
+                                                   bias=True)),
+    "stablelm-gqa": ("StableLmConfig", _GQA),
+    "stablelm-parallel": ("StableLmConfig", dict(_BASE, num_key_value_heads=4, use_parallel_residual=True,
+                                                 use_qkv_bias=True)),
+    "granite-gqa": ("GraniteConfig", dict(_GQA, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                          logits_scaling=8.0, attention_multiplier=0.125)),
+    "cohere-gqa": ("CohereConfig", _GQA),
 }
+
+FAMILY_OF = {key: key.split("-")[0] for key in TINY_CONFIGS}  # the family is the key before its variant
 
 
 @pytest.fixture(autouse=True)
@@ -82,7 +102,9 @@ def make_tiny(key: str) -> torch.nn.Module:
     config = getattr(transformers, cls_name)(**kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64)
+    moe = {"experts_implementation": "eager"} if cls_name == "MixtralConfig" else {}  # grouped_mm has no float64
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float64, attn_implementation="eager",
+                                                          **moe)
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.3)

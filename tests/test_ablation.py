@@ -38,6 +38,12 @@ def _loaded(model, name="tiny") -> LoadedModel:
                        "test", 0.0)
 
 
+def _tol(key: str) -> dict:
+    """Exact to float64 rounding, except GPT-J, whose attention computes its scores in float32 whatever the model's
+    dtype, so a cached and an uncached pass agree only to float32 rounding."""
+    return dict(rtol=2e-5, atol=2e-5) if key == "gptj" else dict(rtol=1e-10, atol=1e-10)
+
+
 def _full_last_logits(model, task: AH.Task) -> torch.Tensor:
     with torch.no_grad():
         return torch.stack([model(input_ids=torch.tensor([p])).logits[0, -1] for p in task.prompts])
@@ -49,7 +55,7 @@ def test_ablating_no_head_changes_nothing(key):
     loaded, task = _loaded(model), _task(model.config.vocab_size)
     full = _full_last_logits(model, task)
     # the experiment's path (prefix once with a KV cache, then the last token), batched, nothing removed
-    torch.testing.assert_close(AH.last_token_logits(loaded, task, (), batch_size=3), full, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(AH.last_token_logits(loaded, task, (), batch_size=3), full, **_tol(key))
     # the hooks installed with no head set leave a plain forward pass bit for bit unchanged
     ids = torch.tensor([task.prompts[1]])
     with torch.no_grad():
@@ -81,7 +87,7 @@ def test_ablating_every_head_of_a_layer_removes_its_attention_at_the_last_positi
         finally:
             handle.remove()
         ours = AH.last_token_logits(loaded, task, [(layer, h) for h in range(heads.n_heads)], batch_size=4)
-        torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours, reference, **_tol(key))
         assert (ours - full).abs().max() > 1e-3  # removing a layer's attention did change the prediction's logits
 
 
@@ -94,7 +100,7 @@ def test_mean_ablation_of_a_lone_prompt_changes_nothing(key):
     one = _task(model.config.vocab_size, lengths=[9])
     mean = AH.mean_last_z(loaded, one)
     torch.testing.assert_close(AH.last_token_logits(loaded, one, everything, replacement=mean),
-                               _full_last_logits(model, one), rtol=1e-10, atol=1e-10)
+                               _full_last_logits(model, one), **_tol(key))
     two = _task(model.config.vocab_size, lengths=[9, 5])
     mean = AH.mean_last_z(loaded, two)
     assert (AH.last_token_logits(loaded, two, everything, replacement=mean) - _full_last_logits(model, two)).abs().max() > 1e-3
@@ -120,7 +126,7 @@ def test_curves_agree_with_direct_ablation_and_repeat_exactly(key):
         steps = [abl.set(curve[:s]) and pre.step() for s in (3, 1, 3, 0)]
     torch.testing.assert_close(steps[0], steps[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(steps[3], _full_last_logits(model, AH.Task("t", None, "", [], ids.tolist(), [])),
-                               rtol=1e-10, atol=1e-10)
+                               **_tol(key))
     _, (again,) = AH.run_curves(loaded, task, [curve], batch_size=3)
     assert np.array_equal(acc, again)
 
@@ -139,10 +145,10 @@ def test_a_shared_prefix_runs_once_and_changes_nothing(key):
         task = AH.Task("shared", None, "<X>", [("s", "t")] * 5, prompts, [0] * 5)
         assert AH.shared_prefix_length(torch.tensor(prompts)) >= shared
         torch.testing.assert_close(AH.last_token_logits(loaded, task, ()), _full_last_logits(model, task),
-                                   rtol=1e-10, atol=1e-10)
+                                   **_tol(key))
         removed = [(0, 1), (1, 0)]
         torch.testing.assert_close(AH.last_token_logits(loaded, task, removed),
-                                   AH.last_token_logits(loaded, task, removed, batch_size=1), rtol=1e-10, atol=1e-10)
+                                   AH.last_token_logits(loaded, task, removed, batch_size=1), **_tol(key))
     assert AH.shared_prefix_length(torch.tensor([[1, 2, 3], [1, 2, 3]])) == 2  # never the last token
     assert AH.shared_prefix_length(torch.tensor([[1, 2, 3], [4, 2, 3]])) == 0
 

@@ -61,28 +61,44 @@ def test_head_writes_at_the_last_position_sum_to_the_attention_output(key):
         torch.testing.assert_close(total, attn_out[layer], rtol=1e-10, atol=1e-10)
 
 
+def _forced_mask(attention_mask, B: int, T: int, S: int, dtype, last: torch.Tensor, source: torch.Tensor):
+    """The additive mask with each prompt's last query row closed except at its source token."""
+    if attention_mask is None:
+        attention_mask = torch.zeros((B, 1, T, S), dtype=dtype)
+        attention_mask.masked_fill_(torch.ones(T, S, dtype=torch.bool).triu(1), torch.finfo(dtype).min)
+    assert attention_mask.is_floating_point()
+    m = attention_mask.expand(B, attention_mask.shape[1], T, S).clone(memory_format=torch.contiguous_format)
+    for b in range(B):
+        m[b, :, last[b], :] = torch.finfo(m.dtype).min
+        m[b, :, last[b], source[b]] = 0.0
+    return m
+
+
 def _forced_attention(monkeypatch, model, weights: HeadWeights, layer: int, last: torch.Tensor, source: torch.Tensor):
     """Make ``layer``'s eager attention put all weight of each prompt's last query on its source token,
-    by masking every other key of that row (an explicit override inside the model's own attention)."""
+    by masking every other key of that row (an explicit override inside the model's own attention): through the
+    module's shared ``eager_attention_forward``, or, where the attention computes its scores inline (Falcon), by
+    replacing the mask it is called with."""
     target = weights.attn_module(layer)
     module = sys.modules[type(target).__module__]
+    if not hasattr(module, "eager_attention_forward"):
+        def pre(mod, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            B, T = hidden.shape[:2]
+            kwargs["attention_mask"] = _forced_mask(kwargs.get("attention_mask"), B, T, T, hidden.dtype, last, source)
+            return args, kwargs
+
+        return target.register_forward_pre_hook(pre, with_kwargs=True)  # the caller removes it
     original = module.eager_attention_forward
 
     def forced(mod, query, key, value, attention_mask=None, *args, **kwargs):
         if mod is target:
-            B, T, S = query.shape[0], query.shape[2], key.shape[2]
-            if attention_mask is None:
-                attention_mask = torch.zeros((B, 1, T, S), dtype=query.dtype)
-                attention_mask.masked_fill_(torch.ones(T, S, dtype=torch.bool).triu(1), torch.finfo(query.dtype).min)
-            assert attention_mask.is_floating_point()
-            m = attention_mask.expand(B, attention_mask.shape[1], T, S).clone(memory_format=torch.contiguous_format)
-            for b in range(B):
-                m[b, :, last[b], :] = torch.finfo(m.dtype).min
-                m[b, :, last[b], source[b]] = 0.0
-            attention_mask = m
+            attention_mask = _forced_mask(attention_mask, query.shape[0], query.shape[2], key.shape[2], query.dtype,
+                                          last, source)
         return original(mod, query, key, value, attention_mask, *args, **kwargs)
 
     monkeypatch.setattr(module, "eager_attention_forward", forced)
+    return None
 
 
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
@@ -95,8 +111,12 @@ def test_without_context_value_path_equals_an_explicit_attention_override(key, m
     _, without = CA.head_writes(weights, z_clean, v)
     for layer in range(weights.n_layers):
         with monkeypatch.context() as mp:
-            _forced_attention(mp, model, weights, layer, last, source)
-            z_forced, _ = CA.capture(model, weights, ids, last, source)
+            handle = _forced_attention(mp, model, weights, layer, last, source)
+            try:
+                z_forced, _ = CA.capture(model, weights, ids, last, source)
+            finally:
+                if handle is not None:
+                    handle.remove()
         # the forced head's mixed value is exactly the source's value vector of its KV group ...
         expected = v[:, layer, weights.kv_groups]
         torch.testing.assert_close(z_forced[:, layer], expected, rtol=1e-10, atol=1e-10)

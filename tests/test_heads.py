@@ -6,10 +6,10 @@ import pytest
 import torch
 import transformers
 
-from maps_utils import SUPPORTED_MODEL_TYPES, HeadWeights, UnsupportedArchitectureError
+from maps_utils import ADAPTERS, SUPPORTED_MODEL_TYPES, HeadWeights, UnsupportedArchitectureError
 
 from .checks import check_embed_unembed, check_first_mlp, check_head_sum, check_values_and_z
-from .conftest import FAMILY_OF, TINY_CONFIGS
+from .conftest import FAMILY_OF, TINY_CONFIGS, make_tiny
 
 TOL = 1e-10
 
@@ -19,7 +19,7 @@ def _ids(model, n=11, batch=2):
 
 
 def test_every_family_has_a_tiny_model():
-    assert {FAMILY_OF[k] for k in TINY_CONFIGS} == {"gpt2", "gpt_neox", "phi", "llama", "gemma3", "qwen2"}
+    assert {FAMILY_OF[k] for k in TINY_CONFIGS} == {spec.family for spec in ADAPTERS}
 
 
 def test_adapter_family_and_geometry(tiny):
@@ -29,7 +29,8 @@ def test_adapter_family_and_geometry(tiny):
     cfg = TINY_CONFIGS[key][1]
     assert weights.n_layers == 2
     assert weights.n_heads == 4
-    assert weights.n_kv_heads == cfg.get("num_key_value_heads", 4)
+    kv = {"falcon-mqa": 1, "falcon-gqa": 2}  # Falcon names it num_kv_heads, and multi-query does not say
+    assert weights.n_kv_heads == kv.get(key, cfg.get("num_key_value_heads", 4))
     assert weights.W_V(0).shape == (4, weights.d_model, weights.d_head)
     assert weights.W_O(1).shape == (4, weights.d_head, weights.d_model)
     assert weights.W_V_kv(0).shape == (weights.n_kv_heads, weights.d_model, weights.d_head)
@@ -52,7 +53,7 @@ def test_first_mlp_is_block0_mlp_branch(tiny):
 
 def test_E_and_U_match_embedding_and_lm_head(tiny):
     _, model = tiny
-    check_embed_unembed(model, HeadWeights(model), _ids(model, batch=1), TOL)
+    check_embed_unembed(model, HeadWeights(model), _ids(model, batch=2), TOL)
 
 
 @pytest.mark.parametrize("key", ["llama-gqa", "qwen2-gqa", "gemma3-gqa", "phi-gqa"])
@@ -81,6 +82,13 @@ def test_gemma_embedding_scale_and_output_gain():
     assert float(weights.embed_scale) == pytest.approx(64**0.5)
     block = weights.block(1)
     assert torch.equal(weights.attn_out_gain(1), 1.0 + block.post_attention_layernorm.weight)
+    for key in ("gemma-gqa", "gemma2-gqa"):
+        assert HeadWeights(make_tiny(key)).embed_scale == pytest.approx(64**0.5)
+    # Granite: the forward's multipliers; Gemma-2: the soft cap
+    granite = HeadWeights(make_tiny("granite-gqa"))
+    assert granite.embed_scale == 12.0 and torch.equal(granite.attn_out_gain(0), torch.full((64,), 0.22, dtype=torch.float64))
+    assert torch.equal(granite.U, granite.model.lm_head.weight.T / 8.0)
+    assert HeadWeights(make_tiny("gemma2-gqa")).logit_softcap == 30.0 and granite.logit_softcap is None
     # the other families apply no gain after the output projection
     llama = HeadWeights(make_tiny("llama-gqa"))
     assert llama.attn_out_gain(0) is None and float(llama.embed_scale) == 1.0
@@ -96,6 +104,11 @@ def test_biases_present_where_the_architecture_has_them():
         "llama-gqa": (False, False, False),
         "gemma3-gqa": (False, False, False),
         "qwen2-gqa": (True, False, False),
+        "gptj": (False, False, True),
+        "falcon-mha-sequential": (True, True, False),
+        "falcon-mqa": (False, False, False),
+        "stablelm-parallel": (True, False, False),
+        "phi3-gqa": (False, False, False),
     }
     for key, (bv, bo, bu) in expect.items():
         weights = HeadWeights(make_tiny(key))
@@ -104,14 +117,46 @@ def test_biases_present_where_the_architecture_has_them():
 
 
 def test_unsupported_architecture_names_the_supported_ones():
-    config = transformers.GPTJConfig(n_embd=32, n_layer=1, n_head=2, vocab_size=50, n_positions=16, rotary_dim=8)
+    config = transformers.BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=50)  # no Llama-like layout
     model = transformers.AutoModelForCausalLM.from_config(config)
     with pytest.raises(UnsupportedArchitectureError) as err:
         HeadWeights(model)
     msg = str(err.value)
-    assert "gptj" in msg
+    assert "bloom" in msg and "\n" not in msg
     for t in SUPPORTED_MODEL_TYPES:
         assert t in msg
+
+
+def _renamed(key: str, model_type: str):
+    model = make_tiny(key)
+    model.config.model_type = model_type  # an architecture the table does not list
+    return model
+
+
+def test_generic_adapter_reads_an_unlisted_llama_like_model():
+    model = _renamed("llama-gqa", "my_llama")
+    weights = HeadWeights(model)
+    assert weights.family == "generic" and weights.n_kv_heads == 2
+    ids = _ids(model, batch=2)
+    check_head_sum(model, weights, ids, TOL)
+    check_values_and_z(model, weights, ids, TOL)
+    check_first_mlp(model, weights, ids, TOL)
+    check_embed_unembed(model, weights, ids, TOL)
+    reference = HeadWeights(make_tiny("llama-gqa"))
+    assert torch.equal(weights.W_V(1), reference.W_V(1)) and torch.equal(weights.W_O(1), reference.W_O(1))
+
+
+@pytest.mark.parametrize(("key", "what"), [("granite-gqa", "first_mlp"), ("cohere-gqa", "logits")])
+def test_generic_adapter_refuses_a_model_it_does_not_reproduce(key, what):
+    """Granite's residual multiplier and Cohere's logit scale break the Llama-like reading: the parity check names
+    the first mismatch in one sentence; a model without the layout (OLMo-2: no input norm) is refused before it."""
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        HeadWeights(_renamed(key, "unlisted"))
+    msg = str(err.value)
+    assert "'unlisted' is not in the adapter table" in msg and what in msg and "\n" not in msg
+    with pytest.raises(UnsupportedArchitectureError, match="do not follow the Llama-like layout"):
+        HeadWeights(_renamed("olmo2-gqa", "unlisted"))
+
 
 
 def test_ov_norms_equal_dense_frobenius(tiny):

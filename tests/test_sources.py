@@ -73,7 +73,7 @@ def test_parameter_bases_and_norm(key):
     weights = HeadWeights(model)
     ids = _ids(weights)
     with torch.no_grad():
-        E = model.get_input_embeddings()(torch.tensor(ids))
+        E = weights.embed(ids)  # what enters block 0 (checked against the forward pass in test_heads)
         mlp = weights.first_mlp(E)
         after_block0 = hidden_states(model, ids)[1]  # the token alone through block 0
     expected = {"raw": lambda la: E, "first_mlp": lambda la: mlp if la else E, "first_mlp_all": lambda la: mlp,

@@ -54,11 +54,23 @@ def _pairs(vocab: int, n: int = 40, seed: int = 0):
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
 @pytest.mark.parametrize("compute_space", ["head", "model"])
 def test_factored_equals_dense_on_every_family(key, compute_space):
+    """The paper's representations and a forward-pass one on every family."""
+    weights = HeadWeights(make_tiny(key))
+    src, tgt = _pairs(weights.vocab_size)
+    for variant in ("first_mlp", "raw", "first_mlp_all", "block0+norm", "context_free_1"):
+        check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
+        check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
+
+
+@pytest.mark.parametrize("key", ["gpt2", "gpt_neox-parallel", "llama-gqa", "gemma3-mqa", "olmo2-gqa", "falcon-mqa"])
+@pytest.mark.parametrize("compute_space", ["head", "model"])
+def test_factored_equals_dense_for_every_representation(key, compute_space):
+    """Every named representation, on families that differ in their norms, fused weights and KV sharing."""
     weights = HeadWeights(make_tiny(key))
     src, tgt = _pairs(weights.vocab_size)
     for variant in SRC.names(depths=(1,), modifiers=SRC.MODIFIERS):
-        check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
-        check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
+        check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)
+        check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)
 
 
 def test_chunking_and_memory_budget_do_not_change_results():

@@ -1,0 +1,222 @@
+"""HeadWeights: per-head OV weights, embeddings, the first-MLP transform and hook points of one model, read
+through its family's :class:`~maps_utils.heads.spec.ArchSpec`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UnsupportedArchitectureError
+from ..ov import OVCircuit
+from .spec import ArchSpec, Dims, bias
+
+
+def dims_of(model: nn.Module, spec: ArchSpec | None = None) -> Dims:
+    cfg = model.config
+    n_heads = cfg.num_attention_heads
+    d_model = cfg.hidden_size
+    n_kv = spec.n_kv_heads(model) if spec is not None else None
+    return Dims(
+        n_layers=cfg.num_hidden_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv or getattr(cfg, "num_key_value_heads", None) or n_heads,
+        d_model=d_model,
+        d_head=getattr(cfg, "head_dim", None) or d_model // n_heads,
+    )
+
+
+class HeadWeights:
+    """Per-head OV weights, embeddings, the first-MLP transform and hook points of one model.
+
+    All tensors are views of (or computed from) the model's own parameters, on its device
+    and in its dtype; nothing is copied at construction.
+    """
+
+    def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
+        self.model = model
+        if spec is None:
+            from .registry import spec_for
+
+            spec = spec_for(model)
+        self.spec = spec
+        self.dims = dims_of(model, spec)
+        if self.dims.n_heads % self.dims.n_kv_heads:
+            raise UnsupportedArchitectureError(
+                f"{self.dims.n_heads} query heads cannot be split evenly over {self.dims.n_kv_heads} KV heads."
+            )
+        self._blocks = self.spec.blocks(model)
+
+    # ---- geometry ---------------------------------------------------------------------------
+    @property
+    def family(self) -> str:
+        return self.spec.family
+
+    @property
+    def n_layers(self) -> int:
+        return len(self._blocks)
+
+    @property
+    def n_heads(self) -> int:
+        return self.dims.n_heads
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.dims.n_kv_heads
+
+    @property
+    def d_model(self) -> int:
+        return self.dims.d_model
+
+    @property
+    def d_head(self) -> int:
+        return self.dims.d_head
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head (1 without grouped-query attention)."""
+        return self.dims.n_heads // self.dims.n_kv_heads
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the unembedding (may exceed the tokenizer's length, e.g. padded vocabularies)."""
+        return self.spec.unembed(self.model).weight.shape[0]
+
+    def kv_group(self, head: int) -> int:
+        """The KV group (index of the shared value head) of query head ``head``."""
+        if not 0 <= head < self.n_heads:
+            raise IndexError(f"head {head} out of range 0..{self.n_heads - 1}")
+        return head // self.group_size
+
+    @property
+    def kv_groups(self) -> Tensor:
+        """``[n_heads]`` KV group of every query head."""
+        return torch.arange(self.n_heads) // self.group_size
+
+    # ---- per-layer weights ------------------------------------------------------------------
+    def block(self, layer: int) -> nn.Module:
+        return self._blocks[layer]
+
+    def attn_module(self, layer: int) -> nn.Module:
+        """The attention module: input = normalised residual, first output = sum_h z_h W_O[h] + b_O."""
+        return self.spec.attn(self._blocks[layer])
+
+    def input_norm(self, layer: int) -> nn.Module:
+        """The norm module the layer's attention reads the residual through (gain, and centring and bias for LayerNorm)."""
+        return self.spec.attn_norm(self._blocks[layer])
+
+    def W_V_kv(self, layer: int) -> Tensor:
+        """``[n_kv_heads, d_model, d_head]`` value projection per KV head."""
+        return self.spec.v_weight(self.attn_module(layer), self.dims)
+
+    def W_V(self, layer: int) -> Tensor:
+        """``[n_heads, d_model, d_head]`` value projection per query head (its KV group's, under GQA)."""
+        return self.ov(layer).per_head_W_V()
+
+    def b_V(self, layer: int) -> Tensor | None:
+        """``[n_heads, d_head]`` value bias per query head, or None where the architecture has none."""
+        b = self.spec.v_bias(self.attn_module(layer), self.dims)
+        return b if b is None or self.group_size == 1 else b[self.kv_groups.to(b.device)]
+
+    def W_O(self, layer: int) -> Tensor:
+        """``[n_heads, d_head, d_model]`` output projection per query head."""
+        return self.spec.o_weight(self.attn_module(layer), self.dims)
+
+    def b_O(self, layer: int) -> Tensor | None:
+        """``[d_model]`` output-projection bias (shared by the layer's heads), or None."""
+        return bias(self.spec.out_proj(self.attn_module(layer)))
+
+    def attn_out_gain(self, layer: int) -> Tensor | None:
+        """``[d_model]`` per-channel gain applied to the attention output before the residual, or None.
+
+        Gemma-3 normalises the attention output (post_attention_layernorm); its gain is linear
+        and per channel, while its 1/rms factor is a positive scalar per position.
+        """
+        return self.spec.attn_out_gain(self._blocks[layer])
+
+    # ---- vocabulary-side matrices -------------------------------------------------------------
+    def _scaled(self, rows: Tensor) -> Tensor:
+        """Embedding rows as the model's forward scales them: the module's own scale, then the forward's."""
+        emb = self.spec.embed(self.model)
+        scale = getattr(emb, "embed_scale", None)
+        if scale is not None:
+            rows = rows * torch.as_tensor(scale, device=rows.device).to(rows.dtype)
+        multiplier = self.spec.embed_multiplier(self.model)
+        return rows if multiplier is None else rows * multiplier
+
+    @property
+    def embed_scale(self) -> float:
+        """The factor E's rows carry over the embedding weights (sqrt(d_model) for Gemma, Granite's multiplier,
+        else 1)."""
+        emb = self.spec.embed(self.model)
+        return float(self._scaled(torch.ones((), dtype=emb.weight.dtype, device=emb.weight.device)))
+
+    def embed(self, token_ids: Tensor | Sequence[int]) -> Tensor:
+        """``[n, d_model]`` rows of E for ``token_ids``, exactly as the model's forward produces them."""
+        emb = self.spec.embed(self.model)
+        return self._scaled(emb.weight[torch.as_tensor(token_ids, device=emb.weight.device)])
+
+    @property
+    def E(self) -> Tensor:
+        """``[vocab, d_model]`` token embedding (scaled as the architecture scales it)."""
+        return self._scaled(self.spec.embed(self.model).weight)
+
+    @property
+    def U(self) -> Tensor:
+        """``[d_model, vocab]`` unembedding: a view of the LM head (tied or not), times the factor the model's
+        forward puts on its logits where it has one (Granite, Cohere)."""
+        w = self.spec.unembed(self.model).weight.T
+        multiplier = self.spec.logit_multiplier(self.model)
+        return w if multiplier is None else w * multiplier
+
+    @property
+    def U_bias(self) -> Tensor | None:
+        """``[vocab]`` LM-head bias (Phi, GPT-J), with the same logit factor, or None."""
+        b = bias(self.spec.unembed(self.model))
+        multiplier = self.spec.logit_multiplier(self.model)
+        return b if b is None or multiplier is None else b * multiplier
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """c where the model caps its logits as c·tanh(x / c) (Gemma-2): monotone, so ranks under U are the
+        model's; None elsewhere."""
+        return self.spec.logit_softcap(self.model)
+
+    def first_mlp(self, x: Tensor) -> Tensor:
+        """Block 0's MLP branch as the architecture computes it (its norms included), without the residual.
+
+        MAPS uses ``first_mlp(E)`` as the source representation for heads in layers >= 1.
+        """
+        return self.spec.mlp0(self._blocks[0], x)
+
+    # ---- hook points -----------------------------------------------------------------------
+    def out_proj_module(self, layer: int) -> nn.Module:
+        """Module whose *input* is z, all heads' mixed values ``[.., n_heads*d_head]`` in head order."""
+        return self.spec.out_proj(self.attn_module(layer))
+
+    def v_module(self, layer: int) -> nn.Module:
+        """Module whose *output* contains the value vectors (see :meth:`values_from_output`)."""
+        return self.spec.v_module(self.attn_module(layer))
+
+    def values_from_output(self, out: Tensor) -> Tensor:
+        """``[.., n_kv_heads, d_head]`` value vectors from the output of :meth:`v_module`."""
+        return self.spec.values_from_output(out, self.dims)
+
+    def split_z(self, z: Tensor) -> Tensor:
+        """``[.., n_heads*d_head]`` -> ``[.., n_heads, d_head]``."""
+        return z.unflatten(-1, (self.n_heads, self.d_head))
+
+    def ov(self, layer: int) -> OVCircuit:
+        """The layer's OV circuits, factored (:class:`~maps_utils.ov.OVCircuit`): W_V per KV group, W_O per head."""
+        return OVCircuit(self.W_V_kv(layer), self.W_O(layer), self.kv_groups)
+
+    def summary(self) -> dict[str, object]:
+        """Plain-dict description for tables and manifests."""
+        return {
+            "family": self.family, "n_layers": self.n_layers, "n_heads": self.n_heads, "n_kv_heads": self.n_kv_heads,
+            "group_size": self.group_size, "d_model": self.d_model, "d_head": self.d_head, "vocab_size": self.vocab_size,
+            "parallel_attn_mlp": self.spec.parallel_attn_mlp, "v_bias": self.b_V(0) is not None,
+            "o_bias": self.b_O(0) is not None, "unembed_bias": self.U_bias is not None,
+            "embed_scale": self.embed_scale, "logit_softcap": self.logit_softcap, "attn_out_gain": self.attn_out_gain(0) is not None,
+        }

@@ -1,0 +1,110 @@
+"""The adapter type: :class:`ArchSpec`, one per architecture family, and the accessors families share.
+
+Conventions (row vectors, as in the paper): a residual vector ``x`` of shape ``[d_model]`` gives head ``h``'s value
+``v_h = x @ W_V[h] + b_V[h]`` (``[d_head]``); after attention mixes values into ``z_h``, the head writes
+``z_h @ W_O[h]`` (``[d_model]``) and the attention block's output is ``sum_h z_h @ W_O[h] + b_O``. Under
+grouped-query attention the query heads of one KV group share ``W_V``/``b_V`` (group ``h // (n_heads //
+n_kv_heads)``) and keep their own ``W_O``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Head geometry read from the config."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+
+
+def _none(_) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Accessors for one architecture family (all shapes in the comments)."""
+
+    family: str
+    model_types: tuple[str, ...]
+    parallel_attn_mlp: bool
+    blocks: Callable[[nn.Module], Sequence[nn.Module]]
+    attn: Callable[[nn.Module], nn.Module]  # block -> attention module (input: normalised residual)
+    v_weight: Callable[[nn.Module, Dims], Tensor]  # attn -> [n_kv, d_model, d_head]
+    v_bias: Callable[[nn.Module, Dims], Tensor | None]  # attn -> [n_kv, d_head]
+    out_proj: Callable[[nn.Module], nn.Module]  # attn -> output projection; its input is z [.., n_heads*d_head]
+    o_weight: Callable[[nn.Module, Dims], Tensor]  # attn -> [n_heads, d_head, d_model]
+    v_module: Callable[[nn.Module], nn.Module]  # attn -> module whose output holds the value vectors
+    values_from_output: Callable[[Tensor, Dims], Tensor]  # v_module output -> [.., n_kv, d_head]
+    mlp0: Callable[[nn.Module, Tensor], Tensor]  # (block 0, x) -> MLP branch without the residual
+    embed: Callable[[nn.Module], nn.Embedding] = lambda model: model.get_input_embeddings()
+    unembed: Callable[[nn.Module], nn.Linear] = lambda model: model.get_output_embeddings()
+    attn_out_gain: Callable[[nn.Module], Tensor | None] = _none  # block -> [d_model] gain after the output projection
+    attn_norm: Callable[[nn.Module], nn.Module] = lambda block: block.input_layernorm  # block -> attention's input norm
+    n_kv_heads: Callable[[nn.Module], int | None] = _none  # model -> KV heads where the config does not say (Falcon)
+    # scalars the model's forward applies outside the modules above (None: 1)
+    embed_multiplier: Callable[[nn.Module], float | None] = _none  # model -> factor on the embedding rows
+    logit_multiplier: Callable[[nn.Module], float | None] = _none  # model -> factor on the LM head's output
+    logit_softcap: Callable[[nn.Module], float | None] = _none  # model -> c in logits = c·tanh(logits / c)
+
+
+# ---- accessors shared by several families -------------------------------------------------------------
+def bias(module: nn.Module) -> Tensor | None:
+    return getattr(module, "bias", None)
+
+
+def linear_v(attn: nn.Module, d: Dims) -> Tensor:
+    # nn.Linear weight is [out, in] = [n_kv*d_head, d_model]
+    return attn.v_proj.weight.view(d.n_kv_heads, d.d_head, d.d_model).transpose(1, 2)
+
+
+def linear_v_bias(attn: nn.Module, d: Dims) -> Tensor | None:
+    b = bias(attn.v_proj)
+    return None if b is None else b.view(d.n_kv_heads, d.d_head)
+
+
+def linear_o(proj: nn.Module, d: Dims) -> Tensor:
+    # [d_model, n_heads*d_head] -> [n_heads, d_head, d_model]
+    return proj.weight.view(d.d_model, d.n_heads, d.d_head).permute(1, 2, 0)
+
+
+def split_kv(out: Tensor, d: Dims) -> Tensor:
+    return out.unflatten(-1, (d.n_kv_heads, d.d_head))
+
+
+def decoder_layers(model: nn.Module) -> Sequence[nn.Module]:
+    return model.model.layers
+
+
+def llama_like(family: str, model_types: tuple[str, ...], **changes) -> ArchSpec:
+    """q/k/v/o_proj under ``self_attn``, ``input_layernorm`` before attention, ``post_attention_layernorm`` + ``mlp``
+    after it (Llama, Qwen2 and the many families built like them); ``changes`` override any field."""
+    fields = dict(
+        family=family,
+        model_types=model_types,
+        parallel_attn_mlp=False,
+        blocks=decoder_layers,
+        attn=lambda block: block.self_attn,
+        v_weight=linear_v,
+        v_bias=linear_v_bias,
+        out_proj=lambda attn: attn.o_proj,
+        o_weight=lambda attn, d: linear_o(attn.o_proj, d),
+        v_module=lambda attn: attn.v_proj,
+        values_from_output=split_kv,
+        mlp0=lambda block, x: block.mlp(block.post_attention_layernorm(x)),
+    )
+    return ArchSpec(**{**fields, **changes})
+
+
+def fused_v(weight: Tensor, start: int, d: Dims) -> Tensor:
+    """``[n_kv, d_model, d_head]`` from the rows ``start : start + n_kv*d_head`` of a fused [out, in] weight."""
+    return weight[start:start + d.n_kv_heads * d.d_head].view(d.n_kv_heads, d.d_head, d.d_model).transpose(1, 2)
