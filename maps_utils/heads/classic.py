@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .spec import ArchSpec, Dims, bias, decoder_layers, linear_o, linear_v, linear_v_bias, split_kv
+from .spec import ArchSpec, Dims, bias, linear_o, linear_v, linear_v_bias, llama_like, split_kv
 
 
 # --- GPT-2: fused Conv1D c_attn (weight [d_model, 3*d_model], columns [q | k | v], heads contiguous).
@@ -65,20 +65,14 @@ GPT_NEOX = ArchSpec(
 
 # --- Phi (phi-1/1.5/2): separate q/k/v_proj with biases, output `dense`; attention and MLP in parallel
 # on one shared input_layernorm; lm_head has a bias.
-PHI = ArchSpec(
-    family="phi",
-    model_types=("phi",),
+PHI = llama_like(
+    "phi", ("phi",),
     parallel_attn_mlp=True,
-    blocks=decoder_layers,
-    attn=lambda block: block.self_attn,
-    v_weight=linear_v,
-    v_bias=linear_v_bias,
     out_proj=lambda attn: attn.dense,
     o_weight=lambda attn, d: linear_o(attn.dense, d),
-    v_module=lambda attn: attn.v_proj,
-    values_from_output=split_kv,
     mlp0=lambda block, x: block.mlp(block.input_layernorm(x)),
 )
+
 
 # --- GPT-J: q/k/v_proj and out_proj (no biases) under `attn`; attention and MLP in parallel on one ln_1; the LM
 # head has a bias.

@@ -24,6 +24,16 @@ def _hidden(args, kwargs):
     return (args[0] if args else kwargs["hidden_states"]).detach()
 
 
+def _run_hooked(model, handles: list, input_ids: torch.Tensor) -> None:
+    """One forward pass with ``handles`` installed; they are removed however it ends."""
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
@@ -51,12 +61,7 @@ def capture_attention(model, weights: HeadWeights, input_ids: torch.Tensor) -> d
             weights.v_module(layer).register_forward_hook(
                 lambda mod, args, out, rec=rec: rec.__setitem__("v_out", out.detach())),
         ]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, input_ids)
     return store
 
 
@@ -103,12 +108,7 @@ def first_mlp(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
         block.register_forward_hook(lambda mod, args, kwargs, out: rec.__setitem__("y", _first(out).detach()),
                                     with_kwargs=True),
     ]
-    try:
-        with torch.no_grad():
-            model(input_ids=input_ids)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, handles, input_ids)
     with torch.no_grad():
         err = max_err(weights.first_mlp(rec["x"]), rec["y"] - rec["x"])
     return None if err < tol else f"first_mlp is not block 0's MLP branch (relative error {err:.2g})"
