@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .spec import ArchSpec, Dims, bias, linear_o, linear_v, linear_v_bias, llama_like, split_kv
+from .spec import ArchSpec, Dims, bias, linear_o, llama_like, split_kv
 
 
 # --- GPT-2: fused Conv1D c_attn (weight [d_model, 3*d_model], columns [q | k | v], heads contiguous).
@@ -76,18 +76,13 @@ PHI = llama_like(
 
 # --- GPT-J: q/k/v_proj and out_proj (no biases) under `attn`; attention and MLP in parallel on one ln_1; the LM
 # head has a bias.
-GPTJ = ArchSpec(
-    family="gptj",
-    model_types=("gptj",),
+GPTJ = llama_like(
+    "gptj", ("gptj",),
     parallel_attn_mlp=True,
     blocks=lambda model: model.transformer.h,
     attn=lambda block: block.attn,
-    v_weight=linear_v,
-    v_bias=linear_v_bias,
     out_proj=lambda attn: attn.out_proj,
     o_weight=lambda attn, d: linear_o(attn.out_proj, d),
-    v_module=lambda attn: attn.v_proj,
-    values_from_output=split_kv,
     mlp0=lambda block, x: block.mlp(block.ln_1(x)),
     attn_norm=lambda block: block.ln_1,
 )
