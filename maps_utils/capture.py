@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from . import relations as R
 from .heads import HeadWeights
 from .hooks import StopForward, run_until_stop
-from .static import Columns, _inverse, ranks_of_targets, scan_permutation
+from .static import Columns, ranks_of_targets, scan_columns
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +134,8 @@ def head_writes(weights: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple
 
 
 def model_columns(weights: HeadWeights, dtype: torch.dtype | None = None) -> Columns:
-    """The unembedding in the static engine's scan order (shared by every row)."""
-    U = weights.U.to(dtype or weights.U.dtype)
-    perm = scan_permutation(U.shape[1], U.device)
-    return Columns(U[:, perm].contiguous(), perm, _inverse(perm))
+    """The unembedding in the static engine's scan order (shared by every row; cached on ``weights``)."""
+    return scan_columns(weights, dtype)
 
 
 @torch.inference_mode()

@@ -12,15 +12,10 @@ smaller entries. Ranks are exact up to ``rank_cap`` (a rank equal to the cap mea
 scores for every k <= cap follow from one pass.
 
 **Why it is fast.** A row needs only enough of the vocabulary to see ``rank_cap`` entries above
-and below its target; most rows stop after a small fraction of it. The vocabulary is scanned in
-one fixed random order (so early counts are unbiased) in blocks that grow geometrically, and every
-(head, pair) row that is still undecided is scored in the same matrix product. Rows run either in
-head space (``z = x W_V`` against ``C_h = W_O[h] U``, inner dimension d_head; pays a d_head×d×V
-product per head once) or in model space (``w = z W_O[h]`` against U, shared by all heads); the
-default (``auto``) picks head space when d_head <= d_model / 4 and there are enough pairs to repay
-the up-front product. (Ordering columns by norm and stopping by
-Cauchy–Schwarz was tried and dropped: the unembedding norms of the embedded models vary too little
-for the bound to end any row early, and norm order biases the early counts.)
+and below its target; most rows stop after a small fraction of it (:mod:`maps_utils.scan`: one fixed random
+scan order, blocks that grow geometrically, every undecided row of every head of a layer in the same block).
+Per head and block the scan picks model space (``w = z W_O[h]`` against U) or head space (``z`` against the
+block's ``W_O[h] U``), whichever costs fewer multiply-adds for the rows still undecided.
 
 Everything runs on the device and dtype of the model it is given; nothing touches CUDA at import.
 """
@@ -37,11 +32,9 @@ from tqdm.auto import tqdm
 
 from . import sources
 from .heads import HeadWeights
+from .scan import SEED, SPACES, Columns, head_ranks, ranks_of_targets, scan_columns, scan_permutation  # noqa: F401
 
 log = logging.getLogger(__name__)
-
-SPACES = ("auto", "head", "model")
-SEED = 0  # the scan order's seed; results never depend on it, only the speed does
 
 
 def check_variant(variant: str) -> None:
@@ -56,107 +49,6 @@ def head_rows(weights: HeadWeights, layer: int, x: Tensor) -> Tensor:
     return weights.ov(layer).to(x.dtype).writes(x)
 
 
-def _pick_space(weights: HeadWeights, compute_space: str, n_pairs: int) -> str:
-    """Head space costs d_head·d_model·V per head up front, then d_head per scanned entry instead of
-    d_model; with about 5% of the vocabulary scanned per row it pays off beyond this many pairs."""
-    if compute_space not in SPACES:
-        raise ValueError(f"Unknown compute space '{compute_space}'; use one of {', '.join(SPACES)}.")
-    if compute_space == "auto":
-        d, dh = weights.d_model, weights.d_head
-        return "head" if dh * 4 <= d and n_pairs > 20 * dh * d / (d - dh) else "model"
-    return compute_space
-
-
-def scan_permutation(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
-    """The fixed random order in which the vocabulary is scanned."""
-    g = torch.Generator().manual_seed(SEED)
-    return torch.randperm(vocab_size, generator=g).to(device)
-
-
-@dataclass
-class Columns:
-    """A column matrix in scan order."""
-
-    cols: Tensor  # [k, V] columns in scan order
-    perm: Tensor  # [V] original token id at each scan position
-    position: Tensor  # [V] scan position of each original token id
-
-
-def _inverse(perm: Tensor) -> Tensor:
-    position = torch.empty_like(perm)
-    position[perm] = torch.arange(perm.numel(), device=perm.device)
-    return position
-
-
-def _count(scores: Tensor, t: Tensor, need: Tensor, op) -> Tensor:
-    """Per row, the entries with ``op(entry, t)``, for the rows in ``need`` only (others: 0)."""
-    if bool(need.all()):
-        return op(scores, t[:, None]).sum(1)
-    out = torch.zeros(scores.shape[0], dtype=torch.int64, device=scores.device)
-    idx = need.nonzero().squeeze(1)
-    if idx.numel():
-        out[idx] = op(scores[idx], t[idx, None]).sum(1)
-    return out
-
-
-@torch.no_grad()
-def ranks_of_targets(
-    rows: Tensor,
-    targets: Tensor,
-    columns: Columns,
-    rank_cap: int = 100,
-    memory_budget_mb: float = 512.0,
-    first_chunk: int = 512,
-    growth: float = 1.5,
-) -> tuple[Tensor, Tensor]:
-    """Rank of each row's target from the top and from the bottom of ``rows @ cols``, capped at ``rank_cap``.
-
-    The top rank counts other tokens with a strictly larger entry (0: the target is the row's maximum);
-    the bottom rank counts strictly smaller ones (the suppression test). One scan serves both.
-
-    Args:
-        rows: ``[R, k]`` row vectors.
-        targets: ``[R]`` target token id (original id) of each row.
-        columns: the column matrix in scan order (:class:`Columns`).
-        rank_cap: ranks >= this are returned as ``rank_cap``.
-        memory_budget_mb: bounds the rows x columns block scored at once (about 6 bytes per entry).
-        first_chunk, growth: columns in the first block, and the factor by which blocks grow.
-    Returns:
-        ``(top, bottom)``, each ``[R]`` int64 in ``[0, rank_cap]``.
-    """
-    R, V = rows.shape[0], columns.cols.shape[1]
-    pos = columns.position[targets.to(columns.position.device)]  # scan position of each target
-    target_logit = (rows * columns.cols[:, pos].T).sum(1)  # [R] the target's own entry
-    above = torch.zeros(R, dtype=torch.int64, device=rows.device)
-    below = torch.zeros(R, dtype=torch.int64, device=rows.device)
-    budget = max(1, int(memory_budget_mb * 2**20 / 6))  # scores (4 B) + two boolean masks
-    block = max(1, min(R, budget // first_chunk))
-    for r0 in range(0, R, block):
-        active = torch.arange(r0, min(R, r0 + block), device=rows.device)
-        start, chunk = 0, float(first_chunk)
-        while active.numel() and start < V:
-            stop = min(V, start + int(chunk), start + max(1, budget // active.numel()))
-            scores = rows[active] @ columns.cols[:, start:stop]  # [A, C]
-            t = target_logit[active]
-            # count only the side that is still undecided: a row near the top has long passed the cap
-            # below it (and vice versa), so most long scans need one comparison pass, not two
-            need_above, need_below = above[active] < rank_cap, below[active] < rank_cap
-            n_above = _count(scores, t, need_above, torch.gt)
-            n_below = _count(scores, t, need_below, torch.lt)
-            # the target's own column is no rival: undo its count where rounding moved it off target_logit
-            p = pos[active]
-            mine = ((p >= start) & (p < stop)).nonzero().squeeze(1)
-            own = scores[mine, p[mine] - start]
-            n_above[mine] -= ((own > t[mine]) & need_above[mine]).long()
-            n_below[mine] -= ((own < t[mine]) & need_below[mine]).long()
-            above[active] += n_above
-            below[active] += n_below
-            done = (above[active] >= rank_cap) & (below[active] >= rank_cap)
-            active = active[~done]
-            start, chunk = stop, chunk * growth
-    return above.clamp_(max=rank_cap), below.clamp_(max=rank_cap)
-
-
 @torch.no_grad()
 def layer_ranks(
     weights: HeadWeights,
@@ -167,34 +59,14 @@ def layer_ranks(
     rank_cap: int = 100,
     compute_space: str = "auto",
     memory_budget_mb: float = 512.0,
-    perm: Tensor | None = None,
     model_columns: Columns | None = None,
 ) -> tuple[Tensor, Tensor]:
     """``(top, bottom)`` target ranks, each ``[n_heads, n]``, for every head of ``layer``.
 
     ``x`` is ``[n, d_model]`` (the sources' representations for this layer), ``targets`` ``[n]``.
     """
-    compute_space = _pick_space(weights, compute_space, x.shape[0])
-    U = weights.U.to(x.dtype)
-    perm = scan_permutation(U.shape[1], U.device) if perm is None else perm
-    ov = weights.ov(layer).to(x.dtype)
-    z = ov.values(x)  # [G, n, dh], shared per KV group
-    if compute_space == "model":
-        if model_columns is None:
-            model_columns = Columns(U[:, perm], perm, _inverse(perm))
-        w = head_rows(weights, layer, x)  # [H, n, d]
-        top, bottom = ranks_of_targets(w.reshape(-1, weights.d_model), targets.repeat(weights.n_heads),
-                                       model_columns, rank_cap, memory_budget_mb)
-        return top.view(weights.n_heads, -1), bottom.view(weights.n_heads, -1)
-    position = _inverse(perm)
-    U_perm = U[:, perm]
-    tops, bottoms = [], []
-    for h in range(weights.n_heads):
-        cols = Columns(ov.columns(h, U_perm), perm, position)  # C_h = W_O[h] U, [dh, V] in scan order
-        top, bottom = ranks_of_targets(z[weights.kv_group(h)], targets, cols, rank_cap, memory_budget_mb)
-        tops.append(top)
-        bottoms.append(bottom)
-    return torch.stack(tops), torch.stack(bottoms)
+    columns = model_columns or scan_columns(weights, x.dtype)
+    return head_ranks(weights.ov(layer).to(x.dtype), x, targets, columns, rank_cap, memory_budget_mb, compute_space)
 
 
 @dataclass
@@ -259,15 +131,12 @@ def target_ranks(
     if out is None:
         out = RankResult(torch.full((L, H, n), rank_cap, dtype=torch.int16),
                          torch.full((L, H, n), rank_cap, dtype=torch.int16), variant, rank_cap)
-    perm = scan_permutation(weights.vocab_size, device)
-    model_columns = None
-    if _pick_space(weights, compute_space, n) == "model":
-        model_columns = Columns(weights.U.to(dtype)[:, perm].contiguous(), perm, _inverse(perm))
+    model_columns = scan_columns(weights, dtype)
     todo = list(range(L)) if layers is None else list(layers)
     xs = sources.SourceVectors(weights, src, variant, layers=todo, prefix=prefix, dtype=dtype)
     for layer in tqdm(todo, desc=f"ranks ({variant})", disable=not progress or len(todo) < 2):
         t, b = layer_ranks(weights, layer, xs.layer(layer), tgt, rank_cap=rank_cap, compute_space=compute_space,
-                           memory_budget_mb=memory_budget_mb, perm=perm, model_columns=model_columns)
+                           memory_budget_mb=memory_budget_mb, model_columns=model_columns)
         out.top[layer], out.bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()
         if on_layer is not None:
             on_layer(layer, out)

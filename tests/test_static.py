@@ -52,7 +52,7 @@ def _pairs(vocab: int, n: int = 40, seed: int = 0):
 
 
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
-@pytest.mark.parametrize("compute_space", ["head", "model"])
+@pytest.mark.parametrize("compute_space", ["auto", "head", "model"])
 def test_factored_equals_dense_on_every_family(key, compute_space):
     """The paper's representations and a forward-pass one on every family."""
     weights = HeadWeights(make_tiny(key))
@@ -78,13 +78,56 @@ def test_chunking_and_memory_budget_do_not_change_results():
     src, tgt = _pairs(weights.vocab_size, n=60)
     ref = S.target_ranks(weights, src, tgt, rank_cap=20, progress=False)
     for budget in (1e-4, 0.01, 64):  # from a handful of entries per block to everything at once
-        for compute_space in ("head", "model"):
+        for compute_space in ("auto", "head", "model"):
             res = S.target_ranks(weights, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
             assert torch.equal(res.top, ref.top) and torch.equal(res.bottom, ref.bottom)
     order = S.Columns(weights.U, torch.arange(weights.vocab_size), torch.arange(weights.vocab_size))  # unshuffled order
     w = S.head_rows(weights, 1, SRC.source_vectors(weights, src, "first_mlp", 1))[2]
     top, bottom = S.ranks_of_targets(w, torch.tensor(tgt), order, rank_cap=20, first_chunk=3, growth=1.1)
     assert torch.equal(top, ref.top[1, 2].long()) and torch.equal(bottom, ref.bottom[1, 2].long())
+
+
+def test_auto_space_mixes_head_and_model_space_per_block(monkeypatch):
+    """``auto`` scores a head's rows in head space while many are undecided and in model space once few are left;
+    the ranks equal both forced spaces'."""
+    from maps_utils import scan
+    from maps_utils.ov import OVCircuit
+
+    weights = HeadWeights(make_tiny("llama-gqa"))
+    assert scan.head_space_pays(22, 64, 16) and not scan.head_space_pays(21, 64, 16)  # 16·64/48 = 21.3 rows
+    src, tgt = _pairs(weights.vocab_size, n=60)
+    x = SRC.source_vectors(weights, src, "first_mlp", 1)
+    calls = []
+    real = OVCircuit.columns
+    monkeypatch.setattr(OVCircuit, "columns", lambda self, h, U: calls.append(U.shape[1]) or real(self, h, U))
+    results = {}
+    for space in ("model", "auto", "head"):
+        calls.clear()
+        results[space] = scan.head_ranks(weights.ov(1), x, torch.tensor(tgt), S.scan_columns(weights), rank_cap=20,
+                                         compute_space=space, first_chunk=4, growth=1.2)  # blocks of a few columns
+        results[space + "_blocks"] = list(calls)
+    assert results["model_blocks"] == []
+    assert 0 < len(results["auto_blocks"]) < len(results["head_blocks"])
+    for h in range(weights.n_heads):  # every space equals the dense rows
+        top, bottom = dense_ranks(dense_rows(weights, 1, h, x), torch.tensor(tgt), 20)
+        for space in ("model", "auto", "head"):
+            assert torch.equal(results[space][0][h], top) and torch.equal(results[space][1][h], bottom), (space, h)
+
+
+def test_scan_columns_are_reused_and_rebuilt_after_an_in_place_edit():
+    """The unembedding in scan order is built once per weights and dtype; editing the weights in place rebuilds it,
+    so the ranks follow the new weights (no stale copy)."""
+    model = make_tiny("llama-mha-untied")
+    weights = HeadWeights(model)
+    first = S.scan_columns(weights)
+    assert S.scan_columns(weights) is first
+    assert torch.equal(first.cols, weights.U[:, first.perm])
+    src, tgt = _pairs(weights.vocab_size)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(-1.0)  # every entry of M flips sign: top and bottom ranks swap
+    rebuilt = S.scan_columns(weights)
+    assert rebuilt is not first and torch.equal(rebuilt.cols, -first.cols)
+    check_against_dense(weights, src, tgt, "first_mlp", cap=7)
 
 
 def test_gqa_heads_use_their_groups_value_projection():
