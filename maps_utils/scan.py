@@ -12,11 +12,11 @@ from U's top singular directions (Cauchy–Schwarz on the rest) was measured on 
 left 85–98% of the columns to score with 64–160 of 640 directions, and norm-ordered columns with a Cauchy–Schwarz
 stop ended no row early (the README's static-scores section).
 
-:func:`ranks_of_targets` scans model-space rows. :func:`head_ranks` scans the rows of several heads that share
-their targets, choosing per head and per block between model space (``w = z W_O[h]`` against U, inner dimension
-d_model) and head space (``z`` against the block's ``W_O[h] U``, inner dimension d_head, which costs a
-d_head × d_model product per block column first): head space wins while a head has more than
-``d_head·d_model / (d_model − d_head)`` undecided rows.
+:func:`ranks_of_targets` scans model-space rows; :func:`head_ranks` scans every head of a layer, in model space
+(``w = z W_O[h]`` against U, all heads together) or in head space (``z`` against ``W_O[h] U``, inner dimension
+d_head, the product built only for the blocks a head's rows still scan), chosen per call (:func:`pick_space`).
+A head-space block has the bits of the same columns of the whole ``W_O[h] U`` (matrix products round alike
+whatever their width, except a one-column one, which is avoided), so building it per block changes no rank.
 """
 
 from __future__ import annotations
@@ -162,9 +162,23 @@ def ranks_of_targets(
     return scan(scorer, t, pos, columns.cols.shape[1], rank_cap, memory_budget_mb, first_chunk, growth)
 
 
-def head_space_pays(n_rows: int, d_model: int, d_head: int) -> bool:
-    """Whether ``n_rows`` rows of one head are cheaper against ``W_O[h] U`` (built for the block) than against U."""
-    return d_head < d_model and n_rows * (d_model - d_head) > d_head * d_model
+def pick_space(compute_space: str, d_model: int, d_head: int, n_pairs: int) -> str:
+    """``head`` or ``model`` for a call with ``n_pairs`` rows per head. Head space pays a d_head × d_model product
+    per scanned column of each head, then costs d_head per entry instead of d_model; with about 5% of the
+    vocabulary scanned per row, ``auto`` picks it when d_head <= d_model / 4 and beyond this many pairs."""
+    if compute_space not in SPACES:
+        raise ValueError(f"Unknown compute space '{compute_space}'; use one of {', '.join(SPACES)}.")
+    if compute_space == "auto":
+        return "head" if d_head * 4 <= d_model and n_pairs > 20 * d_head * d_model / (d_model - d_head) else "model"
+    return compute_space
+
+
+def _wide(w_o: Tensor, cols: Tensor) -> Tensor:
+    """``w_o @ cols`` with the bits of the same columns of any wider product: a one-column product would take a
+    matrix-vector path that rounds differently, so it is computed two wide."""
+    if cols.shape[1] != 1:
+        return w_o @ cols
+    return (w_o @ torch.cat([cols, cols], 1))[:, :1]
 
 
 @torch.no_grad()
@@ -176,43 +190,30 @@ def head_ranks(
     rank_cap: int = 100,
     memory_budget_mb: float = 512.0,
     compute_space: str = "auto",
-    first_chunk: int = 512,
-    growth: float = 1.5,
 ) -> tuple[Tensor, Tensor]:
     """``(top, bottom)`` ranks ``[H, n]`` of the rows ``(x W_V[g(h)]) W_O[h] U`` of every head of one layer.
 
-    ``x`` is ``[n, d_model]`` (the sources), ``targets`` ``[n]``, ``columns`` U in scan order. ``compute_space``:
-    ``auto`` picks per head and block (:func:`head_space_pays`); ``head`` or ``model`` forces one. The target
-    logits are model-space entries in every case. ``first_chunk``, ``growth``: as in :func:`ranks_of_targets`.
+    ``x`` is ``[n, d_model]`` (the sources), ``targets`` ``[n]``, ``columns`` U in scan order. Model space scores
+    every head's rows ``w = z W_O[h]`` against U together; head space scores each head's ``z`` against
+    ``W_O[h] U``, built block by block for the columns its rows still scan (:func:`pick_space`).
     """
-    if compute_space not in SPACES:
-        raise ValueError(f"Unknown compute space '{compute_space}'; use one of {', '.join(SPACES)}.")
-    H, n = ov.W_O.shape[0], targets.numel()
-    d_head, d_model = ov.W_O.shape[1], ov.W_O.shape[2]
-    z = ov.head_values(x)  # [H, n, dh]
-    w = ov.writes(x).reshape(H * n, d_model)  # [H·n, d] model-space rows
-    pos = columns.position[targets.to(columns.position.device)].repeat(H)
-    t = (w * columns.cols[:, pos].T).sum(1)  # [H·n] the target's own entry
+    H, d_head, d_model = ov.W_O.shape
+    n = targets.numel()
+    if pick_space(compute_space, d_model, d_head, n) == "model":
+        w = ov.writes(x).reshape(H * n, d_model)  # [H·n, d]
+        top, bottom = ranks_of_targets(w, targets.repeat(H), columns, rank_cap, memory_budget_mb)
+        return top.view(H, n), bottom.view(H, n)
+    z = ov.values(x)  # [G, n, dh], shared per KV group
+    pos = columns.position[targets.to(columns.position.device)]
+    tops, bottoms = [], []
+    for h in range(H):
+        rows, w_o = z[int(ov.groups[h])], ov.W_O[h]
+        t = (rows * _wide(w_o, columns.cols[:, pos]).T).sum(1)  # [n] the target's own entry, C_h = W_O[h] U at pos
 
-    def head_space(count: int) -> bool:
-        return compute_space == "head" or (compute_space == "auto" and head_space_pays(count, d_model, d_head))
+        def scorer(active: Tensor, start: int, stop: int, rows=rows, w_o=w_o):
+            return [(active, rows[active] @ _wide(w_o, columns.cols[:, start:stop]))]  # [A, dh] @ [dh, C]
 
-    def scorer(active: Tensor, start: int, stop: int):
-        block = columns.cols[:, start:stop]  # [d, C]
-        head_of = active // n
-        out, model_rows = [], []
-        for h, count in enumerate(torch.bincount(head_of, minlength=H).tolist()):
-            if not count:
-                continue
-            rows = active[head_of == h]
-            if head_space(count):
-                out.append((rows, z[h, rows - h * n] @ ov.columns(h, block)))  # [A_h, dh] @ [dh, C]
-            else:
-                model_rows.append(rows)
-        if model_rows:
-            rows = torch.cat(model_rows)
-            out.append((rows, w[rows] @ block))  # [A, d] @ [d, C]
-        return out
-
-    top, bottom = scan(scorer, t, pos, columns.cols.shape[1], rank_cap, memory_budget_mb, first_chunk, growth)
-    return top.view(H, n), bottom.view(H, n)
+        top, bottom = scan(scorer, t, pos, columns.cols.shape[1], rank_cap, memory_budget_mb)
+        tops.append(top)
+        bottoms.append(bottom)
+    return torch.stack(tops), torch.stack(bottoms)

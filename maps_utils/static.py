@@ -13,9 +13,10 @@ scores for every k <= cap follow from one pass.
 
 **Why it is fast.** A row needs only enough of the vocabulary to see ``rank_cap`` entries above
 and below its target; most rows stop after a small fraction of it (:mod:`maps_utils.scan`: one fixed random
-scan order, blocks that grow geometrically, every undecided row of every head of a layer in the same block).
-Per head and block the scan picks model space (``w = z W_O[h]`` against U) or head space (``z`` against the
-block's ``W_O[h] U``), whichever costs fewer multiply-adds for the rows still undecided.
+scan order, blocks that grow geometrically, the undecided rows scored together in each block). Rows run
+in model space (``w = z W_O[h]`` against U) or in head space (``z = x W_V`` against ``W_O[h] U``, inner dimension
+d_head, built only for the blocks still scanned); ``auto`` picks head space when d_head <= d_model / 4 and there
+are enough pairs to repay the product.
 
 Everything runs on the device and dtype of the model it is given; nothing touches CUDA at import.
 """

@@ -87,31 +87,26 @@ def test_chunking_and_memory_budget_do_not_change_results():
     assert torch.equal(top, ref.top[1, 2].long()) and torch.equal(bottom, ref.bottom[1, 2].long())
 
 
-def test_auto_space_mixes_head_and_model_space_per_block(monkeypatch):
-    """``auto`` scores a head's rows in head space while many are undecided and in model space once few are left;
-    the ranks equal both forced spaces'."""
+def test_head_space_blocks_have_the_bits_of_the_whole_product():
+    """Head space computes W_O[h] U block by block, only for the columns its rows still scan, with the bits of the
+    whole product (a one-column block is computed two wide); the ranks equal model space's and the dense rows'."""
     from maps_utils import scan
-    from maps_utils.ov import OVCircuit
 
     weights = HeadWeights(make_tiny("llama-gqa"))
-    assert scan.head_space_pays(22, 64, 16) and not scan.head_space_pays(21, 64, 16)  # 16·64/48 = 21.3 rows
     src, tgt = _pairs(weights.vocab_size, n=60)
     x = SRC.source_vectors(weights, src, "first_mlp", 1)
-    calls = []
-    real = OVCircuit.columns
-    monkeypatch.setattr(OVCircuit, "columns", lambda self, h, U: calls.append(U.shape[1]) or real(self, h, U))
-    results = {}
-    for space in ("model", "auto", "head"):
-        calls.clear()
-        results[space] = scan.head_ranks(weights.ov(1), x, torch.tensor(tgt), S.scan_columns(weights), rank_cap=20,
-                                         compute_space=space, first_chunk=4, growth=1.2)  # blocks of a few columns
-        results[space + "_blocks"] = list(calls)
-    assert results["model_blocks"] == []
-    assert 0 < len(results["auto_blocks"]) < len(results["head_blocks"])
-    for h in range(weights.n_heads):  # every space equals the dense rows
-        top, bottom = dense_ranks(dense_rows(weights, 1, h, x), torch.tensor(tgt), 20)
-        for space in ("model", "auto", "head"):
-            assert torch.equal(results[space][0][h], top) and torch.equal(results[space][1][h], bottom), (space, h)
+    columns = S.scan_columns(weights)
+    head = scan.head_ranks(weights.ov(1), x, torch.tensor(tgt), columns, rank_cap=5, compute_space="head")
+    model = scan.head_ranks(weights.ov(1), x, torch.tensor(tgt), columns, rank_cap=5, compute_space="model")
+    for h in range(weights.n_heads):
+        top, bottom = dense_ranks(dense_rows(weights, 1, h, x), torch.tensor(tgt), 5)
+        assert torch.equal(head[0][h], top) and torch.equal(head[1][h], bottom), h
+        assert torch.equal(model[0][h], top) and torch.equal(model[1][h], bottom), h
+    full = weights.ov(1).W_O[0] @ columns.cols
+    assert torch.equal(scan._wide(weights.ov(1).W_O[0], columns.cols[:, 7:8]), full[:, 7:8])
+    assert torch.equal(scan._wide(weights.ov(1).W_O[0], columns.cols[:, 7:30]), full[:, 7:30])
+    assert scan.pick_space("auto", 576, 64, 1441) == "head" and scan.pick_space("auto", 576, 64, 1440) == "model"
+    assert scan.pick_space("auto", 640, 256, 10**6) == "model"  # d_head > d_model / 4: never
 
 
 def test_scan_columns_are_reused_and_rebuilt_after_an_in_place_edit():
@@ -255,3 +250,45 @@ def test_salient_operations_match_dense():
     assert ops.token_id.tolist() == top.tolist() and ops["rank"].tolist() == [0, 1, 2, 3]
     expected = torch.topk((x[top] @ w_vo) @ weights.U, 3, dim=1).indices
     assert ops.mapping_ids.tolist() == expected.tolist()
+
+
+# ---- bit-identity: the engine's float32 ranks on the embedded models, as recorded before a speed-up -----------
+def _digest(res) -> str:
+    import hashlib
+
+    m = hashlib.sha256()
+    for ranks in (res.top, res.bottom):
+        m.update(ranks.contiguous().numpy().tobytes())
+    return m.hexdigest()[:16]
+
+
+# (model fixture, variant, relation or "all", compute space) -> sha256 prefix of the int16 top and bottom ranks
+# [L, H, n], recorded with the engine at 6c3a150 (before issue 21's changes) on the shipped relation files. A change
+# to the relation data changes them; a change to the engine must not.
+RECORDED = {
+    ("smollm2", "first_mlp", "country_capital", "auto"): "8274f760ae569050",
+    ("smollm2", "first_mlp", "copying", "auto"): "e84e60757603001d",
+    ("smollm2", "first_mlp", "all", "auto"): "504c1d5a2ddf2461",  # head space: 3,340 pairs
+    ("smollm2", "raw", "country_capital", "auto"): "5a25adae534e9ce2",
+    ("gemma3", "first_mlp", "country_capital", "auto"): "82e0fefdc98787a3",
+    ("gemma3", "first_mlp", "copying", "auto"): "5bb309a5b625b04e",
+    ("gemma3", "raw", "country_capital", "auto"): "55a77c6150d69ee4",
+}
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("case", list(RECORDED), ids=lambda c: "-".join(c))
+def test_float32_ranks_are_bit_identical_to_the_recorded_ones(case, request):
+    """Speed-ups keep every result table bit-identical: the capped float32 ranks behind them equal, bit for bit,
+    those the engine gave before (whole relation sets, every head, relation and suppression ranks)."""
+    from maps_utils import relations as R
+
+    which, variant, relation, space = case
+    loaded = request.getfixturevalue(which)
+    names = R.list_relations() if relation == "all" else [relation]
+    rels = [t for t in (R.filter_single_token(R.load(n), loaded.tokenizer) for n in names) if t.usable]
+    src = [i for t in rels for i in t.source_ids]
+    tgt = [i for t in rels for i in t.target_ids]
+    res = S.target_ranks(loaded.weights, src, tgt, variant=variant, compute_space=space, progress=False)
+    assert res.top.dtype == torch.int16 and res.top.shape == (loaded.weights.n_layers, loaded.weights.n_heads, len(src))
+    assert _digest(res) == RECORDED[case]
