@@ -21,7 +21,7 @@ whatever their width, except a one-column one, which is avoided), so building it
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -107,9 +107,9 @@ def _tally(scores: Tensor, t: Tensor, p: Tensor, start: int, stop: int, need_abo
     return n_above, n_below
 
 
-Scorer = Callable[[Tensor, int, int], Sequence[tuple[Tensor, Tensor]]]
-"""``scorer(active, start, stop)`` -> ``[(rows, scores)]``: the scores ``[len(rows), stop - start]`` of the
-given active rows over scan positions [start, stop), in groups that together cover ``active``."""
+Scorer = Callable[[Tensor, int, int], Tensor]
+"""``scorer(active, start, stop)``: the scores ``[len(active), stop - start]`` of the active rows over scan
+positions [start, stop)."""
 
 
 def scan(scorer: Scorer, t: Tensor, pos: Tensor, V: int, rank_cap: int, memory_budget_mb: float,
@@ -125,11 +125,10 @@ def scan(scorer: Scorer, t: Tensor, pos: Tensor, V: int, rank_cap: int, memory_b
         start, chunk = 0, float(first_chunk)
         while active.numel() and start < V:
             stop = min(V, start + int(chunk), start + max(1, budget // active.numel()))
-            for rows, scores in scorer(active, start, stop):
-                n_above, n_below = _tally(scores, t[rows], pos[rows], start, stop, above[rows] < rank_cap,
-                                          below[rows] < rank_cap)
-                above[rows] += n_above
-                below[rows] += n_below
+            n_above, n_below = _tally(scorer(active, start, stop), t[active], pos[active], start, stop,
+                                      above[active] < rank_cap, below[active] < rank_cap)
+            above[active] += n_above
+            below[active] += n_below
             done = (above[active] >= rank_cap) & (below[active] >= rank_cap)
             active = active[~done]
             start, chunk = stop, chunk * growth
@@ -162,7 +161,7 @@ def ranks_of_targets(
     t = (rows * columns.cols[:, pos].T).sum(1)  # [R] the target's own entry
 
     def scorer(active: Tensor, start: int, stop: int):
-        return [(active, rows[active] @ columns.cols[:, start:stop])]  # [A, C]
+        return rows[active] @ columns.cols[:, start:stop]  # [A, C]
 
     return scan(scorer, t, pos, columns.cols.shape[1], rank_cap, memory_budget_mb, first_chunk, growth)
 
@@ -216,7 +215,7 @@ def head_ranks(
         t = (rows * _wide(w_o, columns.cols[:, pos]).T).sum(1)  # [n] the target's own entry, C_h = W_O[h] U at pos
 
         def scorer(active: Tensor, start: int, stop: int, rows=rows, w_o=w_o):
-            return [(active, rows[active] @ _wide(w_o, columns.cols[:, start:stop]))]  # [A, dh] @ [dh, C]
+            return rows[active] @ _wide(w_o, columns.cols[:, start:stop])  # [A, dh] @ [dh, C]
 
         top, bottom = scan(scorer, t, pos, columns.cols.shape[1], rank_cap, memory_budget_mb)
         tops.append(top)
