@@ -20,6 +20,8 @@ target``), over the single-token-filtered pairs. Then:
 Speed: removing heads at the last position changes nothing at earlier positions, so every chunk of equal-length
 prompts runs its prefix once (keeping the KV cache) and each ablation step is one batched forward pass of the last
 token per chunk (the embedded models' causal prompts have one length per relation: one chunk up to ``run.batch_size``).
+That pass starts at the step's first ablated layer: the blocks below it give the clean pass's outputs, bit for bit
+what running them gives (the manifest's ``block_steps_skipped`` is the share of block evaluations this saves).
 Prompts are tokenised with the tokenizer's own special tokens (a BOS where it adds one), as in the dynamic scores.
 Every random choice comes from ``run.seed`` and the relation's name, so a rerun gives identical tables. Results are
 cached per task (``results/<model>/ablation/<kind>/parts/``): an interrupted run resumes at the next task.
@@ -132,14 +134,15 @@ def causal_experiment(
                                                  max_overlap=max_overlap, max_base_gap=max_base_gap,
                                                  max_controls=max_controls)
     plan = _plan(valid, rel_heads, randoms, controls)
-    accs, seconds, fresh = _run_plan(exp, tasks, plan, mean_z, baseline_steps)
+    accs, seconds, fresh, skipped = _run_plan(exp, tasks, plan, mean_z, baseline_steps)
     result = _result(loaded.name, kind, task_rows, head_rows, control_rows, _curve_rows(plan, accs, tasks),
                      reused=[t for t in plan if t not in fresh])
     result.manifest = build_manifest(
         parameters={**arguments, **exp.identity, "relations": [r.name for r in rels], "max_heads": cap,
                     "top_k": asdict(top_k or R.TopK()), "static_variant": static.variant,
                     "static_key": static.manifest.get("parameters", {}).get("key"), "controls": controls,
-                    "seconds_per_task": seconds, "reused_from_cache": result.reused},
+                    "seconds_per_task": seconds, "reused_from_cache": result.reused,
+                    "block_steps_skipped": skipped},
         wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     if exp.out is not None:
         with exp.parts.lock():  # concurrent runs write whole table sets in turn, never a mix of two experiments
@@ -296,8 +299,11 @@ def _removed_at(acc: np.ndarray) -> int:
 def _run_plan(exp: _Experiment, tasks, plan, mean_z, baseline_steps):
     """Run every curve, task by task, in two phases: the relation curves (every step; they fix each relation's
     table step), then the baselines at ``baseline_steps`` steps plus their owner's table step. Each phase of a
-    task is one cached part. Returns the accuracies by curve label, seconds per task and the tasks computed now."""
+    task is one cached part. Returns the accuracies by curve label, seconds per task, the tasks computed now and the
+    share of decoder-block evaluations (per prompt, last token) that starting each step at its first ablated layer
+    skips."""
     accs, seconds, steps_at, fresh = {}, {}, {}, set()
+    n_layers, blocks = exp.loaded.weights.n_layers, np.zeros(2)  # [skipped, all]
 
     def phase_curves(t: str, phase: int) -> tuple[list[Curve], list[list[int]]]:
         curves = plan[t][:1] if phase == 0 else plan[t][1:]
@@ -326,12 +332,19 @@ def _run_plan(exp: _Experiment, tasks, plan, mean_z, baseline_steps):
             else:
                 bar.update(work(t, phase))
             seconds[t] = round(seconds.get(t, 0.0) + value["seconds"], 2)
+            blocks += _block_steps(curves, steps, n_layers, tasks[t].n)
             for curve, acc in zip(curves, value["accs"], strict=True):
                 accs[curve.label] = acc
                 if phase == 0:
                     steps_at[t] = _removed_at(acc)
     bar.close()
-    return accs, seconds, fresh
+    return accs, seconds, fresh, round(float(blocks[0] / blocks[1]), 4) if blocks[1] else 0.0
+
+
+def _block_steps(curves: list[Curve], steps: list[list[int]], n_layers: int, n_prompts: int) -> np.ndarray:
+    """``[skipped, all]`` block evaluations of a phase's steps (the clean first step included, skipping nothing)."""
+    skipped = sum(min(layer for layer, _ in c.heads[:s]) for c, st in zip(curves, steps, strict=True) for s in st)
+    return n_prompts * np.array([skipped, n_layers * (1 + sum(map(len, steps)))])
 
 
 def _run_phase(exp: _Experiment, task: Task, part: str, curves: list[Curve], steps, replacement, bar) -> dict:

@@ -3,7 +3,8 @@ accuracy curves as heads are removed cumulatively (see :mod:`maps_utils.ablation
 
 Removing a head replaces its slice of the output projection's input (its z) at the last position only, so every
 chunk of equal-length prompts runs its prefix once (keeping the KV cache) and each ablation step is one batched
-forward pass of the last token.
+forward pass of the last token, which starts at the step's first ablated layer (the blocks below replay the clean
+pass's outputs).
 """
 
 from __future__ import annotations
@@ -140,12 +141,19 @@ class _Prefix:
 
     The tokens every prompt of the chunk shares (a few-shot template's demonstrations, the BOS) run once for the
     whole chunk and their cache is repeated over the batch; only the rest of each prompt's prefix runs per prompt.
+
+    With the model's decoder ``blocks`` given, :meth:`clean_step` (no head removed) records every block's output at
+    the last token, and ``step(start)`` does not run the blocks below ``start``: they return the recorded outputs.
+    Removing heads only at layers >= ``start`` leaves those blocks' inputs, outputs and caches as in the clean step,
+    so the logits are the same bits as a full step's (``tests/test_ablation.py``).
     """
 
-    def __init__(self, model, ids: Tensor):
+    def __init__(self, model, ids: Tensor, blocks: Sequence[torch.nn.Module] = ()):
         self.model, self.last = model, ids[:, -1:]
+        self.blocks, self._clean = list(blocks), None
         self.cache = None
         n = ids.shape[1]
+        self.n_prefix = n - 1
         if n > 1:
             shared = shared_prefix_length(ids) if ids.shape[0] > 1 else 0
             if shared > 1:
@@ -163,15 +171,61 @@ class _Prefix:
         self._copy = any(getattr(layer, "is_sliding", False) and n >= getattr(layer, "sliding_window", n + 1)
                          for layer in layers)
 
-    def step(self) -> Tensor:
-        """Logits ``[B, vocab]`` at the last position."""
+    def clean_step(self) -> Tensor:
+        """:meth:`step` with no head removed (the caller's guarantee), recording every block's output."""
+        outputs: dict[int, object] = {}
+        handles = [block.register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, _copy_out(out)))
+                   for i, block in enumerate(self.blocks)]
+        try:
+            logits = self.step()
+        finally:
+            for h in handles:
+                h.remove()
+        clean = [outputs.get(i) for i in range(len(self.blocks))]
+        rollable = self.cache is None or self._copy or hasattr(self.cache, "layers")
+        self._clean = clean if self.blocks and rollable and all(o is not None for o in clean) else None
+        return logits
+
+    def step(self, start: int = 0) -> Tensor:
+        """Logits ``[B, vocab]`` at the last position; the blocks below ``start`` replay the clean step's outputs."""
+        start = start if self._clean is not None else 0
+        for i in range(start):
+            self.blocks[i].forward = lambda *args, _out=self._clean[i], **kwargs: _out
+        try:
+            return self._step()
+        finally:
+            for i in range(start):
+                del self.blocks[i].forward
+
+    def _step(self) -> Tensor:
         if self.cache is None:
             return self.model(input_ids=self.last, use_cache=False).logits[:, -1]
         cache = copy.deepcopy(self.cache) if self._copy else self.cache
         logits = self.model(input_ids=self.last, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if not self._copy:
-            cache.crop(-1)
+            _roll_back(cache, self.n_prefix)
         return logits
+
+
+def _copy_out(out):
+    """A block's output (a tensor, or a tuple holding tensors) with its tensors copied; None for anything else (the
+    blocks are then always run)."""
+    if isinstance(out, Tensor):
+        return out.clone()
+    if type(out) is tuple:
+        return tuple(x.clone() if isinstance(x, Tensor) else x for x in out)
+    return None
+
+
+def _roll_back(cache, length: int) -> None:
+    """Crop every cache layer that grew past ``length`` tokens back to it (the blocks a step skipped did not grow)."""
+    if not hasattr(cache, "layers"):
+        cache.crop(-1)  # a cache without per-layer parts: every layer ran (clean_step records nothing then)
+        return
+    for layer in cache.layers:
+        extra = layer.get_seq_length() - length
+        if extra > 0:
+            layer.crop(-extra)
 
 
 def _chunks(task: Task, batch_size: int, device) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -245,13 +299,14 @@ def curve_steps(length: int, n: int | None, keep: Sequence[int] = ()) -> list[in
 
 @torch.inference_mode()
 def run_curves(loaded: LoadedModel, task: Task, curves: Sequence[Sequence[Head]], *, replacement: Tensor | None = None,
-               batch_size: int = 256, bar: tqdm | None = None,
-               steps: Sequence[Sequence[int] | None] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+               batch_size: int = 256, bar: tqdm | None = None, steps: Sequence[Sequence[int] | None] | None = None,
+               restart: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
     """Accuracy on ``task`` with no head removed (``base_correct``: per prompt) and, for every curve (an ordered
     head list), after removing its first s heads, s = 1..len: returns ``(base_correct [n] bool, [acc [len+1]])``
     with ``acc[0]`` the base accuracy. ``steps`` (one list per curve, None: every step) evaluates a curve at those
-    steps only; the others are NaN. Each chunk's prefix runs once; each step is one batched forward pass.
-    ``bar`` advances by the chunk's prompt count per step."""
+    steps only; the others are NaN. Each chunk's prefix runs once; each step is one batched forward pass, which
+    (``restart``) starts at the step's first ablated layer, the blocks below it giving the clean step's outputs: the
+    same bits as running them. ``bar`` advances by the chunk's prompt count per step."""
     steps = [None] * len(curves) if steps is None else list(steps)
     if len(steps) != len(curves):
         raise ValueError(f"{len(curves)} curves but {len(steps)} step lists")
@@ -261,17 +316,19 @@ def run_curves(loaded: LoadedModel, task: Task, curves: Sequence[Sequence[Head]]
             raise ValueError(f"steps must lie in 1..{len(c)} (the curve's length)")
     correct = np.zeros(task.n, dtype=bool)
     counts = [np.zeros(len(c) + 1) for c in curves]
+    blocks = [loaded.weights.block(layer) for layer in range(loaded.weights.n_layers)]
     with HeadAblation(loaded.weights, replacement) as abl:
         for idx, ids, tgt in _chunks(task, batch_size, loaded.device):
-            abl.set(())  # the prefix runs clean
-            pre = _Prefix(loaded.model, ids)
-            ok = (pre.step().argmax(-1) == tgt).cpu().numpy()
+            abl.set(())  # the prefix and the first step run clean
+            pre = _Prefix(loaded.model, ids, blocks if restart else ())
+            ok = (pre.clean_step().argmax(-1) == tgt).cpu().numpy()
             correct[idx.numpy()] = ok
             for c, curve in enumerate(curves):
                 counts[c][0] += ok.sum()
                 for s in steps[c]:
                     abl.set(curve[:s])
-                    counts[c][s] += (pre.step().argmax(-1) == tgt).sum().item()
+                    start = min(layer for layer, _ in curve[:s])  # the blocks below it run as in the clean step
+                    counts[c][s] += (pre.step(start).argmax(-1) == tgt).sum().item()
                     if bar is not None:
                         bar.update(len(idx))
     accs = []

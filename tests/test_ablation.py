@@ -153,6 +153,46 @@ def test_a_shared_prefix_runs_once_and_changes_nothing(key):
     assert AH.shared_prefix_length(torch.tensor([[1, 2, 3], [4, 2, 3]])) == 0
 
 
+@pytest.mark.parametrize("key", list(TINY_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_step_started_at_its_first_ablated_layer_gives_the_same_bits(key, dtype):
+    """The blocks below the first ablated layer are not run: they replay the clean step's outputs (the same
+    objects), and the logits are bit for bit a full step's, also on the sliding-window copy path and without a
+    prefix; the rolled-back cache then gives the clean step again."""
+    model = make_tiny(key).to(dtype)
+    loaded = _loaded(model)
+    blocks = [loaded.weights.block(layer) for layer in range(loaded.weights.n_layers)]
+    g = torch.Generator().manual_seed(7)
+    replayed, recorded = [], {}
+    hook = blocks[0].register_forward_hook(lambda m, a, out: replayed.append(out is recorded.get("block 0")))
+    try:
+        for length in (6, 12, 1):  # 12 > the tiny sliding window of 8 (Gemma: the copy path); 1: no prefix
+            ids = torch.randint(0, model.config.vocab_size, (4, length), generator=g)
+            with AH.HeadAblation(loaded.weights) as abl, torch.no_grad():
+                full, pre = AH._Prefix(model, ids), AH._Prefix(model, ids, blocks)
+                clean = full.step()
+                assert torch.equal(pre.clean_step(), clean)
+                recorded["block 0"] = pre._clean[0]
+                for heads in ([(1, 0)], [(1, 2), (1, 0)], [(0, 1), (1, 1)]):
+                    abl.set(heads)
+                    start = min(layer for layer, _ in heads)
+                    reference = full.step()
+                    replayed.clear()
+                    assert torch.equal(pre.step(start), reference)
+                    assert replayed == [start > 0]  # block 0 was replayed exactly when the step started above it
+                abl.set(())
+                assert torch.equal(pre.step(), clean)
+                assert torch.equal(pre.step(1), clean)
+    finally:
+        hook.remove()
+    task = _task(model.config.vocab_size, lengths=[6] * 4 + [9] * 4 + [12] * 3, seed=3)
+    curves = [[(1, 2), (0, 0), (1, 0)], [(1, 1), (1, 3)]]
+    with_restart = AH.run_curves(loaded, task, curves, batch_size=3)
+    without = AH.run_curves(loaded, task, curves, batch_size=3, restart=False)
+    assert np.array_equal(with_restart[0], without[0])
+    assert all(np.array_equal(a, b) for a, b in zip(with_restart[1], without[1], strict=True))
+
+
 # ---- head-choice rules ------------------------------------------------------------------------------------
 def test_relation_head_cap_follows_the_paper():
     cases = {1: 30, 270: 30, 299: 30, 300: 50, 499: 50, 500: 100, 999: 100, 1000: 150, 1024: 150, 1200: 150,
@@ -446,6 +486,25 @@ def test_smollm2_small_run_matches_plain_forward_passes(smollm2, tmp_path):
         assert len(heads) == 6 and (heads.score > 0).all() and heads.score.is_monotonic_decreasing
     summary = res.summary().set_index("relation")
     assert summary.loc["country_capital", "tr"] < summary.loc["country_capital", "base"]
+
+
+@pytest.mark.embedded
+@pytest.mark.parametrize("which", ["smollm2", "gemma3"])
+def test_restarted_steps_give_the_same_logits_on_the_embedded_models(which, request):
+    """float32, a real causal task (Gemma-3: also its 262k-token logits): each step of a curve whose first ablated
+    layer moves down and up gives the bits of a full step."""
+    loaded = request.getfixturevalue(which)
+    task, _ = AH.build_task(R.load("country_capital"), loaded.tokenizer, max_pairs=40)
+    L = loaded.weights.n_layers
+    curve = [(L - 1, 0), (L // 2, 1), (L - 2, 2), (1, 0), (L // 3, 3)]
+    blocks = [loaded.weights.block(layer) for layer in range(L)]
+    ids = torch.tensor(task.prompts)
+    with AH.HeadAblation(loaded.weights) as abl, torch.inference_mode():
+        full, pre = AH._Prefix(loaded.model, ids), AH._Prefix(loaded.model, ids, blocks)
+        assert torch.equal(pre.clean_step(), full.step())
+        for s in range(1, len(curve) + 1):
+            abl.set(curve[:s])
+            assert torch.equal(pre.step(min(layer for layer, _ in curve[:s])), full.step()), s
 
 
 # ---- the paper's numbers ------------------------------------------------------------------------------------------
