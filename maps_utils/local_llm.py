@@ -123,8 +123,9 @@ def plain_strings(gbnf: str) -> str:
 
 
 def default_threads() -> int:
-    """Threads for generation: ``$MAPS_DESCRIBER_THREADS``, else 1 (on a busy 2-core machine two threads were
-    about 10x slower than one)."""
+    """Threads for generation: ``$MAPS_DESCRIBER_THREADS``, else 1. The answers are the same bits with any count
+    (``tests/test_local_llm.py``); on an idle 2-core machine two threads were 1.7-2x faster, on a busy one 10-18x
+    slower (llama.cpp's threads wait for each other by spinning), so one is the default."""
     try:
         return max(1, int(os.environ.get(THREADS_ENV, "1")))
     except ValueError:

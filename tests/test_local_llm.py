@@ -68,3 +68,29 @@ def test_thread_setting(monkeypatch):
 def test_the_embedded_gguf_is_pinned():
     assert L.locate("smollm2-135m").name == "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert L.llama_cpp_version() == "0.3.36"
+
+
+@pytest.mark.embedded
+def test_two_threads_give_the_bits_of_one(model_cache):
+    """``$MAPS_DESCRIBER_THREADS=2`` (faster on an idle machine) changes no answer: the same greedy JSON answer and the
+    same judge logits (every next-token logit after every row, compared bit for bit) as one thread."""
+    import numpy as np
+
+    rows = "\n".join(f"{i}. {a} -> {b}" for i, (a, b) in enumerate(
+        [("France", "Paris"), ("Japan", "Tokyo"), ("cat", "dog"), ("Italy", "Rome"), ("run", "ran")], 1))
+    schema = {"type": "object", "properties": {"pattern": {"type": "string", "maxLength": 60}}, "required": ["pattern"]}
+    got = []
+    for threads in (1, 2):
+        llm = L.LocalLLM("smollm2-135m", threads=threads, cache_dir=model_cache)
+        answer = llm.complete(f"Token pairs from one attention head:\n{rows}\nName the pattern.", schema=schema,
+                              max_tokens=40)["content"]
+        model = llm._model()
+        assert model.n_threads == model.n_threads_batch == threads
+        llm._eval_prefix(model.tokenize(llm._chat_text(f"Rows:\n{rows}\nDoes each row map a country to its "
+                                                       "capital?").encode(), add_bos=True, special=True))
+        stubs = model.tokenize(b"\n1:\n2:\n3:", add_bos=False, special=True)
+        logits = llm._logits_at(stubs, list(range(len(stubs))))
+        llm.close()
+        got.append((answer, logits))
+    assert got[0][0] == got[1][0] and got[0][0].startswith("{")
+    assert got[0][1].shape[1] > 40_000 and np.array_equal(got[0][1], got[1][1])
