@@ -244,7 +244,7 @@ def _base_accuracies(exp: _Experiment, tasks: dict[str, Task]) -> tuple[dict[str
         key = exp.key(task)
         value = exp.parts.read(f"{name}.base", key)
         if value is None:
-            correct, _ = run_curves(exp.loaded, task, [], batch_size=exp.batch_size)
+            correct, _ = run_curves(exp.loaded, task, [], batch_size=exp.batch_size, restart=False)
             mz = mean_last_z(exp.loaded, task, exp.batch_size) if exp.kind == "mean" else None
             value = {"correct": correct, "mean_z": mz}
             exp.parts.write(f"{name}.base", key, value)
@@ -300,10 +300,10 @@ def _run_plan(exp: _Experiment, tasks, plan, mean_z, baseline_steps):
     """Run every curve, task by task, in two phases: the relation curves (every step; they fix each relation's
     table step), then the baselines at ``baseline_steps`` steps plus their owner's table step. Each phase of a
     task is one cached part. Returns the accuracies by curve label, seconds per task, the tasks computed now and the
-    share of decoder-block evaluations (per prompt, last token) that starting each step at its first ablated layer
-    skips."""
+    share of decoder-block evaluations (per prompt, last token) that the parts computed now skipped by starting each
+    step at its first ablated layer (None when every part came from the cache)."""
     accs, seconds, steps_at, fresh = {}, {}, {}, set()
-    n_layers, blocks = exp.loaded.weights.n_layers, np.zeros(2)  # [skipped, all]
+    tally = {"skipped": 0, "blocks": 0}
 
     def phase_curves(t: str, phase: int) -> tuple[list[Curve], list[list[int]]]:
         curves = plan[t][:1] if phase == 0 else plan[t][1:]
@@ -332,19 +332,14 @@ def _run_plan(exp: _Experiment, tasks, plan, mean_z, baseline_steps):
             else:
                 bar.update(work(t, phase))
             seconds[t] = round(seconds.get(t, 0.0) + value["seconds"], 2)
-            blocks += _block_steps(curves, steps, n_layers, tasks[t].n)
+            for k in tally:  # a part read from the cache ran no block
+                tally[k] += value.get("blocks", {}).get(k, 0)
             for curve, acc in zip(curves, value["accs"], strict=True):
                 accs[curve.label] = acc
                 if phase == 0:
                     steps_at[t] = _removed_at(acc)
     bar.close()
-    return accs, seconds, fresh, round(float(blocks[0] / blocks[1]), 4) if blocks[1] else 0.0
-
-
-def _block_steps(curves: list[Curve], steps: list[list[int]], n_layers: int, n_prompts: int) -> np.ndarray:
-    """``[skipped, all]`` block evaluations of a phase's steps (the clean first step included, skipping nothing)."""
-    skipped = sum(min(layer for layer, _ in c.heads[:s]) for c, st in zip(curves, steps, strict=True) for s in st)
-    return n_prompts * np.array([skipped, n_layers * (1 + sum(map(len, steps)))])
+    return accs, seconds, fresh, round(tally["skipped"] / tally["blocks"], 4) if tally["blocks"] else None
 
 
 def _run_phase(exp: _Experiment, task: Task, part: str, curves: list[Curve], steps, replacement, bar) -> dict:
@@ -353,12 +348,12 @@ def _run_phase(exp: _Experiment, task: Task, part: str, curves: list[Curve], ste
     value = exp.parts.read(part, key)
     if value is not None:
         return {**value, "fresh": False}
-    s0 = time.perf_counter()
+    s0, tally = time.perf_counter(), {}
     _, got = run_curves(exp.loaded, task, [c.heads for c in curves], replacement=replacement,
-                        batch_size=exp.batch_size, bar=bar, steps=steps)
+                        batch_size=exp.batch_size, bar=bar, steps=steps, tally=tally)
     value = {"accs": got, "seconds": time.perf_counter() - s0}
     exp.parts.write(part, key, value)
-    return {**value, "fresh": True}
+    return {**value, "blocks": tally, "fresh": True}
 
 
 def _result(model: str, kind: str, task_rows, head_rows, control_rows, curve_rows, reused) -> AblationResult:

@@ -151,6 +151,7 @@ class _Prefix:
     def __init__(self, model, ids: Tensor, blocks: Sequence[torch.nn.Module] = ()):
         self.model, self.last = model, ids[:, -1:]
         self.blocks, self._clean = list(blocks), None
+        self.skipped = 0  # block evaluations (prompts x blocks) that steps did not run
         self.cache = None
         n = ids.shape[1]
         self.n_prefix = n - 1
@@ -182,28 +183,43 @@ class _Prefix:
             for h in handles:
                 h.remove()
         clean = [outputs.get(i) for i in range(len(self.blocks))]
-        rollable = self.cache is None or self._copy or hasattr(self.cache, "layers")
-        self._clean = clean if self.blocks and rollable and all(o is not None for o in clean) else None
+        self._clean = clean if self._replayable() and all(o is not None for o in clean) else None
         return logits
 
+    def _replayable(self) -> bool:
+        """Blocks can be skipped: there are some, none has its own ``forward`` already (a wrapper we must not
+        shadow), and the cache is per layer, one part per block, each able to say its length and crop."""
+        if not self.blocks or any("forward" in vars(b) for b in self.blocks):
+            return False
+        if self.cache is None or self._copy:
+            return True
+        layers = getattr(self.cache, "layers", None)
+        return layers is not None and len(layers) == len(self.blocks) and all(
+            hasattr(layer, "get_seq_length") and hasattr(layer, "crop") for layer in layers)
+
     def step(self, start: int = 0) -> Tensor:
-        """Logits ``[B, vocab]`` at the last position; the blocks below ``start`` replay the clean step's outputs."""
+        """Logits ``[B, vocab]`` at the last position; the blocks below ``start`` replay the clean step's outputs
+        (when :meth:`clean_step` recorded them; else every block runs)."""
         start = start if self._clean is not None else 0
-        for i in range(start):
-            self.blocks[i].forward = lambda *args, _out=self._clean[i], **kwargs: _out
+        self.skipped += start * self.last.shape[0]
         try:
-            return self._step()
+            for i in range(start):
+                self.blocks[i].forward = lambda *args, _out=self._clean[i], **kwargs: _out
+            return self._step(start)
         finally:
             for i in range(start):
-                del self.blocks[i].forward
+                vars(self.blocks[i]).pop("forward", None)
 
-    def _step(self) -> Tensor:
+    def _step(self, start: int) -> Tensor:
         if self.cache is None:
             return self.model(input_ids=self.last, use_cache=False).logits[:, -1]
         cache = copy.deepcopy(self.cache) if self._copy else self.cache
         logits = self.model(input_ids=self.last, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         if not self._copy:
-            _roll_back(cache, self.n_prefix)
+            if start:  # the skipped blocks' cache layers did not grow
+                _roll_back(cache, self.n_prefix)
+            else:
+                cache.crop(-1)
         return logits
 
 
@@ -218,10 +234,8 @@ def _copy_out(out):
 
 
 def _roll_back(cache, length: int) -> None:
-    """Crop every cache layer that grew past ``length`` tokens back to it (the blocks a step skipped did not grow)."""
-    if not hasattr(cache, "layers"):
-        cache.crop(-1)  # a cache without per-layer parts: every layer ran (clean_step records nothing then)
-        return
+    """Crop every cache layer that grew past ``length`` tokens back to it (the blocks a step skipped did not grow;
+    :meth:`_Prefix._replayable` checked that every layer can say its length and crop)."""
     for layer in cache.layers:
         extra = layer.get_seq_length() - length
         if extra > 0:
@@ -300,13 +314,15 @@ def curve_steps(length: int, n: int | None, keep: Sequence[int] = ()) -> list[in
 @torch.inference_mode()
 def run_curves(loaded: LoadedModel, task: Task, curves: Sequence[Sequence[Head]], *, replacement: Tensor | None = None,
                batch_size: int = 256, bar: tqdm | None = None, steps: Sequence[Sequence[int] | None] | None = None,
-               restart: bool = True) -> tuple[np.ndarray, list[np.ndarray]]:
+               restart: bool = True, tally: dict[str, int] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
     """Accuracy on ``task`` with no head removed (``base_correct``: per prompt) and, for every curve (an ordered
     head list), after removing its first s heads, s = 1..len: returns ``(base_correct [n] bool, [acc [len+1]])``
     with ``acc[0]`` the base accuracy. ``steps`` (one list per curve, None: every step) evaluates a curve at those
     steps only; the others are NaN. Each chunk's prefix runs once; each step is one batched forward pass, which
     (``restart``) starts at the step's first ablated layer, the blocks below it giving the clean step's outputs: the
-    same bits as running them. ``bar`` advances by the chunk's prompt count per step."""
+    same bits as running them (for the adapter table's families; see ``ArchSpec.replayable_blocks``). ``bar``
+    advances by the chunk's prompt count per step; ``tally`` (a dict) gains the block evaluations skipped and all of
+    them (prompts x blocks, the clean step included) under "skipped" and "blocks"."""
     steps = [None] * len(curves) if steps is None else list(steps)
     if len(steps) != len(curves):
         raise ValueError(f"{len(curves)} curves but {len(steps)} step lists")
@@ -316,11 +332,14 @@ def run_curves(loaded: LoadedModel, task: Task, curves: Sequence[Sequence[Head]]
             raise ValueError(f"steps must lie in 1..{len(c)} (the curve's length)")
     correct = np.zeros(task.n, dtype=bool)
     counts = [np.zeros(len(c) + 1) for c in curves]
-    blocks = [loaded.weights.block(layer) for layer in range(loaded.weights.n_layers)]
+    weights = loaded.weights
+    blocks = [weights.block(layer) for layer in range(weights.n_layers)] if restart and weights.spec.replayable_blocks \
+        else []
+    tally = {"skipped": 0, "blocks": 0} if tally is None else tally
     with HeadAblation(loaded.weights, replacement) as abl:
         for idx, ids, tgt in _chunks(task, batch_size, loaded.device):
             abl.set(())  # the prefix and the first step run clean
-            pre = _Prefix(loaded.model, ids, blocks if restart else ())
+            pre = _Prefix(loaded.model, ids, blocks)
             ok = (pre.clean_step().argmax(-1) == tgt).cpu().numpy()
             correct[idx.numpy()] = ok
             for c, curve in enumerate(curves):
@@ -331,6 +350,8 @@ def run_curves(loaded: LoadedModel, task: Task, curves: Sequence[Sequence[Head]]
                     counts[c][s] += (pre.step(start).argmax(-1) == tgt).sum().item()
                     if bar is not None:
                         bar.update(len(idx))
+            tally["skipped"] = tally.get("skipped", 0) + pre.skipped
+            tally["blocks"] = tally.get("blocks", 0) + len(idx) * weights.n_layers * (1 + sum(map(len, steps)))
     accs = []
     for cnt, st in zip(counts, steps, strict=True):
         acc = np.full(len(cnt), np.nan)

@@ -488,6 +488,53 @@ def test_smollm2_small_run_matches_plain_forward_passes(smollm2, tmp_path):
     assert summary.loc["country_capital", "tr"] < summary.loc["country_capital", "base"]
 
 
+@pytest.mark.parametrize("key", ["llama-gqa", "gemma3-mqa", "gpt2"])
+def test_on_a_deeper_model_exactly_the_blocks_below_the_start_are_skipped(key, monkeypatch):
+    """Four layers, float32: a step runs exactly the blocks from its first ablated layer on (seen by their attention
+    modules), gives a full step's bits, and leaves every cache layer at the prefix's length; a spec that does not
+    allow replaying (the generic adapter's) skips nothing, and the tally counts what was skipped."""
+    import dataclasses
+
+    cls_name, kwargs = TINY_CONFIGS[key]
+    deeper = {**kwargs, ("n_layer" if "n_layer" in kwargs else "num_hidden_layers"): 4}
+    if "layer_types" in kwargs:
+        deeper["layer_types"] = list(kwargs["layer_types"]) * 2
+    monkeypatch.setitem(TINY_CONFIGS, key, (cls_name, deeper))
+    model = make_tiny(key).float()
+    loaded = _loaded(model)
+    weights = loaded.weights
+    blocks = [weights.block(layer) for layer in range(4)]
+    ran = []
+    hooks = [weights.attn_module(la).register_forward_pre_hook(lambda m, a, la=la: ran.append(la)) for la in range(4)]
+    g = torch.Generator().manual_seed(11)
+    try:
+        for length in (6, 12):  # 12: past Gemma's sliding window of 8 (the copy path)
+            ids = torch.randint(0, model.config.vocab_size, (3, length), generator=g)
+            with AH.HeadAblation(weights) as abl, torch.no_grad():
+                full, pre = AH._Prefix(model, ids), AH._Prefix(model, ids, blocks)
+                assert torch.equal(pre.clean_step(), full.step())
+                for heads in ([(3, 0)], [(2, 1), (3, 0)], [(1, 0), (3, 2)], [(3, 1), (0, 0)]):
+                    abl.set(heads)
+                    start = min(layer for layer, _ in heads)
+                    reference = full.step()
+                    ran.clear()
+                    assert torch.equal(pre.step(start), reference)
+                    assert ran == list(range(start, 4))
+                    if not pre._copy:
+                        assert [layer.get_seq_length() for layer in pre.cache.layers] == [length - 1] * 4
+    finally:
+        for h in hooks:
+            h.remove()
+    task = _task(model.config.vocab_size, lengths=[7] * 5, seed=4)
+    curves = [[(3, 0), (2, 1), (0, 0)]]
+    tally, generic = {}, {}
+    got = AH.run_curves(loaded, task, curves, tally=tally)
+    fixed = HeadWeights(model, spec=dataclasses.replace(weights.spec, replayable_blocks=False))
+    loaded_generic = LoadedModel("tiny", model, None, fixed, torch.device("cpu"), torch.float32, "test", 0.0)
+    assert np.array_equal(AH.run_curves(loaded_generic, task, curves, tally=generic)[1][0], got[1][0])
+    assert tally == {"skipped": 5 * (3 + 2), "blocks": 5 * 4 * 4} and generic == {"skipped": 0, "blocks": 80}
+
+
 @pytest.mark.embedded
 @pytest.mark.parametrize("which", ["smollm2", "gemma3"])
 def test_restarted_steps_give_the_same_logits_on_the_embedded_models(which, request):

@@ -69,7 +69,8 @@ def generic_spec(model: nn.Module) -> ArchSpec | None:
     if not (_linear(getattr(block, "self_attn", None), "q_proj", "k_proj", "v_proj", "o_proj")
             and isinstance(getattr(block, "input_layernorm", None), nn.Module) and hasattr(block, "mlp")):
         return None
+    # an unlisted model may pass K/V or other state between its layers: its blocks are always run
     if isinstance(getattr(block, "post_attention_layernorm", None), nn.Module):
-        return llama_like(GENERIC, (config.model_type,))
-    return llama_like(GENERIC, (config.model_type,), parallel_attn_mlp=True,
+        return llama_like(GENERIC, (config.model_type,), replayable_blocks=False)
+    return llama_like(GENERIC, (config.model_type,), parallel_attn_mlp=True, replayable_blocks=False,
                       mlp0=lambda b, x: b.mlp(b.input_layernorm(x)))

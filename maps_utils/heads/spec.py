@@ -55,6 +55,9 @@ class ArchSpec:
     embed_multiplier: Callable[[nn.Module], float | None] = _none  # model -> factor on the embedding rows
     logit_multiplier: Callable[[nn.Module], float | None] = _none  # model -> factor on the LM head's output
     logit_softcap: Callable[[nn.Module], float | None] = _none  # model -> c in logits = c·tanh(logits / c)
+    # only the hidden state passes from block to block (no K/V or state shared between layers), so a block's recorded
+    # output can stand in for running it (the causal ablation starts each step at its first ablated layer)
+    replayable_blocks: bool = True
 
 
 # ---- accessors shared by several families -------------------------------------------------------------
