@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .spec import ArchSpec, Dims, bias, linear_o, llama_like, split_kv
+from .spec import ArchSpec, Dims, bias, cos_sin, linear_o, llama_like, split_kv
+
+
+def _no_rope(model, layer, positions, like):
+    return None
 
 
 # --- GPT-2: fused Conv1D c_attn (weight [d_model, 3*d_model], columns [q | k | v], heads contiguous).
@@ -16,6 +20,16 @@ def _gpt2_v(attn: nn.Module, d: Dims) -> Tensor:
 
 def _gpt2_v_bias(attn: nn.Module, d: Dims) -> Tensor | None:
     return attn.c_attn.bias[2 * d.d_model : 3 * d.d_model].view(d.n_kv_heads, d.d_head)
+
+
+def _gpt2_qk(part: int):  # part 0: queries, 1: keys
+    def weight(attn: nn.Module, d: Dims) -> Tensor:
+        w = attn.c_attn.weight[:, part * d.d_model : (part + 1) * d.d_model]  # [d_model, n_heads*d_head]
+        return w.view(d.d_model, d.n_heads, d.d_head).permute(1, 0, 2)
+
+    def bias_(attn: nn.Module, d: Dims) -> Tensor | None:
+        return attn.c_attn.bias[part * d.d_model : (part + 1) * d.d_model].view(d.n_heads, d.d_head)
+    return weight, bias_
 
 
 GPT2 = ArchSpec(
@@ -33,6 +47,8 @@ GPT2 = ArchSpec(
     values_from_output=lambda out, d: split_kv(out[..., 2 * d.d_model : 3 * d.d_model], d),
     mlp0=lambda block, x: block.mlp(block.ln_2(x)),
     attn_norm=lambda block: block.ln_1,
+    q_weight=_gpt2_qk(0)[0], q_bias=_gpt2_qk(0)[1], k_weight=_gpt2_qk(1)[0], k_bias=_gpt2_qk(1)[1],
+    rope=_no_rope, position_embed=lambda model: model.transformer.wpe,  # learned absolute positions
 )
 
 
@@ -45,6 +61,16 @@ def _neox_v(attn: nn.Module, d: Dims) -> Tensor:
 def _neox_v_bias(attn: nn.Module, d: Dims) -> Tensor | None:
     b = bias(attn.query_key_value)
     return None if b is None else b.view(d.n_heads, 3, d.d_head)[:, 2]
+
+
+def _neox_qk(part: int):  # part 0: queries, 1: keys (the same per-head [q_h | k_h | v_h] rows as the values)
+    def weight(attn: nn.Module, d: Dims) -> Tensor:
+        return attn.query_key_value.weight.view(d.n_heads, 3, d.d_head, d.d_model)[:, part].transpose(1, 2)
+
+    def bias_(attn: nn.Module, d: Dims) -> Tensor | None:
+        b = bias(attn.query_key_value)
+        return None if b is None else b.view(d.n_heads, 3, d.d_head)[:, part]
+    return weight, bias_
 
 
 GPT_NEOX = ArchSpec(
@@ -60,6 +86,8 @@ GPT_NEOX = ArchSpec(
     v_module=lambda attn: attn.query_key_value,
     values_from_output=lambda out, d: out.unflatten(-1, (d.n_heads, 3, d.d_head))[..., 2, :],
     mlp0=lambda block, x: block.mlp(block.post_attention_layernorm(x)),
+    q_weight=_neox_qk(0)[0], q_bias=_neox_qk(0)[1], k_weight=_neox_qk(1)[0], k_bias=_neox_qk(1)[1],
+    rope=lambda model, layer, positions, like: cos_sin(model.gpt_neox.rotary_emb(like, positions[None])),
 )
 
 
@@ -74,6 +102,12 @@ PHI = llama_like(
 )
 
 
+# --- GPT-J's rotary module returns (sin, cos) for the rotary_dim/2 frequencies; each is repeated for its pair.
+def _gptj_rope(model: nn.Module, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    sin, cos = cos_sin(model.transformer.rotary_emb(like, positions[None]))
+    return cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1)
+
+
 # --- GPT-J: q/k/v_proj and out_proj (no biases) under `attn`; attention and MLP in parallel on one ln_1; the LM
 # head has a bias.
 GPTJ = llama_like(
@@ -85,6 +119,8 @@ GPTJ = llama_like(
     o_weight=lambda attn, d: linear_o(attn.out_proj, d),
     mlp0=lambda block, x: block.mlp(block.ln_1(x)),
     attn_norm=lambda block: block.ln_1,
+    rope=lambda model, layer, positions, like: _gptj_rope(model, positions, like),
+    rope_interleaved=True,
 )
 
 
@@ -104,6 +140,20 @@ def _falcon_v(attn: nn.Module, d: Dims) -> Tensor:
 def _falcon_v_bias(attn: nn.Module, d: Dims) -> Tensor | None:
     b = bias(attn.query_key_value)
     return None if b is None else b.view(d.n_kv_heads, _falcon_group(d), d.d_head)[:, -1]
+
+
+def _falcon_qk(part: str):  # "q": the group's query heads, "k": its key head
+    def rows(t: Tensor, d: Dims, *tail: int) -> Tensor:
+        g = t.view(d.n_kv_heads, _falcon_group(d), d.d_head, *tail)
+        return g[:, : d.n_heads // d.n_kv_heads].reshape(d.n_heads, d.d_head, *tail) if part == "q" else g[:, -2]
+
+    def weight(attn: nn.Module, d: Dims) -> Tensor:
+        return rows(attn.query_key_value.weight, d, d.d_model).transpose(1, 2)
+
+    def bias_(attn: nn.Module, d: Dims) -> Tensor | None:
+        b = bias(attn.query_key_value)
+        return None if b is None else rows(b, d)
+    return weight, bias_
 
 
 def _falcon_two_norms(block: nn.Module) -> bool:
@@ -133,6 +183,10 @@ FALCON = ArchSpec(
     mlp0=lambda block, x: block.mlp(_falcon_mlp_norm(block)(x)),
     attn_norm=lambda block: block.ln_attn if _falcon_two_norms(block) else block.input_layernorm,
     n_kv_heads=lambda model: model.transformer.h[0].self_attention.num_kv_heads,
+    q_weight=_falcon_qk("q")[0], q_bias=_falcon_qk("q")[1], k_weight=_falcon_qk("k")[0], k_bias=_falcon_qk("k")[1],
+    rope=lambda model, layer, positions, like: cos_sin(model.transformer.rotary_emb(like, positions[None])),
+    attn_scale=lambda attn: attn.inv_norm_factor,
+    alibi=lambda model: bool(model.config.alibi),
 )
 
 FAMILIES = (GPT2, GPT_NEOX, GPTJ, PHI, FALCON)

@@ -135,6 +135,45 @@ class HeadWeights:
         """
         return self.spec.attn_out_gain(self._blocks[layer])
 
+    # ---- the QK side (read by maps_utils.qk) ---------------------------------------------------
+    def W_Q(self, layer: int) -> Tensor:
+        """``[n_heads, d_model, d_head]`` query projection per query head."""
+        return self.spec.q_weight(self.attn_module(layer), self.dims)
+
+    def b_Q(self, layer: int) -> Tensor | None:
+        """``[n_heads, d_head]`` query bias, or None."""
+        return self.spec.q_bias(self.attn_module(layer), self.dims)
+
+    def W_K_kv(self, layer: int) -> Tensor:
+        """``[n_kv_heads, d_model, d_head]`` key projection per KV head."""
+        return self.spec.k_weight(self.attn_module(layer), self.dims)
+
+    def b_K_kv(self, layer: int) -> Tensor | None:
+        """``[n_kv_heads, d_head]`` key bias, or None."""
+        return self.spec.k_bias(self.attn_module(layer), self.dims)
+
+    def qk_norms(self, layer: int) -> tuple | None:
+        """The layer's (query norm, key norm), each called on ``[n, heads, d_head]``, or None."""
+        return self.spec.qk_norms(self.attn_module(layer))
+
+    def rope(self, layer: int, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(cos, sin)`` ``[n, r]`` of the layer's rotary embedding at ``positions`` (on the first r dims of a head;
+        pairs interleaved where ``spec.rope_interleaved``), or None without rotary positions."""
+        return self.spec.rope(self.model, layer, positions, like)
+
+    def position_rows(self, positions: Tensor) -> Tensor | None:
+        """``[n, d_model]`` learned absolute position embeddings at ``positions`` (GPT-2), or None."""
+        emb = self.spec.position_embed(self.model)
+        return None if emb is None else emb.weight[positions.to(emb.weight.device)]
+
+    def attn_scale(self, layer: int) -> float:
+        """The factor the layer puts on q·k before the softmax."""
+        return float(self.spec.attn_scale(self.attn_module(layer)))
+
+    def attn_softcap(self, layer: int) -> float | None:
+        """c where the layer caps its attention logits as c·tanh(s / c) (Gemma-2), else None."""
+        return self.spec.attn_softcap(self.attn_module(layer))
+
     # ---- vocabulary-side matrices -------------------------------------------------------------
     def _scaled(self, rows: Tensor) -> Tensor:
         """Embedding rows as the model's forward scales them: the module's own scale, then the forward's."""

@@ -29,6 +29,24 @@ def _phi3_v_bias(attn: nn.Module, d: Dims) -> Tensor | None:
     return None if b is None else b[_phi3_v_start(d):].view(d.n_kv_heads, d.d_head)
 
 
+def _phi3_q(attn: nn.Module, d: Dims) -> Tensor:
+    return fused_v(attn.qkv_proj.weight, 0, d, d.n_heads)
+
+
+def _phi3_k(attn: nn.Module, d: Dims) -> Tensor:
+    return fused_v(attn.qkv_proj.weight, d.n_heads * d.d_head, d)
+
+
+def _phi3_q_bias(attn: nn.Module, d: Dims) -> Tensor | None:
+    b = getattr(attn.qkv_proj, "bias", None)
+    return None if b is None else b[: d.n_heads * d.d_head].view(d.n_heads, d.d_head)
+
+
+def _phi3_k_bias(attn: nn.Module, d: Dims) -> Tensor | None:
+    b = getattr(attn.qkv_proj, "bias", None)
+    return None if b is None else b[d.n_heads * d.d_head : _phi3_v_start(d)].view(d.n_kv_heads, d.d_head)
+
+
 # --- StableLM: the MLP reads post_attention_layernorm, or with use_parallel_residual (no such norm) the shared
 # input_layernorm output, in parallel with attention.
 def _stablelm_mlp0(block: nn.Module, x: Tensor) -> Tensor:
@@ -54,7 +72,8 @@ MISTRAL = llama_like("mistral", ("mistral",))
 MIXTRAL = llama_like("mixtral", ("mixtral",),  # block 0's "MLP" is the router and its experts
                      mlp0=lambda block, x: _mlp_3d(block, block.post_attention_layernorm(x)))
 PHI3 = llama_like("phi3", ("phi3",), v_weight=_phi3_v, v_bias=_phi3_v_bias, v_module=lambda attn: attn.qkv_proj,
-                  values_from_output=lambda out, d: split_kv(out[..., _phi3_v_start(d):], d))
+                  values_from_output=lambda out, d: split_kv(out[..., _phi3_v_start(d):], d),
+                  q_weight=_phi3_q, k_weight=_phi3_k, q_bias=_phi3_q_bias, k_bias=_phi3_k_bias)
 STABLELM = llama_like("stablelm", ("stablelm",), mlp0=_stablelm_mlp0)
 GRANITE = llama_like("granite", ("granite",), mlp0=_granite_mlp0, attn_out_gain=_granite_gain,
                      embed_multiplier=lambda model: model.model.embedding_multiplier,
@@ -62,6 +81,7 @@ GRANITE = llama_like("granite", ("granite",), mlp0=_granite_mlp0, attn_out_gain=
 # --- Cohere: attention and MLP in parallel on one input_layernorm (no second norm); logits times logit_scale.
 COHERE = llama_like("cohere", ("cohere",), parallel_attn_mlp=True,
                     mlp0=lambda block, x: block.mlp(block.input_layernorm(x)),
-                    logit_multiplier=lambda model: model.logit_scale)
+                    logit_multiplier=lambda model: model.logit_scale, rope_interleaved=True,
+                    rope_float32=True)
 
 FAMILIES = (LLAMA, QWEN2, QWEN3, MISTRAL, MIXTRAL, PHI3, STABLELM, GRANITE, COHERE)

@@ -30,6 +30,51 @@ def _none(_) -> None:
     return None
 
 
+# ---- the QK side's defaults (q_proj / k_proj, norms named q_norm / k_norm or q_layernorm / k_layernorm) -----------
+def _heads(weight: Tensor, n: int, d: Dims) -> Tensor:
+    """``[n, d_model, d_head]`` from an [n*d_head, d_model] Linear weight."""
+    return weight.view(n, d.d_head, d.d_model).transpose(1, 2)
+
+
+def linear_q(attn: nn.Module, d: Dims) -> Tensor:
+    return _heads(attn.q_proj.weight, d.n_heads, d)
+
+
+def linear_k(attn: nn.Module, d: Dims) -> Tensor:
+    return _heads(attn.k_proj.weight, d.n_kv_heads, d)
+
+
+def linear_q_bias(attn: nn.Module, d: Dims) -> Tensor | None:
+    b = getattr(attn.q_proj, "bias", None)
+    return None if b is None else b.view(d.n_heads, d.d_head)
+
+
+def linear_k_bias(attn: nn.Module, d: Dims) -> Tensor | None:
+    b = getattr(attn.k_proj, "bias", None)
+    return None if b is None else b.view(d.n_kv_heads, d.d_head)
+
+
+def module_qk_norms(attn: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """The attention's own query and key norms, called on ``[n, heads, d_head]`` (per head: Qwen3, Gemma-3, Cohere;
+    per last dimension: Phi; one LayerNorm per head along dim 1: StableLM), or None."""
+    for q, k in (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm")):
+        qn, kn = getattr(attn, q, None), getattr(attn, k, None)
+        if isinstance(qn, nn.Module) and isinstance(kn, nn.Module):
+            return qn, kn
+    return None
+
+
+def cos_sin(pair) -> tuple[Tensor, Tensor]:
+    """``(cos, sin)`` ``[n, r]`` from a rotary module's ``[1, n, r]`` output."""
+    cos, sin = pair
+    return cos[0], sin[0]
+
+
+def model_rope(model: nn.Module, layer: int, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's own rotary embedding (``model.model.rotary_emb``) at ``positions`` ``[n]``."""
+    return cos_sin(model.model.rotary_emb(like, positions[None]))
+
+
 @dataclass(frozen=True)
 class ArchSpec:
     """Accessors for one architecture family (all shapes in the comments)."""
@@ -58,6 +103,20 @@ class ArchSpec:
     # only the hidden state passes from block to block (no K/V or state shared between layers), so a block's recorded
     # output can stand in for running it (the causal ablation starts each step at its first ablated layer)
     replayable_blocks: bool = True
+    # ---- the QK side (maps_utils.qk): s(q, k) = scale · rope(norm_q(x_q W_Q + b_Q)) · rope(norm_k(x_k W_K + b_K))
+    q_weight: Callable[[nn.Module, Dims], Tensor] = linear_q  # attn -> [n_heads, d_model, d_head]
+    q_bias: Callable[[nn.Module, Dims], Tensor | None] = linear_q_bias  # attn -> [n_heads, d_head]
+    k_weight: Callable[[nn.Module, Dims], Tensor] = linear_k  # attn -> [n_kv, d_model, d_head]
+    k_bias: Callable[[nn.Module, Dims], Tensor | None] = linear_k_bias  # attn -> [n_kv, d_head]
+    qk_norms: Callable[[nn.Module], tuple | None] = module_qk_norms  # attn -> (q norm, k norm) on [n, heads, d_head]
+    # (model, layer, positions [n], like) -> (cos, sin) [n, r] of the rotary embedding on the first r dims, or None
+    rope: Callable[[nn.Module, int, Tensor, Tensor], tuple[Tensor, Tensor] | None] = model_rope
+    rope_interleaved: bool = False  # rotary pairs (2i, 2i+1) (GPT-J, Cohere) instead of (i, i + r/2)
+    rope_float32: bool = False  # queries and keys pass through float32 before the rotation (Cohere)
+    position_embed: Callable[[nn.Module], nn.Embedding | None] = _none  # model -> learned absolute positions (GPT-2)
+    attn_scale: Callable[[nn.Module], float] = lambda attn: attn.scaling  # attn -> factor on q·k
+    attn_softcap: Callable[[nn.Module], float | None] = lambda attn: getattr(attn, "attn_logit_softcapping", None)
+    alibi: Callable[[nn.Module], bool] = lambda model: False  # model -> whether it uses ALiBi (the QK map refuses it)
 
 
 # ---- accessors shared by several families -------------------------------------------------------------
@@ -108,6 +167,8 @@ def llama_like(family: str, model_types: tuple[str, ...], **changes) -> ArchSpec
     return ArchSpec(**{**fields, **changes})
 
 
-def fused_v(weight: Tensor, start: int, d: Dims) -> Tensor:
-    """``[n_kv, d_model, d_head]`` from the rows ``start : start + n_kv*d_head`` of a fused [out, in] weight."""
-    return weight[start:start + d.n_kv_heads * d.d_head].view(d.n_kv_heads, d.d_head, d.d_model).transpose(1, 2)
+def fused_v(weight: Tensor, start: int, d: Dims, n: int | None = None) -> Tensor:
+    """``[n, d_model, d_head]`` from the rows ``start : start + n*d_head`` of a fused [out, in] weight (n: the KV
+    heads unless given)."""
+    n = d.n_kv_heads if n is None else n
+    return weight[start:start + n * d.d_head].view(n, d.d_head, d.d_model).transpose(1, 2)
