@@ -133,7 +133,18 @@ def _subsample(n: int, max_pairs: int | None, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=max_pairs, replace=False).tolist())
 
 
-def _pad_id(tokenizer) -> int:
+def relation_prompts(tokenizer, tr: R.TokenizedRelation, templates: Sequence[str], max_pairs: int | None, seed: int,
+                     space_in_source: bool = True):
+    """The prompts a dynamic run builds for one relation: ``(pairs, source ids, target ids, prompts per template)``
+    of the pair subset that ``max_pairs`` and ``seed`` choose."""
+    keep = _subsample(len(tr), max_pairs, seed)
+    pairs = [tr.pairs[i] for i in keep]
+    src = [tr.source_ids[i] if isinstance(tr.source_ids[i], list) else [tr.source_ids[i]] for i in keep]
+    tgt = [tr.target_ids[i] for i in keep]
+    return pairs, src, tgt, [build_prompts(tokenizer, t, src, space_in_source) for t in templates]
+
+
+def pad_id(tokenizer) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if isinstance(value, int):
@@ -190,18 +201,15 @@ class _Step:
         self.parts, self.table_key, self.max_pairs, self.rank_cap, self.run = parts, table_key, max_pairs, rank_cap, run
         self.batch_size = run.batch(DEFAULT_BATCH)
         self.columns = model_columns(loaded.weights)
-        self.pad_id = _pad_id(loaded.tokenizer)
+        self.pad_id = pad_id(loaded.tokenizer)
 
     def relation(self, rel: R.Relation, tr: R.TokenizedRelation, k: int, bar) -> tuple[DynamicRelation, bool]:
         """One relation's ranks under every template (from the store when its key matches; else computed and
         stored, so a rerun resumes after the last finished relation); True when it came from the store."""
         tok, templates = self.loaded.tokenizer, self.templates
-        keep = _subsample(len(tr), self.max_pairs, self.run.seed)
-        pairs = [tr.pairs[i] for i in keep]
-        src = [tr.source_ids[i] if isinstance(tr.source_ids[i], list) else [tr.source_ids[i]] for i in keep]
-        tgt = [tr.target_ids[i] for i in keep]
+        pairs, src, tgt, per_template = relation_prompts(tok, tr, templates, self.max_pairs, self.run.seed,
+                                                         self.space_in_source)
         cap = max(self.rank_cap or k, k)
-        per_template = [build_prompts(tok, t, src, self.space_in_source) for t in templates]
         key = content_key({**self.identity, "k": k, "rank_cap": cap,
                            "prompts": [[p.ids, p.source] for ps in per_template for p in ps], "targets": tgt})
         saved = self.parts.read(rel.name, key)

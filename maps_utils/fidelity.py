@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from . import relations as R
 from . import sources
 from .capture import build_prompts, pad_batch
-from .dynamic import _pad_id, _relations, _subsample
+from .dynamic import _relations, _subsample, pad_id
 from .hashing import content_key
 from .heads import HeadWeights
 from .hooks import StopForward, run_until_stop
@@ -70,7 +70,7 @@ def template_cosines(loaded: LoadedModel, prompts, vectors: dict[str, Tensor], b
     ``vectors``, :func:`representation_vectors`) between each representation and the real normalised source."""
     weights = loaded.weights
     total = torch.zeros((len(vectors), weights.n_layers), dtype=torch.float64)
-    pad = _pad_id(loaded.tokenizer)
+    pad = pad_id(loaded.tokenizer)
     for s in range(0, len(prompts), batch_size):
         ids, _, src = pad_batch(prompts[s:s + batch_size], pad, weights.U.device)
         real = real_sources(loaded.model, weights, ids, src)  # [B, L, d]

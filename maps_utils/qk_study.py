@@ -1,0 +1,134 @@
+"""Notebook 06's study of the static QK map, per relation: validation against real attention (the dynamic run's
+prompts and the same prompts with a distractor entity) and the joint QK×OV prediction against the with-context
+dynamic scores. Results go under ``<results_dir>/<model>/qk/`` (one resumable part per relation, tables with
+manifests); the computations are in :mod:`maps_utils.qk_inference`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from . import relations as R
+from .correlation import pearson
+from .dynamic import DynamicScores, pad_id, relation_prompts
+from .errors import OptionError
+from .hashing import content_key
+from .manifest import build_manifest
+from .qk import QKMap, QKOptions
+from .qk_inference import distractor_prompts, run_prompts
+from .scan import scan_columns
+from .scores import TAU
+from .store import RunOptions, Slots, write_table
+
+VERSION = 1
+PROMPT_SETS = ("relation", "distractor")
+MEASURES = ("top1", "top1_no_first", "spearman")
+
+
+@dataclass
+class QKStudy:
+    """The study's three tables and their manifest."""
+
+    validation: pd.DataFrame  # relation, prompt_set, layer, head, relation_head, top1, top1_no_first, spearman, n
+    joint: pd.DataFrame  # relation, template, layer, head, joint_score, dynamic_with, static_ov, k
+    correlations: pd.DataFrame  # relation, r_ov, r_joint, n_points, ...
+    manifest: dict = field(default_factory=dict)
+
+    def summary(self) -> pd.DataFrame:
+        """Mean agreement per prompt set, over all heads and over the heads that implement the prompt's relation
+        (static score >= tau)."""
+        v = self.validation
+        rows = []
+        for ps in PROMPT_SETS:
+            part = v[v.prompt_set == ps]
+            for group, sel in (("all heads", part), ("relation heads", part[part.relation_head])):
+                rows.append({"prompt set": ps, "heads": group, "n (head, relation)": len(sel),
+                             **{m: round(float(sel[m].mean()), 3) if len(sel) else float("nan") for m in MEASURES}})
+        return pd.DataFrame(rows)
+
+
+def _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity):
+    tok = loaded.tokenizer
+    pairs, src, tgt, per_template = relation_prompts(tok, tr, rel.templates, max_pairs, run.seed)
+    if tgt != list(rel.target_ids):
+        raise OptionError(f"{rel.name}: the dynamic scores were computed on other pairs; pass the max_pairs and seed "
+                          "of the dynamic run.")
+    distract = distractor_prompts(tok, rel.templates[0], src)
+    key = content_key({**identity, "prompts": [[p.ids for p in ps] for ps in per_template],
+                       "distractor": [p.ids for p in distract], "targets": tgt, "k": rel.k})
+    saved = slots.read(rel.name, key)
+    if saved is not None:
+        return saved
+    common = dict(ov_representation=ov_representation, columns=columns, rank_cap=rel.k, pad=pad_id(tok),
+                  batch_size=run.batch(64), memory_budget_mb=run.memory_budget_mb)
+    per = [run_prompts(loaded, qmap, ps, tgt, **common) for ps in per_template]
+    value = {"relation": {m: torch.cat([p[m] for p in per]) for m in MEASURES},
+             "distractor": run_prompts(loaded, qmap, distract, None, **common),
+             "joint_rank": torch.stack([p["joint_rank"] for p in per])}  # [T, n, L, H]
+    slots.write(rel.name, key, value)
+    return value
+
+
+def _validation_rows(name, value, ov_map) -> list[pd.DataFrame]:
+    L, H = ov_map.shape
+    frames = []
+    for ps in PROMPT_SETS:
+        got = value[ps]
+        frames.append(pd.DataFrame({
+            "relation": name, "prompt_set": ps, "layer": np.repeat(np.arange(L), H), "head": np.tile(np.arange(H), L),
+            "relation_head": (ov_map >= TAU).flatten().numpy(),
+            **{m: torch.nanmean(got[m], 0).flatten().numpy() for m in MEASURES}, "n": got["top1"].shape[0]}))
+    return frames
+
+
+def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKOptions(),
+             ov_representation: str | None = None, max_pairs: int | None = None,
+             run: RunOptions = RunOptions()) -> QKStudy:
+    """Validate the static QK map and test the joint prediction on every relation of ``dynamic`` that ``static``
+    scored. ``max_pairs`` and ``run.seed`` must be the dynamic run's (its prompts are rebuilt);
+    ``ov_representation`` defaults to the static scores' variant (the OV-only score the joint one is compared with).
+    """
+    t0 = time.perf_counter()
+    ov_representation = ov_representation or static.variant
+    qmap = QKMap(loaded.weights, options)
+    identity = {"version": VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
+                "dtype": str(loaded.dtype), "options": asdict(options), "ov_representation": ov_representation}
+    out = run.folder(loaded.name, "qk")
+    slots = Slots(out / "parts" if out is not None else None, enabled=run.use_cache)
+    columns = scan_columns(loaded.weights)
+    scored = {r.name for r in static.relations}
+    todo = [rel for rel in dynamic.relations if rel.name in scored]
+    val, joint, corr = [], [], []
+    for rel in tqdm(todo, desc="QK map", unit="relation", disable=not run.progress):
+        tr = R.filter_single_token(R.load(rel.name), loaded.tokenizer, leading_space=True, min_pairs=1)
+        value = _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity)
+        ov_map = static.score_map(rel.name, rel.k)  # [L, H]
+        val += _validation_rows(rel.name, value, ov_map)
+        j = (value["joint_rank"] < rel.k).float().mean(1)  # [T, L, H]
+        d = rel.scores(rel.k, "with")  # [T, L, H]
+        L, H = ov_map.shape
+        for t, template in enumerate(rel.templates):
+            joint.append(pd.DataFrame({
+                "relation": rel.name, "template": template, "layer": np.repeat(np.arange(L), H),
+                "head": np.tile(np.arange(H), L), "joint_score": j[t].flatten().numpy(),
+                "dynamic_with": d[t].flatten().numpy(), "static_ov": ov_map.flatten().numpy(), "k": rel.k}))
+        r_ov, _ = pearson(ov_map.repeat(d.shape[0], 1, 1).flatten().numpy(), d.flatten().numpy())
+        r_joint, _ = pearson(j.flatten().numpy(), d.flatten().numpy())
+        corr.append({"relation": rel.name, "category": rel.category, "r_ov": r_ov, "r_joint": r_joint,
+                     "r_joint − r_ov": r_joint - r_ov, "n_points": d.numel(), "n_prompts": rel.n,
+                     "max_joint": float(j.max()), "max_dynamic_with": float(d.max()), "k": rel.k})
+    study = QKStudy(pd.concat(val, ignore_index=True), pd.concat(joint, ignore_index=True), pd.DataFrame(corr))
+    study.manifest = build_manifest(parameters={**identity, "max_pairs": max_pairs, "run": run.manifest(),
+                                                "static_variant": static.variant,
+                                                "relations": [r.name for r in todo]},
+                                    wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
+    if out is not None:
+        for name in ("validation", "joint", "correlations"):
+            write_table(getattr(study, name), out / f"{name}.csv", study.manifest)
+    return study
