@@ -34,6 +34,7 @@ SMOKE_02     := -y '{relations: [name_copying, country_capital], max_pairs: 30, 
 SMOKE_03     := -y '{relations: [name_copying, country_capital], max_pairs: 30, n_random: 2, max_heads: 6}'
 SMOKE_04     := -p n_heads 2 -p describer_model smollm2-135m
 SMOKE_05     := -p n_items 2
+SMOKE_06     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"]}'
 REPORT_DIR   := reports/$(RUN_DIR)$(MODEL_SLUG)
 RESULTS_DIR  := results/$(RUN_DIR:/=)
 NOTEBOOKS    := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))

@@ -2,7 +2,8 @@
 
 The page shows a layer × head grid coloured by one relation's static score, its suppression score, or the head's
 relation categories. Clicking a head opens its panel: its scores on every relation, its salient tokens and their
-mappings, its LLM description and describer, and its role in the causal experiment where one was run. A search box
+mappings, the key tokens its static QK map prefers, its LLM description and describer, and its role in the causal
+experiment where one was run. A search box
 answers "which heads map X → Y" (relation pairs a head hits in its top-k, and salient operations) and "which heads
 implement relation R" (score ≥ τ), and jumps to a head given as ``L.H``.
 
@@ -32,11 +33,12 @@ def _r(x: float) -> float:
 
 def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.DataFrame | None = None,
                ablation_heads: pd.DataFrame | None = None, ablation_summary: pd.DataFrame | None = None,
-               tau: float = TAU, top_k: TopK | None = None) -> dict:
+               qk_keys: pd.DataFrame | None = None, tau: float = TAU, top_k: TopK | None = None) -> dict:
     """Everything the page shows, as plain JSON-able data.
 
     ``static`` is a :class:`maps_utils.scores.StaticScores`; the others are notebook 04's ``descriptions.csv`` and
-    ``descriptions.ops.csv`` and notebook 03's ``heads.csv`` and ``summary.csv`` tables (each optional).
+    ``descriptions.ops.csv``, notebook 03's ``heads.csv`` and ``summary.csv`` and notebook 06's
+    ``qk/salient_keys.csv`` tables (each optional).
     Heads are numbered ``layer * n_heads + head``.
     """
     L, H = (int(x) for x in static.ranks.top.shape[:2])
@@ -59,8 +61,13 @@ def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.Data
         "model": static.model, "variant": static.variant, "n_layers": L, "n_heads": H, "tau": tau,
         "relations": rels, "scores": scores, "suppression": supp, "hits": hits,
         "categories": [[lab, list(c)] for lab, c in zip(cats.label, cats.categories, strict=True)],
-        "ops": {}, "descriptions": {}, "ablation": {}, "sources": {"static": static.variant},
+        "ops": {}, "descriptions": {}, "ablation": {}, "qk": {}, "sources": {"static": static.variant},
     }
+    if qk_keys is not None and len(qk_keys):
+        for (la, h), g in qk_keys.sort_values("rank").groupby(["layer", "head"]):
+            data["qk"][str(int(la) * H + int(h))] = [[str(t), _r(a)] for t, a in zip(g.token, g.attraction,
+                                                                                    strict=True)]
+        data["sources"]["qk"] = True
     if ops is not None and len(ops):
         for (la, h), g in ops.sort_values("rank").groupby(["layer", "head"]):
             maps = g.mappings.map(lambda m: json.loads(m) if isinstance(m, str) else list(m))
@@ -108,7 +115,8 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
 
     abl = res / "ablation" / "zero"
     data = atlas_data(static, descriptions=read(res / "descriptions.csv"), ops=read(res / "descriptions.ops.csv"),
-                      ablation_heads=read(abl / "heads.csv"), ablation_summary=read(abl / "summary.csv"))
+                      ablation_heads=read(abl / "heads.csv"), ablation_summary=read(abl / "summary.csv"),
+                      qk_keys=read(res / "qk" / "salient_keys.csv"))
     out = Path(out) if out is not None else Path("reports") / model_slug(loaded.name) / "atlas.html"
     return atomic_write_text(out, render_atlas(data))
 
@@ -202,6 +210,9 @@ function select(i) {
   const ops = D.ops[i];
   out += ops ? "<h3>Salient operations</h3><pre>" + ops.map(o => `${esc(show(o[0]))}: ${o[1].map(x => esc(show(x))).join(", ")}`).join("\n") + "</pre>"
              : "<p><i>No salient operations recorded for this head (notebook 04 describes a sample by default).</i></p>";
+  const qk = D.qk[i];
+  if (qk) out += "<h3>Where it looks (static QK map)</h3><p><small>key tokens its mean query prefers most, from the " +
+    "parameters alone (notebook 06)</small></p><pre id=\"qk-keys\">" + qk.map(k => `${esc(show(k[0]))} ${k[1]}`).join("\n") + "</pre>";
   const d = D.descriptions[i];
   if (d) {
     const text = d.status !== "ok" ? "(failed)" : (d.parse === "unparsed" || d.parse === "no_keys") ? "(no usable answer)" :

@@ -250,3 +250,30 @@ def fidelity_figure(profile, depth=None, title: str = "") -> plt.Figure:
     fig.suptitle(title)
     fig.tight_layout()
     return fig
+
+
+def qk_figure(study, title: str = "") -> plt.Figure:
+    """Notebook 06: (left) attention on the source token from the last position, static QK map vs the real head,
+    one point per head and relation (relation heads in orange); (right) per relation, Pearson r of the with-context
+    dynamic scores with the OV-only static score and with the joint QK×OV score."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    v = study.validation[study.validation.prompt_set == "relation"]
+    for mask, colour, label in ((~v.relation_head, "#1f77b4", "other heads"), (v.relation_head, "#ff7f0e",
+                                                                             "relation heads (OV score ≥ τ)")):
+        a.scatter(v.static_on_source[mask], v.real_on_source[mask], s=6 if colour == "#1f77b4" else 18, alpha=0.5,
+                  c=colour, label=label)
+    a.plot([0, 1], [0, 1], color="#999", lw=0.8)
+    a.set_xlabel("static QK: share of attention on the source")
+    a.set_ylabel("real attention on the source")
+    a.legend(fontsize=8)
+    c = study.correlations.sort_values("r_ov")
+    y = np.arange(len(c))
+    b.scatter(c.r_ov, y, label="OV only", c="#1f77b4")
+    b.scatter(c.r_joint, y, label="joint QK×OV", c="#d62728", marker="D")
+    b.set_yticks(y, c.relation, fontsize=7)
+    b.set_xlabel("Pearson r with the with-context dynamic score")
+    b.axvline(0, color="#999", lw=0.8)
+    b.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

@@ -114,10 +114,11 @@ def _ranks(x: Tensor) -> Tensor:
     return x.argsort(-1).argsort(-1).to(torch.float64)
 
 
-def agreement(s: Tensor, a: Tensor, last: Tensor) -> dict[str, Tensor]:
+def agreement(s: Tensor, a: Tensor, last: Tensor, source: Tensor) -> dict[str, Tensor]:
     """Per prompt and head (``[B, L, H]`` each): ``top1`` (the static and real first positions agree),
-    ``top1_no_first`` (the same over positions 1..last) and ``spearman`` (ρ over positions 0..last; NaN for a
-    prompt of one token), from static logits ``s`` and real weights ``a`` ``[B, L, H, T]``."""
+    ``top1_no_first`` (the same over positions 1..last), ``spearman`` (ρ over positions 0..last; NaN for a
+    prompt of one token), and the attention on the source position, ``static_on_source`` (softmax of the static
+    logits) and ``real_on_source``, from static logits ``s`` and real weights ``a`` ``[B, L, H, T]``."""
     T = s.shape[-1]
     valid = torch.arange(T, device=s.device)[None, None, None] <= last[:, None, None, None]  # [B, 1, 1, T]
     s = s.masked_fill(~valid, float("-inf"))
@@ -131,7 +132,10 @@ def agreement(s: Tensor, a: Tensor, last: Tensor) -> dict[str, Tensor]:
         rs, ra = rs - rs.mean(-1, keepdim=True), ra - ra.mean(-1, keepdim=True)
         den = (rs.pow(2).sum(-1) * ra.pow(2).sum(-1)).sqrt()
         rho.append((rs * ra).sum(-1) / den)
-    return {"top1": top1, "top1_no_first": top1_rest, "spearman": torch.stack(rho).float()}
+    rows = torch.arange(s.shape[0], device=s.device)
+    on_source = torch.softmax(s, -1)[rows, :, :, source].float()
+    return {"top1": top1, "top1_no_first": top1_rest, "spearman": torch.stack(rho).float(),
+            "static_on_source": on_source, "real_on_source": a[rows, :, :, source].float()}
 
 
 # ---- one set of prompts --------------------------------------------------------------------------------------
@@ -145,10 +149,10 @@ def run_prompts(loaded, qmap: QKMap, prompts: Sequence[Prompt], targets: Sequenc
     out: dict[str, list[Tensor]] = {}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        ids, last, _ = pad_batch(batch, pad, w.U.device)
+        ids, last, source = pad_batch(batch, pad, w.U.device)
         real = real_attention(loaded.model, w, ids, last)
         s, v = static_batch(qmap, ids, last, ov_representation)
-        for name, value in agreement(s, real.to(s.dtype), last).items():
+        for name, value in agreement(s, real.to(s.dtype), last, source).items():
             out.setdefault(name, []).append(value.cpu())
         if targets is not None:
             rows = joint_writes(w, s, v).reshape(-1, w.d_model)

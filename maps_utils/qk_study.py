@@ -26,16 +26,16 @@ from .scan import scan_columns
 from .scores import TAU
 from .store import RunOptions, Slots, write_table
 
-VERSION = 1
+VERSION = 2  # 2: attention on the source position
 PROMPT_SETS = ("relation", "distractor")
-MEASURES = ("top1", "top1_no_first", "spearman")
+MEASURES = ("top1", "top1_no_first", "spearman", "static_on_source", "real_on_source")
 
 
 @dataclass
 class QKStudy:
     """The study's three tables and their manifest."""
 
-    validation: pd.DataFrame  # relation, prompt_set, layer, head, relation_head, top1, top1_no_first, spearman, n
+    validation: pd.DataFrame  # relation, prompt_set, layer, head, relation_head, MEASURES (means over prompts), n
     joint: pd.DataFrame  # relation, template, layer, head, joint_score, dynamic_with, static_ov, k
     correlations: pd.DataFrame  # relation, r_ov, r_joint, n_points, ...
     manifest: dict = field(default_factory=dict)
@@ -132,3 +132,57 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
         for name in ("validation", "joint", "correlations"):
             write_table(getattr(study, name), out / f"{name}.csv", study.manifest)
     return study
+
+
+def attends_and_writes(study: QKStudy, static, *, min_share: float = 0.3, n_examples: int = 3) -> pd.DataFrame:
+    """Heads that read as "attends to X, writes R(X)": they implement R (OV score >= tau) and their static QK map
+    puts at least ``min_share`` of the last token's attention on the source X in R's prompts. With the real
+    attention on X, the joint score (mean over templates) and examples: pairs ``X → R(X)`` whose target the head's
+    OV map ranks in its top-k."""
+    v = study.validation
+    v = v[(v.prompt_set == "relation") & v.relation_head & (v.static_on_source >= min_share)]
+    joint = study.joint.groupby(["relation", "layer", "head"]).joint_score.mean()
+    rows = []
+    for r in v.sort_values("static_on_source", ascending=False).itertuples():
+        rel = static.relation(r.relation)
+        top, _ = static.ranks_of(r.relation)
+        hits = (top[r.layer, r.head].long() < rel.k()).nonzero().flatten()[:n_examples].tolist()
+        rows.append({"layer": int(r.layer), "head": int(r.head), "relation": r.relation,
+                     "ov_score": round(float(static.score_map(r.relation)[r.layer, r.head]), 3),
+                     "static_on_source": round(r.static_on_source, 3), "real_on_source": round(r.real_on_source, 3),
+                     "joint_score": round(float(joint[(r.relation, r.layer, r.head)]), 3),
+                     "attends to X, writes R(X)": "; ".join(f"{rel.pairs[i][0]} → {rel.pairs[i][1]}" for i in hits)})
+    return pd.DataFrame(rows, columns=["layer", "head", "relation", "ov_score", "static_on_source", "real_on_source",
+                                       "joint_score", "attends to X, writes R(X)"])
+
+
+def salient_keys(loaded, options: QKOptions = QKOptions(), *, n_tokens: int = 10,
+                 run: RunOptions = RunOptions()) -> pd.DataFrame:
+    """Each head's ``n_tokens`` most attracting key tokens (QK saliency, :meth:`~maps_utils.qk.QKMap.attraction`):
+    layer, head, rank, token_id, token, attraction; written to ``<results_dir>/<model>/qk/salient_keys.csv`` (the
+    atlas shows it)."""
+    t0 = time.perf_counter()
+    sal = QKMap(loaded.weights, options).attraction(progress=run.progress)  # [L, H, V]
+    values, ids = torch.topk(sal, n_tokens, dim=-1)
+    L, H = sal.shape[:2]
+    decode = loaded.tokenizer.decode
+    table = pd.DataFrame({
+        "layer": np.repeat(np.arange(L), H * n_tokens), "head": np.tile(np.repeat(np.arange(H), n_tokens), L),
+        "rank": np.tile(np.arange(n_tokens), L * H), "token_id": ids.flatten().numpy(),
+        "token": [decode([int(i)]) for i in ids.flatten().tolist()], "attraction": values.flatten().numpy()})
+    out = run.folder(loaded.name, "qk")
+    if out is not None:
+        manifest = build_manifest(parameters={"options": asdict(options), "n_tokens": n_tokens,
+                                              "weights_sha256": loaded.weights_sha256},
+                                  wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
+        write_table(table, out / "salient_keys.csv", manifest)
+    return table
+
+
+def key_summary(keys: pd.DataFrame, layers=None, n: int = 5) -> pd.DataFrame:
+    """One row per head (of ``layers``, default all): its ``n`` most attracting key tokens, best first."""
+    k = keys[keys["rank"] < n]
+    if layers is not None:
+        k = k[k.layer.isin(list(layers))]
+    return (k.sort_values(["layer", "head", "rank"]).groupby(["layer", "head"]).token
+            .agg(lambda t: " | ".join(repr(x) for x in t)).rename(f"top {n} key tokens").reset_index())

@@ -14,6 +14,7 @@ import torch
 
 from maps_utils import HeadWeights, LoadedModel
 from maps_utils import atlas as AT
+from maps_utils import qk_study as QS
 from maps_utils import scores as SC
 from maps_utils.store import RunOptions
 
@@ -48,7 +49,9 @@ def test_atlas_data_matches_the_score_table(tiny_static):
     loaded, static = tiny_static
     H = loaded.weights.n_heads
     ops, desc, heads, summary = _fake_tables(H)
-    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary)
+    keys = QS.salient_keys(loaded, n_tokens=4, run=RunOptions(results_dir=None, progress=False))
+    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
+                         qk_keys=keys)
     table = static.table()
     assert (data["n_layers"], data["n_heads"]) == (2, 4) and [r["name"] for r in data["relations"]] == ["same", "shift"]
     for j, rel in enumerate(data["relations"]):
@@ -63,6 +66,9 @@ def test_atlas_data_matches_the_score_table(tiny_static):
     assert data["ops"]["6"][0] == ["t0", ["t1", "t99"], 3.0]  # head 1.2 = 1 * 4 + 2
     assert data["descriptions"]["6"]["describer"] == "tiny-describer (test)"
     assert data["ablation"]["3"] == [["same", 1, -75.0, 1]]
+    head6 = keys[(keys["layer"] == 1) & (keys["head"] == 2)].sort_values("rank")
+    assert [k for k, _ in data["qk"]["6"]] == head6.token.tolist() and len(data["qk"]) == 8
+    assert [a for _, a in data["qk"]["6"]] == sorted((a for _, a in data["qk"]["6"]), reverse=True)
     page = AT.render_atlas(data)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing loads from the network
     embedded = re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.S).group(1)
@@ -93,7 +99,9 @@ def _dom(path, fragment):
 def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     loaded, static = tiny_static
     ops, desc, heads, summary = _fake_tables(loaded.weights.n_heads)
-    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary)
+    keys = QS.salient_keys(loaded, n_tokens=3, run=RunOptions(results_dir=None, progress=False))
+    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
+                         qk_keys=keys)
     page = tmp_path / "atlas.html"
     page.write_text(AT.render_atlas(data))
     # the grid renders: one cell per head, coloured
@@ -104,6 +112,8 @@ def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     dom = _dom(page, "head=1.2")
     assert '<h2 id="panel-title">Head 1.2</h2>' in dom and "Maps tN to tN+1." in dom and "t0: t1, t99" in dom
     assert "tiny-describer (test)" in dom
+    shown = re.search(r'<pre id="qk-keys">(.*?)</pre>', dom, re.S).group(1).splitlines()  # the static QK panel
+    assert [line.rsplit(" ", 1)[0] for line in shown] == [k for k, _ in data["qk"]["6"]]
     dom = _dom(page, "head=0.3")
     assert "relation head #1 of same" in dom and "-75% accuracy" in dom
     # search: a pair some heads hit, found exactly; and a relation's heads
