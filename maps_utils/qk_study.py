@@ -186,3 +186,27 @@ def key_summary(keys: pd.DataFrame, layers=None, n: int = 5) -> pd.DataFrame:
         k = k[k.layer.isin(list(layers))]
     return (k.sort_values(["layer", "head", "rank"]).groupby(["layer", "head"]).token
             .agg(lambda t: " | ".join(repr(x) for x in t)).rename(f"top {n} key tokens").reset_index())
+
+
+@torch.inference_mode()
+def key_profile(loaded, layer: int, head: int, relation: str, template: str, *, options: QKOptions = QKOptions(),
+                max_pairs: int | None = 40, seed: int = 0) -> pd.DataFrame:
+    """A head's key-preference profile for a relation's sources in one template: for each position of the prompt
+    (the template's tokens, and ``<X>`` for the source), the mean share of the last token's attention there under
+    the static QK map and in the real head, over the relation's prompts (all the same length when the sources are
+    single tokens)."""
+    from .capture import build_prompts, pad_batch
+    from .qk_inference import real_attention, static_batch
+
+    tr = R.filter_single_token(R.load(relation), loaded.tokenizer, leading_space=True, min_pairs=1)
+    _, src, _, _ = relation_prompts(loaded.tokenizer, tr, [template], max_pairs, seed)
+    prompts = build_prompts(loaded.tokenizer, template, src)
+    ids, last, source = pad_batch(prompts, pad_id(loaded.tokenizer), loaded.weights.U.device)
+    s, _ = static_batch(QKMap(loaded.weights, options), ids, last, options.representation)
+    static_share = torch.softmax(s[:, layer, head], -1).mean(0)  # [T]
+    real_share = real_attention(loaded.model, loaded.weights, ids, last)[:, layer, head].mean(0)
+    labels = [repr(loaded.tokenizer.decode([int(t)])) for t in ids[0]]
+    labels[int(source[0])] = "<X>"
+    return pd.DataFrame({"position": range(len(labels)), "token": labels,
+                         "static share": static_share.float().cpu().numpy().round(3),
+                         "real share": real_share.float().cpu().numpy().round(3)})
