@@ -34,8 +34,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from . import sources
-from .errors import OptionError
+from .errors import OptionError, UnsupportedArchitectureError
 from .heads import HeadWeights
+from .heads.registry import GENERIC
 
 DEFAULT_OFFSETS = tuple(range(1, 9))
 
@@ -63,6 +64,12 @@ class QKOptions:
         if weights.spec.alibi(weights.model):
             raise OptionError(f"{weights.family} uses ALiBi position biases, which the static QK map does not read; "
                               "use a model with rotary or learned positions.")
+        if weights.family == GENERIC:
+            problem = generic_mismatch(weights)
+            if problem is not None:
+                raise UnsupportedArchitectureError(
+                    f"The generic adapter's static QK map does not reproduce {weights.model.config.model_type}'s "
+                    f"attention: {problem}; add an ArchSpec for it in maps_utils/heads/.")
 
 
 # ---- the pieces: projections, rotation, logits -----------------------------------------------------------
@@ -88,6 +95,11 @@ def project(weights: HeadWeights, layer: int, x: Tensor, positions: Tensor, side
         x = x + pos_rows.to(x.dtype)
     if input_norm:
         x = weights.input_norm(layer)(x)
+    return head_states(weights, layer, x, positions, side)
+
+
+def head_states(weights: HeadWeights, layer: int, x: Tensor, positions: Tensor, side: str) -> Tensor:
+    """:func:`project` from the attention's own input ``x`` ``[n, d_model]`` (already normalised, positions added)."""
     W, b = (weights.W_Q(layer), weights.b_Q(layer)) if side == "q" else (weights.W_K_kv(layer), weights.b_K_kv(layer))
     y = torch.einsum("nd,hde->nhe", x, W.to(x.dtype))  # [n, heads, d_head]
     if b is not None:
@@ -110,6 +122,34 @@ def logits(weights: HeadWeights, layer: int, q: Tensor, k: Tensor) -> Tensor:
     s = torch.einsum("...qgpe,kge->...gpqk", qg, k).flatten(-4, -3) * weights.attn_scale(layer)  # [..., H, n_q, n_k]
     cap = weights.attn_softcap(layer)
     return s if cap is None else torch.tanh(s / cap) * cap
+
+
+def generic_mismatch(weights: HeadWeights, tol: float = 1e-5) -> str | None:
+    """For a model read by the generic adapter: None when the QK map's logits, from the attention's real inputs on
+    two seeded random sequences, equal the model's (log attention weights, up to each query's constant; relative
+    ``tol``), else one sentence. The OV parity checks (:mod:`maps_utils.heads.parity`) do not cover queries and keys."""
+    from .heads.parity import capture_attention
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, weights.vocab_size, (1, 8), generator=g).to(weights.U.device)
+    try:
+        with torch.no_grad():
+            store = capture_attention(weights.model, weights, ids)
+            for layer, rec in store.items():
+                if rec["A"] is None:
+                    return "the model returns no attention weights to check it against (load it with eager attention)"
+                pos = torch.arange(ids.shape[1], device=ids.device)
+                x = rec["x"][0]  # [T, d] the attention's input
+                s = logits(weights, layer, head_states(weights, layer, x, pos, "q"),
+                           head_states(weights, layer, x, pos, "k"))[:, -1]  # [H, T] from the last position
+                real = rec["A"][0, :, -1].double().log()
+                ours, theirs = (s - s[:, :1]).double(), real - real[:, :1]
+                err = float((ours - theirs).abs().max() / (theirs.abs().max() + 1e-12))
+                if err >= tol:
+                    return f"its logits differ at layer {layer} (relative error {err:.2g})"
+    except Exception as err:  # the accessors fitted the OV side but not the QK side
+        return f"reading its queries and keys raised {type(err).__name__}"
+    return None
 
 
 # ---- a model's static QK map ------------------------------------------------------------------------------

@@ -158,3 +158,37 @@ def test_bad_options_get_one_sentence():
         del TINY_CONFIGS["falcon-alibi"]
     with pytest.raises(OptionError, match="ALiBi"):
         qk.QKMap(HeadWeights(falcon))
+
+
+def _renamed(key: str, model_type: str, **config):
+    TINY_CONFIGS["_renamed"] = (TINY_CONFIGS[key][0], {**TINY_CONFIGS[key][1], **config})
+    try:
+        model = make_tiny("_renamed")
+    finally:
+        del TINY_CONFIGS["_renamed"]
+    model.config.model_type = model_type  # an architecture the adapter table does not list
+    return model
+
+
+@pytest.mark.parametrize("key", ["llama-gqa", "qwen3-gqa", "gemma-gqa"])
+def test_the_generic_adapter_reads_queries_and_keys_once_they_reproduce_the_model(key):
+    weights = HeadWeights(_renamed(key, "unlisted"))
+    assert weights.family == "generic"
+    listed = HeadWeights(make_tiny(key))
+    for layer in range(2):
+        ours = qk.QKMap(weights).scores(layer, [3, 9], [4, 50, 70])
+        torch.testing.assert_close(ours, qk.QKMap(listed).scores(layer, [3, 9], [4, 50, 70]), rtol=0, atol=0)
+
+
+def test_the_generic_adapter_refuses_a_qk_map_it_does_not_reproduce():
+    """Cohere with logit_scale 1 passes the OV parity checks as a generic model, but rotates its queries and keys in
+    interleaved pairs, which the generic (Llama-like) reading does not: one sentence, no traceback."""
+    from maps_utils.errors import UnsupportedArchitectureError
+
+    weights = HeadWeights(_renamed("cohere-gqa", "unlisted", logit_scale=1.0))
+    assert weights.family == "generic"
+    with pytest.raises(UnsupportedArchitectureError) as err:
+        qk.QKMap(weights)
+    msg = str(err.value)
+    assert "static QK map does not reproduce unlisted's attention" in msg and "logits differ" in msg
+    assert "\n" not in msg
