@@ -50,6 +50,18 @@ def test_make_all_smoke_runs_every_notebook_writes_the_report_and_is_incremental
     dom = _dom(atlas, "q=name_copying")
     assert len(re.findall(r'class="cell[^"]*" data-head=', dom)) == 270
     assert set(re.findall(r'<a data-head="(\d+\.\d+)"', dom)) == {f"{r.layer}.{r.head}" for r in strong.itertuples()}
+    # notebook 06 (SMOKE_06: two relations, 30 pairs, one template): its tables, and the atlas panel's QK keys
+    qk = ROOT / "results" / "smoke" / "smollm2-135m" / "qk"
+    for name in ("validation", "joint", "correlations", "salient_keys"):
+        assert (qk / f"{name}.csv").is_file() and (qk / f"{name}.manifest.json").is_file(), name
+    corr = pd.read_csv(qk / "correlations.csv").set_index("relation")
+    assert set(corr.index) == {"name_copying", "country_capital"} and corr[["r_ov", "r_joint"]].notna().all().all()
+    validation = pd.read_csv(qk / "validation.csv")
+    assert set(validation.prompt_set) == {"relation", "distractor"} and len(validation) == 2 * 2 * 270
+    assert (ROOT / "figures" / "smoke" / "smollm2-135m" / "06_qk_map.png").is_file()
+    shown = re.search(r'<pre id="qk-keys">(.*?)</pre>', _dom(atlas, "head=23.4"), re.S)
+    keys = pd.read_csv(qk / "salient_keys.csv", keep_default_na=False)
+    assert shown and len(shown.group(1).splitlines()) == int(((keys["layer"] == 23) & (keys["head"] == 4)).sum())
     # nothing changed: nothing runs
     second = _make("all", "SMOKE=1")
     assert second.returncode == 0 and "papermill" not in second.stdout and "maps atlas" not in second.stdout

@@ -139,23 +139,6 @@ def test_ablation_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
 
 
 @pytest.mark.embedded
-def test_qk_map_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
-    text = run_notebook("06_qk_map.ipynb", tmp_path / "06.ipynb", model="smollm2-135m", device="cpu",
-                        relations=["name_copying", "country_capital"], max_pairs=30, templates=["No <X> means no"],
-                        figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
-    assert (tmp_path / "fig" / "smollm2-135m" / "06_qk_map.png").is_file()
-    out = tmp_path / "res" / "smollm2-135m" / "qk"
-    for name in ("validation", "joint", "correlations", "salient_keys"):
-        assert (out / f"{name}.csv").is_file(), name
-        assert (out / f"{name}.manifest.json").is_file(), name
-    corr = pd.read_csv(out / "correlations.csv").set_index("relation")
-    assert set(corr.index) == {"name_copying", "country_capital"} and corr[["r_ov", "r_joint"]].notna().all().all()
-    validation = pd.read_csv(out / "validation.csv")
-    assert set(validation.prompt_set) == {"relation", "distractor"} and len(validation) == 2 * 2 * 30 * 9
-    assert "mean r: OV only" in text and "top 5 key tokens" in text and "attends to X, writes R(X)" in text
-
-
-@pytest.mark.embedded
 def test_descriptions_notebook_runs_offline_with_the_local_describer(smollm2, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m", device="cpu",
