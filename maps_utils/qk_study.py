@@ -210,3 +210,18 @@ def key_profile(loaded, layer: int, head: int, relation: str, template: str, *, 
     return pd.DataFrame({"position": range(len(labels)), "token": labels,
                          "static share": static_share.float().cpu().numpy().round(3),
                          "real share": real_share.float().cpu().numpy().round(3)})
+
+
+def query_keys(loaded, layer: int, head: int, template: str, *, options: QKOptions = QKOptions(),
+               top: int = 10) -> pd.DataFrame:
+    """The head's ``top`` key tokens over the whole vocabulary for the query that ends ``template`` (its last token
+    after ``<X>``): the vocabulary-wide view of where that query looks, at ``options``' offsets."""
+    suffix = template.split(R.PLACEHOLDER)[-1]
+    ids = list(loaded.tokenizer(suffix, add_special_tokens=False)["input_ids"])
+    if not ids:
+        raise OptionError(f"Template {template!r} ends with {R.PLACEHOLDER}: there is no query token after it.")
+    values, keys = QKMap(loaded.weights, options).salient_keys(layer, ids[-1:], top)
+    decode = loaded.tokenizer.decode
+    return pd.DataFrame({"query": repr(decode(ids[-1:])), "rank": range(top),
+                         "key": [repr(decode([int(k)])) for k in keys[head, 0].tolist()],
+                         "logit": values[head, 0].float().cpu().numpy().round(3)})
