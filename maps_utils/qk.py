@@ -61,6 +61,10 @@ class QKOptions:
                               "key position).")
         if self.key_position < 0:
             raise OptionError(f"key_position {self.key_position}: positions start at 0.")
+        table = weights.spec.position_embed(weights.model)
+        if table is not None and self.key_position + max(self.offsets) >= table.weight.shape[0]:
+            raise OptionError(f"key_position + offsets reach position {self.key_position + max(self.offsets)}, but "
+                              f"{weights.family} has learned positions 0..{table.weight.shape[0] - 1}; use smaller ones.")
         if weights.spec.alibi(weights.model):
             raise OptionError(f"{weights.family} uses ALiBi position biases, which the static QK map does not read; "
                               "use a model with rotary or learned positions.")
@@ -118,17 +122,21 @@ def logits(weights: HeadWeights, layer: int, q: Tensor, k: Tensor) -> Tensor:
     """``[..., n_heads, n_q, n_k]`` logits of queries ``q`` ``[..., n_q, n_heads, d_head]`` against keys ``k``
     ``[n_k, n_kv, d_head]`` (each query head against its KV group's key; scale and soft cap applied)."""
     G, per = weights.n_kv_heads, weights.group_size
-    qg = q.unflatten(-2, (G, per))  # [..., n_q, G, per, d_head]
-    s = torch.einsum("...qgpe,kge->...gpqk", qg, k).flatten(-4, -3) * weights.attn_scale(layer)  # [..., H, n_q, n_k]
+    up = torch.promote_types(q.dtype, torch.float32)  # half-precision queries and keys: the product in float32
+    qg = q.to(up).unflatten(-2, (G, per))  # [..., n_q, G, per, d_head]
+    s = torch.einsum("...qgpe,kge->...gpqk", qg, k.to(up)).flatten(-4, -3) * weights.attn_scale(layer)  # [.., H, nq, nk]
     cap = weights.attn_softcap(layer)
     return s if cap is None else torch.tanh(s / cap) * cap
 
 
-def generic_mismatch(weights: HeadWeights, tol: float = 1e-5) -> str | None:
+def generic_mismatch(weights: HeadWeights, tol: float | None = None) -> str | None:
     """For a model read by the generic adapter: None when the QK map's logits, from the attention's real inputs on
-    two seeded random sequences, equal the model's (log attention weights, up to each query's constant; relative
-    ``tol``), else one sentence. The OV parity checks (:mod:`maps_utils.heads.parity`) do not cover queries and keys."""
-    from .heads.parity import capture_attention
+    a seeded random sequence, equal the model's (log attention weights, up to each query's constant; relative ``tol``,
+    default by dtype and at least 1e-5, since many models take the softmax in float32), else one sentence. The OV
+    parity checks (:mod:`maps_utils.heads.parity`) do not cover queries and keys."""
+    from .heads.parity import TOLERANCE, capture_attention
+
+    tol = tol if tol is not None else max(1e-5, TOLERANCE.get(weights.U.dtype, 1e-4))
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, weights.vocab_size, (1, 8), generator=g).to(weights.U.device)
@@ -145,7 +153,7 @@ def generic_mismatch(weights: HeadWeights, tol: float = 1e-5) -> str | None:
                 real = rec["A"][0, :, -1].double().log()
                 ours, theirs = (s - s[:, :1]).double(), real - real[:, :1]
                 err = float((ours - theirs).abs().max() / (theirs.abs().max() + 1e-12))
-                if err >= tol:
+                if not err < tol:  # NaN (a weight that underflowed, a NaN logit) fails too
                     return f"its logits differ at layer {layer} (relative error {err:.2g})"
     except Exception as err:  # the accessors fitted the OV side but not the QK side
         return f"reading its queries and keys raised {type(err).__name__}"
@@ -156,10 +164,10 @@ def generic_mismatch(weights: HeadWeights, tol: float = 1e-5) -> str | None:
 class QKMap:
     """The static QK map of every head of one model under :class:`QKOptions` (see the module docstring)."""
 
-    def __init__(self, weights: HeadWeights, options: QKOptions = QKOptions(), *, dtype: torch.dtype | None = None):
+    def __init__(self, weights: HeadWeights, options: QKOptions = QKOptions()):
         options.check(weights)
         self.weights, self.options = weights, options
-        self.dtype = dtype or weights.U.dtype
+        self.dtype = weights.U.dtype  # the model's own: its norm modules run in it
         self.device = weights.U.device
 
     def vectors(self, token_ids, layers: Sequence[int] | None = None) -> sources.SourceVectors:

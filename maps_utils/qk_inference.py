@@ -11,7 +11,8 @@ they write in context?
   dynamic scores. The joint score of a head for a template is the fraction of prompts whose target is in its top-k.
 
 Prompts are right-padded (:func:`maps_utils.capture.pad_batch`): under causal attention the last position of each
-prompt sees only its own tokens, at positions 0..last.
+prompt sees only its own tokens, at positions 0..last. Sliding windows are not applied to the static logits: the
+study's prompts are far shorter than any window of the supported models.
 """
 
 from __future__ import annotations
@@ -111,7 +112,10 @@ def joint_writes(weights: HeadWeights, s: Tensor, v: Tensor) -> Tensor:
 
 # ---- agreement --------------------------------------------------------------------------------------------
 def _ranks(x: Tensor) -> Tensor:
-    return x.argsort(-1).argsort(-1).to(torch.float64)
+    """Ranks along the last dim, ties given their average rank (as Spearman's ρ needs)."""
+    less = (x[..., None, :] < x[..., :, None]).sum(-1)
+    equal = (x[..., None, :] == x[..., :, None]).sum(-1)
+    return less.double() + (equal.double() - 1) / 2
 
 
 def agreement(s: Tensor, a: Tensor, last: Tensor, source: Tensor) -> dict[str, Tensor]:
@@ -152,7 +156,7 @@ def run_prompts(loaded, qmap: QKMap, prompts: Sequence[Prompt], targets: Sequenc
         ids, last, source = pad_batch(batch, pad, w.U.device)
         real = real_attention(loaded.model, w, ids, last)
         s, v = static_batch(qmap, ids, last, ov_representation)
-        for name, value in agreement(s, real.to(s.dtype), last, source).items():
+        for name, value in agreement(s.float(), real, last, source).items():
             out.setdefault(name, []).append(value.cpu())
         if targets is not None:
             rows = joint_writes(w, s, v).reshape(-1, w.d_model)

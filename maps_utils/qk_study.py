@@ -26,7 +26,7 @@ from .scan import scan_columns
 from .scores import TAU
 from .store import RunOptions, Slots, write_table
 
-VERSION = 2  # 2: attention on the source position
+VERSION = 3  # 2: attention on the source position; 3: average ranks for ties, logits in float32 at least
 PROMPT_SETS = ("relation", "distractor")
 MEASURES = ("top1", "top1_no_first", "spearman", "static_on_source", "real_on_source")
 
@@ -56,7 +56,7 @@ class QKStudy:
 def _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity):
     tok = loaded.tokenizer
     pairs, src, tgt, per_template = relation_prompts(tok, tr, rel.templates, max_pairs, run.seed)
-    if tgt != list(rel.target_ids):
+    if [tuple(p) for p in pairs] != [tuple(p) for p in rel.pairs] or tgt != list(rel.target_ids):
         raise OptionError(f"{rel.name}: the dynamic scores were computed on other pairs; pass the max_pairs and seed "
                           "of the dynamic run.")
     distract = distractor_prompts(tok, rel.templates[0], src)
@@ -95,6 +95,8 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
     ``ov_representation`` defaults to the static scores' variant (the OV-only score the joint one is compared with).
     """
     t0 = time.perf_counter()
+    if dynamic.kind != "single":
+        raise OptionError(f"The QK study reads single-token dynamic scores (dynamic_scores), not {dynamic.kind}.")
     ov_representation = ov_representation or static.variant
     qmap = QKMap(loaded.weights, options)
     identity = {"version": VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
@@ -104,6 +106,8 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
     columns = scan_columns(loaded.weights)
     scored = {r.name for r in static.relations}
     todo = [rel for rel in dynamic.relations if rel.name in scored]
+    if not todo:
+        raise OptionError("No relation has both static and dynamic scores; score the same relations in both.")
     val, joint, corr = [], [], []
     for rel in tqdm(todo, desc="QK map", unit="relation", disable=not run.progress):
         tr = R.filter_single_token(R.load(rel.name), loaded.tokenizer, leading_space=True, min_pairs=1)

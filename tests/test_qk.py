@@ -151,6 +151,8 @@ def test_bad_options_get_one_sentence():
         qk.QKMap(weights, qk.QKOptions(representation="raw+norm"))
     with pytest.raises(OptionError, match="whole numbers"):
         qk.QKMap(weights, qk.QKOptions(offsets=()))
+    with pytest.raises(OptionError, match="learned positions 0..63"):  # GPT-2's table has 64 rows
+        qk.QKMap(HeadWeights(make_tiny("gpt2")), qk.QKOptions(key_position=60, offsets=(1, 4)))
     TINY_CONFIGS["falcon-alibi"] = ("FalconConfig", dict(_BASE, ffn_hidden_size=96, alibi=True))
     try:
         falcon = make_tiny("falcon-alibi")

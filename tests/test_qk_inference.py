@@ -136,3 +136,11 @@ def test_agreement_measures_on_a_known_case():
     torch.testing.assert_close(out["spearman"].flatten(), torch.tensor([-1.0, 0.8]))
     torch.testing.assert_close(out["real_on_source"].flatten(), torch.tensor([0.1, 0.2]))
     torch.testing.assert_close(out["static_on_source"][0].flatten(), torch.softmax(torch.tensor([0.0, 2.0, 1.0]), 0)[1:2])
+
+
+def test_spearman_gives_ties_their_average_rank():
+    s = torch.tensor([[[[1.0, 1.0, 3.0]]]])  # a tie in the static logits
+    a = torch.tensor([[[[0.2, 0.3, 0.5]]]])
+    out = QI.agreement(s, a, last=torch.tensor([2]), source=torch.tensor([2]))
+    # ranks (0.5, 0.5, 2) against (0, 1, 2): rho = 1.5 / sqrt(1.5 * 2)
+    torch.testing.assert_close(out["spearman"].flatten(), torch.tensor([1.5 / (1.5 * 2) ** 0.5]))
