@@ -255,7 +255,7 @@ def fidelity_figure(profile, depth=None, title: str = "") -> plt.Figure:
 def qk_figure(study, title: str = "") -> plt.Figure:
     """Notebook 06: (left) attention on the source token from the last position, static QK map vs the real head,
     one point per head and relation (relation heads in orange); (right) per relation, Pearson r of the with-context
-    dynamic scores with the OV-only static score and with the joint QK×OV score."""
+    dynamic scores with the OV-only static score, with the joint QK×OV score and with its attention oracle."""
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
     v = study.validation[study.validation.prompt_set == "relation"]
     for mask, colour, label in ((~v.relation_head, "#1f77b4", "other heads"), (v.relation_head, "#ff7f0e",
@@ -270,6 +270,7 @@ def qk_figure(study, title: str = "") -> plt.Figure:
     y = np.arange(len(c))
     b.scatter(c.r_ov, y, label="OV only", c="#1f77b4")
     b.scatter(c.r_joint, y, label="joint QK×OV", c="#d62728", marker="D")
+    b.scatter(c.r_oracle, y, label="control: OV rows mixed by the real attention", c="#2ca02c", marker="x")
     b.set_yticks(y, c.relation, fontsize=7)
     b.set_xlabel("Pearson r with the with-context dynamic score")
     b.axvline(0, color="#999", lw=0.8)

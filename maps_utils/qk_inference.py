@@ -9,6 +9,9 @@ they write in context?
   OV rows over the prompt's tokens: ``z = Σ_t softmax_t(s(q_last, x_t)) · x_t W_V[g]`` (x_t the OV map's source
   representation, as in the static scores: no bias), written through ``W_O[h]`` and ranked against U like the
   dynamic scores. The joint score of a head for a template is the fraction of prompts whose target is in its top-k.
+  Its control, the *attention oracle*, mixes the same OV rows by the head's real attention weights: where the oracle
+  predicts well and the joint score does not, the QK map is what fails; where both fail, the mixture of
+  parameter-only OV rows is.
 
 Prompts are right-padded (:func:`maps_utils.capture.pad_batch`): under causal attention the last position of each
 prompt sees only its own tokens, at positions 0..last. Sliding windows are not applied to the static logits: the
@@ -48,7 +51,7 @@ def real_attention(model, weights: HeadWeights, ids: Tensor, last: Tensor) -> Te
             if not isinstance(a, Tensor):
                 raise OptionError("The model does not return its attention weights; load it with "
                                   "attn_implementation='eager' (the default of maps_utils.load).")
-            out[layer] = a[rows, :, last].float()  # [B, H, T]
+            out[layer] = a[rows, :, last]  # [B, H, T], in the model's dtype
             if layer == L - 1:
                 raise StopForward
         return read
@@ -100,10 +103,11 @@ def static_batch(qmap: QKMap, ids: Tensor, last: Tensor, ov_representation: str)
     return torch.stack(s, 1), torch.stack(v, 1)
 
 
-def joint_writes(weights: HeadWeights, s: Tensor, v: Tensor) -> Tensor:
-    """``[B, L, H, d_model]``: ``(Σ_t softmax_t(s) · v_t[g(h)]) W_O[h]`` from logits ``s`` ``[B, L, H, T]`` and OV
-    values ``v`` ``[B, L, T, n_kv, d_head]``."""
-    a = torch.softmax(s, dim=-1)  # [B, L, H, T]
+def joint_writes(weights: HeadWeights, s: Tensor, v: Tensor, a: Tensor | None = None) -> Tensor:
+    """``[B, L, H, d_model]``: ``(Σ_t a_t · v_t[g(h)]) W_O[h]`` with ``a = softmax_t(s)`` from logits ``s``
+    ``[B, L, H, T]`` (or the weights ``a`` given, e.g. the real attention), and OV values ``v``
+    ``[B, L, T, n_kv, d_head]``."""
+    a = torch.softmax(s, dim=-1) if a is None else a.to(v.dtype)  # [B, L, H, T]
     groups = weights.kv_groups.to(v.device)
     z = torch.einsum("blht,blthe->blhe", a, v[:, :, :, groups])  # [B, L, H, d_head]
     w_o = torch.stack([weights.W_O(la) for la in range(weights.n_layers)]).to(z.dtype)  # [L, H, dh, d]
@@ -147,8 +151,10 @@ def agreement(s: Tensor, a: Tensor, last: Tensor, source: Tensor) -> dict[str, T
 def run_prompts(loaded, qmap: QKMap, prompts: Sequence[Prompt], targets: Sequence[int] | None, *,
                 ov_representation: str, columns: Columns | None = None, rank_cap: int = 10, pad: int = 0,
                 batch_size: int = 64, memory_budget_mb: float = 512.0) -> dict[str, Tensor]:
-    """Agreement ``[n, L, H]`` per measure and, with ``targets``, the joint prediction's target ranks ``[n, L, H]``
-    (int16, exact below ``rank_cap``) for ``prompts``."""
+    """Agreement ``[n, L, H]`` per measure and, with ``targets``, the target ranks ``[n, L, H]`` (int16, exact below
+    ``rank_cap``) of the joint prediction (``joint_rank``) and of its attention oracle (``oracle_rank``: the same OV
+    rows mixed by the head's real attention weights, a control that separates the QK map's errors from the
+    mixture's) for ``prompts``."""
     w = loaded.weights
     out: dict[str, list[Tensor]] = {}
     for start in range(0, len(prompts), batch_size):
@@ -158,12 +164,14 @@ def run_prompts(loaded, qmap: QKMap, prompts: Sequence[Prompt], targets: Sequenc
         s, v = static_batch(qmap, ids, last, ov_representation)
         for name, value in agreement(s.float(), real, last, source).items():
             out.setdefault(name, []).append(value.cpu())
-        if targets is not None:
-            rows = joint_writes(w, s, v).reshape(-1, w.d_model)
-            tgt = torch.as_tensor(targets[start:start + batch_size], device=w.U.device)
-            tgt = tgt[:, None].expand(len(batch), w.n_layers * w.n_heads).reshape(-1)
+        if targets is None:
+            continue
+        tgt = torch.as_tensor(targets[start:start + batch_size], device=w.U.device)
+        tgt = tgt[:, None].expand(len(batch), w.n_layers * w.n_heads).reshape(-1)
+        for name, weights_ in (("joint_rank", None), ("oracle_rank", real)):  # static weights; the real ones
+            rows = joint_writes(w, s, v, weights_).reshape(-1, w.d_model)
             top, _ = ranks_of_targets(rows.to(columns.cols.dtype), tgt, columns, rank_cap, memory_budget_mb)
-            out.setdefault("joint_rank", []).append(top.view(len(batch), w.n_layers, w.n_heads).to(torch.int16).cpu())
+            out.setdefault(name, []).append(top.view(len(batch), w.n_layers, w.n_heads).to(torch.int16).cpu())
     return {name: torch.cat(parts) for name, parts in out.items()}
 
 

@@ -26,7 +26,7 @@ from .scan import scan_columns
 from .scores import TAU
 from .store import RunOptions, Slots, write_table
 
-VERSION = 3  # 2: attention on the source position; 3: average ranks for ties, logits in float32 at least
+VERSION = 4  # 2: attention on the source position; 3: average ranks for ties, logits in float32 at least; 4: oracle
 PROMPT_SETS = ("relation", "distractor")
 MEASURES = ("top1", "top1_no_first", "spearman", "static_on_source", "real_on_source")
 
@@ -36,8 +36,8 @@ class QKStudy:
     """The study's three tables and their manifest."""
 
     validation: pd.DataFrame  # relation, prompt_set, layer, head, relation_head, MEASURES (means over prompts), n
-    joint: pd.DataFrame  # relation, template, layer, head, joint_score, dynamic_with, static_ov, k
-    correlations: pd.DataFrame  # relation, r_ov, r_joint, n_points, ...
+    joint: pd.DataFrame  # relation, template, layer, head, joint_score, oracle_score, dynamic_with, static_ov, k
+    correlations: pd.DataFrame  # relation, r_ov, r_joint, r_oracle, n_points, ...
     manifest: dict = field(default_factory=dict)
 
     def summary(self) -> pd.DataFrame:
@@ -70,7 +70,8 @@ def _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns,
     per = [run_prompts(loaded, qmap, ps, tgt, **common) for ps in per_template]
     value = {"relation": {m: torch.cat([p[m] for p in per]) for m in MEASURES},
              "distractor": run_prompts(loaded, qmap, distract, None, **common),
-             "joint_rank": torch.stack([p["joint_rank"] for p in per])}  # [T, n, L, H]
+             "joint_rank": torch.stack([p["joint_rank"] for p in per]),  # [T, n, L, H]
+             "oracle_rank": torch.stack([p["oracle_rank"] for p in per])}
     slots.write(rel.name, key, value)
     return value
 
@@ -115,17 +116,20 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
         ov_map = static.score_map(rel.name, rel.k)  # [L, H]
         val += _validation_rows(rel.name, value, ov_map)
         j = (value["joint_rank"] < rel.k).float().mean(1)  # [T, L, H]
+        o = (value["oracle_rank"] < rel.k).float().mean(1)
         d = rel.scores(rel.k, "with")  # [T, L, H]
         L, H = ov_map.shape
         for t, template in enumerate(rel.templates):
             joint.append(pd.DataFrame({
                 "relation": rel.name, "template": template, "layer": np.repeat(np.arange(L), H),
                 "head": np.tile(np.arange(H), L), "joint_score": j[t].flatten().numpy(),
+                "oracle_score": o[t].flatten().numpy(),
                 "dynamic_with": d[t].flatten().numpy(), "static_ov": ov_map.flatten().numpy(), "k": rel.k}))
         r_ov, _ = pearson(ov_map.repeat(d.shape[0], 1, 1).flatten().numpy(), d.flatten().numpy())
         r_joint, _ = pearson(j.flatten().numpy(), d.flatten().numpy())
+        r_oracle, _ = pearson(o.flatten().numpy(), d.flatten().numpy())
         corr.append({"relation": rel.name, "category": rel.category, "r_ov": r_ov, "r_joint": r_joint,
-                     "r_joint − r_ov": r_joint - r_ov, "n_points": d.numel(), "n_prompts": rel.n,
+                     "r_joint − r_ov": r_joint - r_ov, "r_oracle": r_oracle, "n_points": d.numel(), "n_prompts": rel.n,
                      "max_joint": float(j.max()), "max_dynamic_with": float(d.max()), "k": rel.k})
     study = QKStudy(pd.concat(val, ignore_index=True), pd.concat(joint, ignore_index=True), pd.DataFrame(corr))
     study.manifest = build_manifest(parameters={**identity, "max_pairs": max_pairs, "run": run.manifest(),

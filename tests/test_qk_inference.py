@@ -35,7 +35,7 @@ def test_real_attention_is_the_models_last_row_of_attention(key):
         with torch.no_grad():
             out = model(input_ids=torch.tensor([p.ids]), output_attentions=True)
         for layer in range(weights.n_layers):
-            want = out.attentions[layer][0, :, -1].float()  # [H, len]
+            want = out.attentions[layer][0, :, -1]  # [H, len]
             torch.testing.assert_close(got[b, layer, :, : len(p.ids)], want, rtol=0, atol=1e-12)
             assert (got[b, layer, :, len(p.ids):] == 0).all()
 
@@ -55,16 +55,20 @@ def test_batched_static_logits_are_each_prompts_own(key):
             assert torch.isneginf(s[b, layer, :, n:]).all()
 
 
-def _naive_joint_ranks(weights: HeadWeights, qmap, prompts, targets, variant: str) -> torch.Tensor:
-    """Per prompt, layer and head: softmax of the static logits (one prompt at a time), the mixture of dense OV rows
-    x_t W_V[g] W_O[h] U over the prompt's tokens, and the target's rank counted in full."""
+def _naive_joint_ranks(weights: HeadWeights, qmap, prompts, targets, variant: str, oracle: bool = False) -> torch.Tensor:
+    """Per prompt, layer and head: softmax of the static logits (one prompt at a time; with ``oracle``, the model's
+    own attention from the last position), the mixture of dense OV rows x_t W_V[g] W_O[h] U over the prompt's
+    tokens, and the target's rank counted in full."""
     from maps_utils.sources import source_vectors
 
     U = weights.U
     out = torch.zeros((len(prompts), weights.n_layers, weights.n_heads), dtype=torch.long)
     for i, (p, t) in enumerate(zip(prompts, targets, strict=True)):
+        if oracle:
+            with torch.no_grad():
+                att = weights.model(input_ids=torch.tensor([p.ids]), output_attentions=True).attentions
         for layer in range(weights.n_layers):
-            a = torch.softmax(qmap.prompt_logits(layer, p.ids), -1)  # [H, n]
+            a = att[layer][0, :, -1] if oracle else torch.softmax(qmap.prompt_logits(layer, p.ids), -1)  # [H, n]
             x = source_vectors(weights, list(p.ids), variant, layer)  # [n, d]
             for h in range(weights.n_heads):
                 g = weights.kv_group(h)
@@ -87,7 +91,10 @@ def test_joint_prediction_equals_a_dense_naive_computation(key, variant):
     naive = _naive_joint_ranks(weights, qmap, prompts, targets, variant).clamp(max=cap)
     assert (naive < cap).any() and (naive == cap).any()  # ranks on both sides of the cap are compared
     assert torch.equal(got["joint_rank"].long(), naive)
-    assert set(got) == {"top1", "top1_no_first", "spearman", "static_on_source", "real_on_source", "joint_rank"}
+    oracle = _naive_joint_ranks(weights, qmap, prompts, targets, variant, oracle=True).clamp(max=cap)
+    assert torch.equal(got["oracle_rank"].long(), oracle)
+    assert set(got) == {"top1", "top1_no_first", "spearman", "static_on_source", "real_on_source", "joint_rank",
+                        "oracle_rank"}
 
 
 def _attend_to(model, weights: HeadWeights, token: int, head: int = 0, strength: float = 40.0) -> None:
