@@ -164,11 +164,17 @@ def attends_and_writes(study: QKStudy, static, *, min_share: float = 0.3, n_exam
                                        "joint_score", "attends to X, writes R(X)"])
 
 
+def printable(text: str) -> str:
+    """``text`` with its control characters escaped (``"\\r"``, ``"\\n"``, ...): a bare carriage return in a CSV
+    field that is not quoted would split its row on reading."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def salient_keys(loaded, options: QKOptions = QKOptions(), *, n_tokens: int = 10,
                  run: RunOptions = RunOptions()) -> pd.DataFrame:
     """Each head's ``n_tokens`` most attracting key tokens (QK saliency, :meth:`~maps_utils.qk.QKMap.attraction`):
-    layer, head, rank, token_id, token, attraction; written to ``<results_dir>/<model>/qk/salient_keys.csv`` (the
-    atlas shows it)."""
+    layer, head, rank, token_id, token (control characters escaped, :func:`printable`), attraction; written to
+    ``<results_dir>/<model>/qk/salient_keys.csv`` (the atlas shows it)."""
     t0 = time.perf_counter()
     sal = QKMap(loaded.weights, options).attraction(progress=run.progress)  # [L, H, V]
     values, ids = torch.topk(sal, n_tokens, dim=-1)
@@ -177,7 +183,8 @@ def salient_keys(loaded, options: QKOptions = QKOptions(), *, n_tokens: int = 10
     table = pd.DataFrame({
         "layer": np.repeat(np.arange(L), H * n_tokens), "head": np.tile(np.repeat(np.arange(H), n_tokens), L),
         "rank": np.tile(np.arange(n_tokens), L * H), "token_id": ids.flatten().numpy(),
-        "token": [decode([int(i)]) for i in ids.flatten().tolist()], "attraction": values.flatten().numpy()})
+        "token": [printable(decode([int(i)])) for i in ids.flatten().tolist()],
+        "attraction": values.flatten().numpy()})
     out = run.folder(loaded.name, "qk")
     if out is not None:
         manifest = build_manifest(parameters={"options": asdict(options), "n_tokens": n_tokens,

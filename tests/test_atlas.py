@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -174,3 +175,16 @@ def test_maps_score_and_atlas_commands_on_smollm2(smollm2, tmp_path, capsys):
     dom = _dom(page, "q=country_capital")
     assert set(re.findall(r'<a data-head="(\d+\.\d+)"', dom)) == expected
     assert len(re.findall(r'class="cell[^"]*" data-head=', dom)) == 270
+
+
+def test_qk_keys_with_control_characters_survive_the_csv_and_reach_the_atlas(tiny_static, tmp_path):
+    """A key token that decodes to a carriage return or a newline (real vocabularies have them) is written escaped,
+    so the table reads back row for row and the atlas builds from it."""
+    loaded, static = tiny_static
+    odd = LoadedModel("tiny-llama", loaded.model, SimpleNamespace(decode=lambda ids: ["\r", "a\nb", "\t", "x"][ids[0] % 4]),
+                      loaded.weights, torch.device("cpu"), torch.float32, "test", 0.0)
+    keys = QS.salient_keys(odd, n_tokens=4, run=RunOptions(results_dir=tmp_path, progress=False))
+    back = pd.read_csv(tmp_path / "tiny-llama" / "qk" / "salient_keys.csv", keep_default_na=False)
+    assert len(back) == len(keys) == 2 * 4 * 4 and set(back.token) <= {"\\r", "a\\nb", "\\t", "x"}
+    data = AT.atlas_data(static, qk_keys=back)
+    assert len(data["qk"]) == 8
