@@ -18,11 +18,15 @@ Models come from PyPI packages, pinned by the SHA-256 of the GGUF file (:data:`L
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import os
 import re
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +147,48 @@ def llama_cpp_version() -> str:
                             "(or `pip install llama-cpp-python==0.3.36`).") from None
 
 
+# A short prompt evaluated in a child process: long enough for llama.cpp's batched (matrix-matrix) kernels
+PROBE = """import sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=256, n_threads=1, n_threads_batch=1, verbose=False)
+llm.create_completion("the cat sat on the mat and " * 12, max_tokens=1)
+"""
+
+
+def _engine_key(name: str) -> str:
+    """What decides whether llama.cpp runs a model here: its compiled libraries, this CPU's flags and the model."""
+    spec = importlib.util.find_spec("llama_cpp")
+    libs = sorted(Path(spec.origin).parent.glob("lib/*.so*")) if spec and spec.origin else []
+    cpu = Path("/proc/cpuinfo")
+    flags = next((line for line in cpu.read_text().splitlines() if line.startswith("flags")), "") if cpu.exists() else ""
+    parts = [name, LOCAL_LLMS[name].sha256, flags, *(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in libs)]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def check_engine(name: str, path: Path, cache_dir: str | Path | None = None) -> None:
+    """Run model ``name`` (file ``path``) on a short prompt in a child process, once per llama.cpp build, CPU and
+    model (a marker under ``<cache>/llama-checked/``): a build that this CPU cannot run dies there, not in the
+    notebook's kernel, and the error names the fix in one sentence. Seen: llama-cpp-python compiled with
+    ``-march=native`` on a VM whose CPU advertises AMX died on an illegal instruction (``make setup`` builds it
+    without AMX)."""
+    from .models import default_cache_dir
+
+    marker = Path(cache_dir or default_cache_dir()) / "llama-checked" / _engine_key(name)
+    if marker.exists():
+        return
+    r = subprocess.run([sys.executable, "-c", PROBE, str(path)], capture_output=True, text=True)
+    if r.returncode in (-signal.SIGILL, 128 + signal.SIGILL):
+        raise LocalLLMError(f"llama.cpp (llama-cpp-python) in this environment uses instructions this CPU cannot "
+                            f"run (it died on an illegal instruction running {name!r}); rebuild it for this CPU "
+                            "with `rm -f .venv/.maps-llama-stamp && make setup`.")
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
+        raise LocalLLMError(f"llama.cpp could not run the local describer {name!r} ({last}); reinstall it with "
+                            "`rm -f .venv/.maps-llama-stamp && make setup`.")
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{path}\n")
+
+
 class LocalLLM:
     """One local instruct model, loaded on first use, answering chat prompts under a JSON-schema grammar.
 
@@ -171,6 +217,7 @@ class LocalLLM:
         if self._llm is None:
             from llama_cpp import Llama
 
+            check_engine(self.name, self.path, self.cache_dir)
             log.info("loading %s with %d thread(s)", self.path.name, self.threads)
             self._llm = Llama(str(self.path), n_ctx=self.n_ctx, n_threads=self.threads,
                               n_threads_batch=self.threads, seed=0, verbose=False)

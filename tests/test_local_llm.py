@@ -94,3 +94,27 @@ def test_two_threads_give_the_bits_of_one(model_cache):
         got.append((answer, logits))
     assert got[0][0] == got[1][0] and got[0][0].startswith("{")
     assert got[0][1].shape[1] > 40_000 and np.array_equal(got[0][1], got[1][1])
+
+
+def test_the_engine_check_runs_the_model_in_a_child_once(tmp_path, monkeypatch):
+    """The real llama.cpp runs the embedded GGUF in a child process; the pass is remembered per build, CPU and model,
+    so a second check starts no process."""
+    path = L.locate("smollm2-135m")
+    L.check_engine("smollm2-135m", path, tmp_path)
+    assert [p.name for p in (tmp_path / "llama-checked").iterdir()] == [L._engine_key("smollm2-135m")]
+    monkeypatch.setattr(L.subprocess, "run", lambda *a, **k: pytest.fail("checked twice"))
+    L.check_engine("smollm2-135m", path, tmp_path)
+
+
+@pytest.mark.parametrize("probe, match", [
+    ("import os, signal; os.kill(os.getpid(), signal.SIGILL)", "uses instructions this CPU cannot run"),
+    ("raise SystemExit('no such model')", r"could not run the local describer 'smollm2-135m' \(no such model\)"),
+])
+def test_an_engine_that_dies_gives_one_sentence_and_no_marker(tmp_path, monkeypatch, probe, match):
+    """A child that dies on an illegal instruction (as llama.cpp's AMX kernels did on a VM) or fails otherwise is
+    named in one sentence with the rebuild command; nothing is remembered, so the next run checks again."""
+    monkeypatch.setattr(L, "PROBE", probe)
+    with pytest.raises(L.LocalLLMError, match=match) as err:
+        L.check_engine("smollm2-135m", L.locate("smollm2-135m"), tmp_path)
+    assert "make setup" in str(err.value) and "\n" not in str(err.value)
+    assert not (tmp_path / "llama-checked").exists()
