@@ -24,7 +24,7 @@ from .io import atomic_write_text
 from .relations import TopK
 from .score_tables import category_map
 from .scores import TAU
-from .store import RunOptions, model_slug, result_folder
+from .store import RunOptions, model_slug, read_table, result_folder
 
 
 def _r(x: float) -> float:
@@ -111,7 +111,7 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
     static = static_scores(loaded, variant=variant or loaded.variant, run=RunOptions(results_dir=results_dir))
 
     def read(path: Path) -> pd.DataFrame | None:
-        return pd.read_csv(path, keep_default_na=False) if path.is_file() else None
+        return read_table(path, keep_default_na=False) if path.is_file() else None
 
     abl = res / "ablation" / "zero"
     data = atlas_data(static, descriptions=read(res / "descriptions.csv"), ops=read(res / "descriptions.ops.csv"),

@@ -32,7 +32,7 @@ from .describe import show_token
 from .detection_stats import THRESHOLD, summary, verified_by_quartile
 from .io import atomic_write_text
 from .manifest import build_manifest, call_arguments, write_manifest
-from .store import RunOptions, result_folder
+from .store import RunOptions, read_table, result_folder
 
 JUDGE_VERSION = 1
 JUDGE_PROMPT = """\
@@ -291,7 +291,7 @@ class DetectionResult:
 def read_scores(results_dir: str | Path, model: str, name: str = "detection") -> pd.DataFrame | None:
     """Notebook 04's per-head detection scores (``results/<model>/detection.csv``), or None when it was not run."""
     path = result_folder(results_dir, model, f"{name}.csv")
-    return pd.read_csv(path) if path.is_file() else None
+    return read_table(path) if path.is_file() else None
 
 
 def for_items(scores: pd.DataFrame, key: pd.DataFrame, *, threshold: float = THRESHOLD) -> pd.DataFrame:

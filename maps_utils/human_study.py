@@ -26,6 +26,7 @@ from .errors import MapsError
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
 from .sampling import layer_quartile, stratified_pick
+from .store import read_table
 
 NO_ANSWER = "(the describer gave no usable answer)"
 
@@ -40,8 +41,8 @@ def load_descriptions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
     if not path.is_file() or not ops_path.is_file():
         raise MapsError(f"No descriptions at {path} (with descriptions.ops.csv beside it); run notebook 04 for this "
                         "model first (`make all`, or papermill notebooks/04_salient_descriptions.ipynb).")
-    table = pd.read_csv(path, keep_default_na=False)
-    ops = pd.read_csv(ops_path, keep_default_na=False)
+    table = read_table(path, keep_default_na=False)
+    ops = read_table(ops_path, keep_default_na=False)
     ops["mappings"] = ops.mappings.map(json.loads)
     man_path = path.with_name("descriptions.manifest.json")
     manifest = json.loads(man_path.read_text()) if man_path.is_file() else {}

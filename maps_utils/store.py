@@ -168,6 +168,13 @@ class Slots:
             yield
 
 
+def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
+    """A CSV table this package wrote (``DataFrame.to_csv``: rows end in ``"\\n"``). Only ``"\\n"`` ends a row: a
+    token holding a bare carriage return is written unquoted by Python's csv module, and pandas' default reader
+    would split its row there."""
+    return pd.read_csv(path, lineterminator="\n", **kwargs)
+
+
 def write_table(table: pd.DataFrame, path: str | Path, manifest: dict) -> Path:
     """Write a result table as CSV with its manifest beside it (``<name>.manifest.json``), both atomically."""
     path = Path(path)

@@ -39,7 +39,7 @@ def write_descriptions(folder, n_layers=N_LAYERS, n_heads=N_HEADS):
                          "parse": {"unparsed": "unparsed", "failed": "failed"}.get(kind, "json"),
                          "status": "failed" if kind == "failed" else "ok", "error": "", "raw": "",
                          "describer": "tiny (test)"})
-            for rank, tok in enumerate([f" t{i}", f"u{i}\n"]):
+            for rank, tok in enumerate([f" t{i}", f"u{i}\n" if i % 2 else f"u{i}\r"]):  # \r: written unquoted
                 ops.append({"layer": la, "head": h, "quartile": la * 4 // n_layers, "rank": rank, "token_id": rank,
                             "token": tok, "saliency": 2.0 - rank, "mapping_ids": [1, 2], "mappings": [tok, tok.upper()]})
     manifest = {"model": {"model": "tiny-model", "architecture": {"n_layers": n_layers}}}
