@@ -101,7 +101,7 @@ $(LLAMA_STAMP):
 	"$(BIN)/python" -m pip install --quiet --no-deps --force-reinstall "$$dir"/*.whl; \
 	touch "$@"
 
-$(STAMP): pyproject.toml $(LLAMA_STAMP)
+$(STAMP): pyproject.toml | $(LLAMA_STAMP)
 	@set -euo pipefail; \
 	if [ ! -x "$(BIN)/python" ]; then echo ">> creating $(VENV)"; $(PYTHON) -m venv "$(VENV)"; fi; \
 	echo ">> installing $(TORCH_SPEC)"; \
