@@ -274,7 +274,7 @@ def qk_figure(study, title: str = "") -> plt.Figure:
     b.set_yticks(y, c.relation, fontsize=7)
     b.set_xlabel("Pearson r with the with-context dynamic score")
     b.axvline(0, color="#999", lw=0.8)
-    b.legend(fontsize=8)
+    b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)  # below the axes: hides no point
     fig.suptitle(title)
     fig.tight_layout()
     return fig
