@@ -58,7 +58,10 @@ def test_head_writes_at_the_last_position_sum_to_the_attention_output(key):
         total = with_ctx[:, layer].sum(1)
         if weights.b_O(layer) is not None:
             total = total + weights.b_O(layer)
-        torch.testing.assert_close(total, attn_out[layer], rtol=1e-10, atol=1e-10)
+        # transformers' GPT-J computes attention scores in float32 even in a float64 model, so its two forwards agree
+        # to float32 rounding where the float32 matmul's bits depend on the batch's shape (2.9e-7 on an AMD EPYC)
+        tol = 1e-6 if key == "gptj" else 1e-10
+        torch.testing.assert_close(total, attn_out[layer], rtol=tol, atol=tol)
 
 
 def _forced_mask(attention_mask, B: int, T: int, S: int, dtype, last: torch.Tensor, source: torch.Tensor):

@@ -153,7 +153,10 @@ def test_context_free_on_embedded_models(which, request):
     xs = SRC.SourceVectors(weights, ids, "context_free")
     for layer in (0, 1, weights.n_layers - 1):
         with torch.no_grad():
-            assert torch.allclose(xs.layer(layer), weights.input_norm(layer)(hs[layer]), rtol=1e-5, atol=1e-5)
+            real = weights.input_norm(layer)(hs[layer])
+            # float32 rounding: a batch of [BOS, s] against one sequence, a few ulps of the largest value (Gemma-3's
+            # residual reaches ~100; 4.8e-5 apart on an AMD EPYC, 2026-12-01)
+            torch.testing.assert_close(xs.layer(layer), real, rtol=1e-5, atol=1e-6 * float(real.abs().max()))
 
 
 def test_fidelity_is_one_where_the_representation_is_what_the_model_reads(tmp_path, monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -102,9 +104,15 @@ def test_head_space_blocks_have_the_bits_of_the_whole_product():
         top, bottom = dense_ranks(dense_rows(weights, 1, h, x), torch.tensor(tgt), 5)
         assert torch.equal(head[0][h], top) and torch.equal(head[1][h], bottom), h
         assert torch.equal(model[0][h], top) and torch.equal(model[1][h], bottom), h
-    full = weights.ov(1).W_O[0] @ columns.cols
-    assert torch.equal(scan._wide(weights.ov(1).W_O[0], columns.cols[:, 7:8]), full[:, 7:8])
-    assert torch.equal(scan._wide(weights.ov(1).W_O[0], columns.cols[:, 7:30]), full[:, 7:30])
+    w_o = weights.ov(1).W_O[0]
+    full = w_o @ columns.cols
+    for block in (slice(7, 8), slice(7, 30)):
+        wide = scan._wide(w_o, columns.cols[:, block])
+        two = slice(block.start, max(block.stop, block.start + 2))
+        if torch.equal(w_o @ columns.cols[:, two], full[:, two]):  # this BLAS keeps a column's bits in any width
+            assert torch.equal(wide, full[:, block]), block
+        else:  # it does not (MKL on the AMD EPYC here, 2026-12-01): the ranks above still agree
+            torch.testing.assert_close(wide, full[:, block], rtol=1e-12, atol=1e-12)
     assert scan.pick_space("auto", 576, 64, 1441) == "head" and scan.pick_space("auto", 576, 64, 1440) == "model"
     assert scan.pick_space("auto", 640, 256, 10**6) == "model"  # d_head > d_model / 4: never
 
@@ -262,9 +270,18 @@ def _digest(res) -> str:
     return m.hexdigest()[:16]
 
 
+def cpu_kind() -> str:
+    """The CPU's vendor and the kernels torch picks for it: float32 matmul bits differ between kinds (the same code
+    gave other ranks on an AMD EPYC than on the Intel Xeons these were first recorded on)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    vendor = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("vendor_id")), "unknown")
+    return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
+
+
 # (model fixture, variant, relation or "all", compute space) -> sha256 prefix of the int16 top and bottom ranks
-# [L, H, n], recorded with the engine at 6c3a150 (before issue 21's changes) on the shipped relation files. A change
-# to the relation data changes them; a change to the engine must not.
+# [L, H, n], recorded with the engine at 6c3a150 (before issue 21's changes) on the shipped relation files, on an
+# Intel Xeon (AVX-512). A change to the relation data changes them; a change to the engine must not.
 RECORDED = {
     ("smollm2", "first_mlp", "country_capital", "auto"): "8274f760ae569050",
     ("smollm2", "first_mlp", "copying", "auto"): "e84e60757603001d",
@@ -274,6 +291,13 @@ RECORDED = {
     ("gemma3", "first_mlp", "copying", "auto"): "5bb309a5b625b04e",
     ("gemma3", "raw", "country_capital", "auto"): "55a77c6150d69ee4",
 }
+# Where another CPU kind gives other bits: recorded there with the engine at 927f0fb, whose tables on the Intel Xeon
+# still had the digests above (AMD EPYC, 2026-12-01; the other cases have the same bits on both).
+RECORDED_ELSEWHERE = {
+    ("smollm2", "first_mlp", "copying", "auto"): {"AuthenticAMD/AVX512": "4945ca68a05e2336"},
+    ("smollm2", "first_mlp", "all", "auto"): {"AuthenticAMD/AVX512": "176f7b99056ccebe"},
+}
+RECORDED_KINDS = ("GenuineIntel/AVX512", "AuthenticAMD/AVX512")
 
 
 @pytest.mark.embedded
@@ -284,6 +308,10 @@ def test_float32_ranks_are_bit_identical_to_the_recorded_ones(case, request):
     from maps_utils import relations as R
 
     which, variant, relation, space = case
+    kind = cpu_kind()
+    if kind not in RECORDED_KINDS:
+        pytest.skip(f"no ranks recorded on a {kind} CPU (float32 bits differ between CPU kinds): record this kind's "
+                    "digests in RECORDED_ELSEWHERE from the engine before the change")
     loaded = request.getfixturevalue(which)
     names = R.list_relations() if relation == "all" else [relation]
     rels = [t for t in (R.filter_single_token(R.load(n), loaded.tokenizer) for n in names) if t.usable]
@@ -291,4 +319,4 @@ def test_float32_ranks_are_bit_identical_to_the_recorded_ones(case, request):
     tgt = [i for t in rels for i in t.target_ids]
     res = S.target_ranks(loaded.weights, src, tgt, variant=variant, compute_space=space, progress=False)
     assert res.top.dtype == torch.int16 and res.top.shape == (loaded.weights.n_layers, loaded.weights.n_heads, len(src))
-    assert _digest(res) == RECORDED[case]
+    assert _digest(res) == RECORDED_ELSEWHERE.get(case, {}).get(kind, RECORDED[case])
