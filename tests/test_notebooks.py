@@ -139,26 +139,23 @@ def test_ablation_notebook_runs_in_a_small_configuration(smollm2, tmp_path):
 
 
 @pytest.mark.embedded
-def test_descriptions_notebook_runs_offline_with_the_local_describer(smollm2, tmp_path, monkeypatch):
+def test_descriptions_notebook_runs_offline_with_executable_descriptions(smollm2, tmp_path, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m", device="cpu",
-                        heads=[[2, 3], [21, 4], [25, 1]], describer_model="smollm2-135m", target_min_score=None,
-                        figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
-    assert "describer: smollm2-135m (local llama.cpp)" in text
-    assert "far weaker than the paper's GPT-4o" in text
-    assert "3 heads described in" in text and "3 new answers, 0 from the cache, 0 failed" in text
-    assert "answers parsed: {'json': 3}" in outputs_text(tmp_path / "04.ipynb")  # grammar: every answer parses
-    assert "share_verified" in text and "mean_control" in text  # the automatic check's summary
+                        n_heads=12, n_random=12, figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+    assert "LLM describer: none (offline: executable descriptions only)" in text
+    assert "12 heads described, 12 random heads, 6 relation heads" in text
+    assert "Verified:" in text and "random heads" in text and "mean_gold_score" in text
+    assert "No LLM describer" in text
     out = tmp_path / "res" / "smollm2-135m"
-    for name in ("descriptions.csv", "descriptions.ops.csv", "descriptions.evidence.csv", "descriptions.rules.csv",
-                 "descriptions.manifest.json", "descriptions.cache.jsonl", "detection.csv", "detection.summary.csv",
-                 "detection.manifest.json"):
+    for name in ("descriptions.csv", "descriptions.ops.csv", "descriptions.evidence.csv", "descriptions.manifest.json",
+                 "descriptions.executable.csv", "descriptions.executable.families.csv",
+                 "descriptions.executable.validity.csv", "descriptions.executable.manifest.json"):
         assert (out / name).is_file(), name
-    detection = pd.read_csv(out / "detection.csv")
-    assert sorted(detection.describer.unique()) == ["llm", "rules"] and len(detection) == 6
-    for name in ("04_description_shares", "04_verified_by_quartile"):
-        for ext in ("png", "svg"):
-            assert (tmp_path / "fig" / "smollm2-135m" / f"{name}.{ext}").is_file()
+    assert not (out / "descriptions.cache.jsonl").exists()  # no LLM was asked anything
+    assert (pd.read_csv(out / "descriptions.csv").describer == "executable").all()
+    for ext in ("png", "svg"):
+        assert (tmp_path / "fig" / "smollm2-135m" / f"04_verified_by_quartile.{ext}").is_file()
 
 
 @pytest.mark.embedded
@@ -174,12 +171,12 @@ def test_descriptions_notebook_with_a_server_shows_failures_and_never_the_key(sm
     try:
         text = run_notebook("04_salient_descriptions.ipynb", tmp_path / "04.ipynb", model="smollm2-135m",
                             device="cpu", heads="[[2, 3], [21, 4]]", base_url=srv.url, describer_model="scripted-model",
-                            score=False, target_min_score=None, figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
+                            score=False, target_min_score=None, n_random=4, figures_dir=str(tmp_path / "fig"), results_dir=str(tmp_path / "res"))
     finally:
         srv.shutdown()
         srv.server_close()
     assert srv.requests[0]["auth"] == f"Bearer {SECRET}"
-    assert "describer: scripted-model (http://127.0.0.1:" in text and "1 failed" in text
+    assert "describer: scripted-model (http://127.0.0.1:" in text
     assert "(failed: BadRequestError" in text and "[redacted]" in text and "Plurals." in text
     for path in [tmp_path / "04.ipynb", *(tmp_path / "res").rglob("*")]:
         if path.is_file():
