@@ -104,6 +104,11 @@ class ExecutableResult:
 
     _descriptions: dict = field(default_factory=dict, repr=False)
     _n_salient: int = 15
+    gold: list = field(default_factory=list, repr=False)  # the GoldCase s of the judge-validity check
+
+    def llm_validity(self, describer, progress: bool = True) -> pd.DataFrame:
+        """An LLM judge on the same gold cases as :attr:`validity` (rows, gold sentences and controls)."""
+        return judge_validity_llm(self.gold, self._descriptions, describer, progress=progress)
 
     def as_descriptions(self) -> pd.DataFrame:
         """The sample's descriptions in the layout of notebook 04's ``descriptions.csv`` (describer
@@ -204,11 +209,22 @@ def gold_clause(relation: str, clauses: Sequence[Clause]) -> Clause:
     return next(c for c in clauses if c.label == label)
 
 
-def judge_validity(targets: pd.DataFrame, rows: dict, pool: dict, controls: dict, describer: Describer, *,
-                   n_salient: int, seed: int = 0) -> pd.DataFrame:
-    """The execution judge on gold descriptions: per relation head, its relation's clause judged on its held-out
-    rows against negatives of ``pool`` (non-relation heads' held-out rows), and a non-relation head's description
-    (from ``controls``, drawn with ``seed``) judged on the same rows."""
+@dataclass(frozen=True)
+class GoldCase:
+    """One relation head's gold check: its held-out rows against non-relation heads' rows (labelled), its gold
+    description, and the non-relation head whose description is the control on the same rows."""
+
+    head: tuple[int, int]
+    relation: str
+    rows: tuple  # ((Row, label), ...)
+    gold: Description
+    partner: tuple[int, int] | None
+
+
+def gold_cases(targets: pd.DataFrame, rows: dict, pool: dict, controls: dict, describer: Describer, *,
+               n_salient: int, seed: int = 0) -> list[GoldCase]:
+    """The gold checks of the relation heads in ``targets``: negatives from ``pool`` (non-relation heads' rows),
+    controls from the non-relation heads with a description in ``controls`` (drawn with ``seed``)."""
     rng = np.random.default_rng(seed)
     held = {h: r[n_salient:] for h, r in pool.items()}
     shown = {h: r[:n_salient] for h, r in pool.items()}
@@ -220,11 +236,38 @@ def judge_validity(targets: pd.DataFrame, rows: dict, pool: dict, controls: dict
         judged = judged_rows(head, {**held, head: rows[head][n_salient:]}, {**shown, head: rows[head][:n_salient]},
                              rng)
         partner = partners[int(rng.integers(len(partners)))] if partners else None
-        out.append({"judge": "execution", "layer": head[0], "head": head[1], "relation": t.relation,
-                    "gold": GOLD[t.relation][1], "score": score(gold, judged),
-                    "control_head": f"{partner[0]}.{partner[1]}" if partner else "",
-                    "control_score": score(controls[partner], judged) if partner else float("nan")})
-    return pd.DataFrame(out)
+        out.append(GoldCase(head, t.relation, tuple(judged), gold, partner))
+    return out
+
+
+def judge_validity(cases: Sequence[GoldCase], controls: dict) -> pd.DataFrame:
+    """The execution judge on the gold cases: the gold clause and the control head's description, each run on
+    the case's rows (balanced accuracy)."""
+    return pd.DataFrame([{
+        "judge": "execution", "layer": c.head[0], "head": c.head[1], "relation": c.relation,
+        "gold": GOLD[c.relation][1], "score": score(c.gold, c.rows),
+        "control_head": f"{c.partner[0]}.{c.partner[1]}" if c.partner else "",
+        "control_score": score(controls[c.partner], c.rows) if c.partner else float("nan")} for c in cases])
+
+
+def judge_validity_llm(cases: Sequence[GoldCase], controls: dict, describer, *, progress: bool = True) -> pd.DataFrame:
+    """An LLM judge (a :class:`maps_utils.describer.Describer`, as notebook 04's detection scoring uses it) on the
+    same gold cases: the gold sentence and the control head's generated sentence, judged on the case's rows."""
+    from .detection import _judge_llm, _score
+
+    rows = {c.head: [{"source": r.source, "mappings": list(r.targets), "label": y} for r, y in c.rows] for c in cases}
+    texts = {("gold", *c.head): ("Any input.", f"The head {GOLD[c.relation][1]}.") for c in cases}
+    texts |= {("control", *c.partner): (controls[c.partner].inputs, controls[c.partner].sentence)
+              for c in cases if c.partner}
+    pairs = [(c.head, ("gold", *c.head)) for c in cases] + [(c.head, ("control", *c.partner)) for c in cases
+                                                            if c.partner]
+    answers = _judge_llm(describer, rows, texts, pairs, progress)
+    return pd.DataFrame([{
+        "judge": describer.endpoint.label, "layer": c.head[0], "head": c.head[1], "relation": c.relation,
+        "gold": GOLD[c.relation][1], "score": _score(rows[c.head], answers.get((c.head, ("gold", *c.head)))),
+        "control_head": f"{c.partner[0]}.{c.partner[1]}" if c.partner else "",
+        "control_score": _score(rows[c.head], answers.get((c.head, ("control", *c.partner)))) if c.partner
+        else float("nan")} for c in cases])
 
 
 def validity_summary(validity: pd.DataFrame, threshold: float = 0.8) -> pd.DataFrame:
@@ -287,6 +330,7 @@ def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int =
         families.loc[families.family == worst, ["admitted", "dropped_in_combination"]] = [False, True]
     table, descs = fit_and_verify(shown, held, describer, options=options, families=admitted)
     relations = validity = None
+    cases: list[GoldCase] = []
     if len(targets):
         t_shown, t_held = split(rows, sorted(target_set))
         p_shown, p_held = split(rows, pool)
@@ -295,8 +339,9 @@ def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int =
                                             families=admitted)
         relations = relations.merge(targets.rename(columns={"score": "static_score"}), on=["layer", "head"])
         descs |= t_descs
-        validity = judge_validity(targets, rows, {h: rows[h] for h in pool}, {h: descs[h] for h in pool}, describer,
-                                  n_salient=n_salient, seed=run.seed)
+        cases = gold_cases(targets, rows, {h: rows[h] for h in pool}, {h: descs[h] for h in pool}, describer,
+                           n_salient=n_salient, seed=run.seed)
+        validity = judge_validity(cases, descs)
     for t in (table, relations):
         if t is not None:
             t.insert(2, "quartile", [layer_quartile(la, w.n_layers) for la in t.layer])
@@ -307,7 +352,7 @@ def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int =
     manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     sample_ops = ops[[(int(a), int(b)) in set(chosen) for a, b in zip(ops.layer, ops["head"], strict=True)]]
     res = ExecutableResult(str(loaded.name), table, random, family_report(table, families), w.n_layers, manifest,
-                           relations, validity, rows, options, sample_ops.reset_index(drop=True), descs, n_salient)
+                           relations, validity, rows, options, sample_ops.reset_index(drop=True), descs, n_salient, cases)
     return res
 
 

@@ -46,6 +46,12 @@ def _fake_tables(H):
     return ops, desc, heads, summary
 
 
+def _executable():
+    """Notebook 04's descriptions.executable.csv for head 1.2, as read back with keep_default_na=False."""
+    return pd.DataFrame([{"layer": 1, "head": 2, "sentence": "The head writes tN+1 for tN.", "clauses": "successor",
+                          "score": 0.92, "control_score": "", "verified": "True"}])
+
+
 def test_atlas_data_matches_the_score_table(tiny_static):
     loaded, static = tiny_static
     H = loaded.weights.n_heads
@@ -102,7 +108,9 @@ def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     ops, desc, heads, summary = _fake_tables(loaded.weights.n_heads)
     keys = QS.salient_keys(loaded, n_tokens=3, run=RunOptions(results_dir=None, progress=False))
     data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
-                         qk_keys=keys)
+                         qk_keys=keys, executable=_executable())
+    assert data["executable"]["6"] == {"sentence": "The head writes tN+1 for tN.", "clauses": "successor",
+                                       "score": 0.92, "control": None, "verified": True}
     page = tmp_path / "atlas.html"
     page.write_text(AT.render_atlas(data))
     # the grid renders: one cell per head, coloured
@@ -113,6 +121,7 @@ def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     dom = _dom(page, "head=1.2")
     assert '<h2 id="panel-title">Head 1.2</h2>' in dom and "Maps tN to tN+1." in dom and "t0: t1, t99" in dom
     assert "tiny-describer (test)" in dom
+    assert '<p id="executable">The head writes tN+1 for tN.</p>' in dom and "<b>verified</b>" in dom
     shown = re.search(r'<pre id="qk-keys">(.*?)</pre>', dom, re.S).group(1).splitlines()  # the static QK panel
     assert [line.rsplit(" ", 1)[0] for line in shown] == [k for k, _ in data["qk"]["6"]]
     dom = _dom(page, "head=0.3")

@@ -53,6 +53,23 @@ def material(tmp_path):
 
 
 # ---- material ---------------------------------------------------------------------------------------
+def test_sheets_carry_the_executable_description_beside_the_llms(tmp_path):
+    path = write_descriptions(tmp_path)
+    ex = pd.DataFrame([{"layer": la, "head": h, "sentence": f"The head copies t{la * N_HEADS + h}.", "score": 0.9,
+                        "verified": la % 2 == 0} for la in range(N_LAYERS) for h in range(N_HEADS)])
+    ex.to_csv(path.with_name("descriptions.executable.csv"), index=False)
+    m = HS.build_material(path, n=8, seed=0)
+    assert list(m.items.columns) == ["item", "material", "operations", "description", "executable_description"]
+    for item, key in zip(m.items.itertuples(), m.key.itertuples(), strict=True):
+        assert item.executable_description == f"The head copies t{key.layer * N_HEADS + key.head}."
+        assert key.executable_verified == (key.layer % 2 == 0) and key.executable_score == 0.9
+    plain = HS.build_material(write_descriptions(tmp_path / "plain"), n=8, seed=0)
+    assert "executable_description" not in plain.items.columns and plain.key.executable_score.isna().all()
+    assert list(plain.key.layer) == list(m.key.layer)  # the same items, in the same order
+    # the material hash covers what annotators read, the executable description included
+    assert set(m.items.material).isdisjoint(plain.items.material)
+
+
 def test_material_is_stratified_seeded_shuffled_and_blind(tmp_path, material):
     assert material.key.quartile.value_counts().sort_index().tolist() == [2, 2, 2, 2]
     assert list(material.items.columns) == ["item", "material", "operations", "description"]  # no head, layer, describer
