@@ -76,7 +76,7 @@ endif
 
 .DEFAULT_GOAL := help
 .SECONDARY: $(EXECUTED)
-.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench relations clean clean-venv FORCE \
+.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench judge-validity relations clean clean-venv FORCE \
         check-options
 
 help: ## list the targets
@@ -179,6 +179,9 @@ bench: $(STAMP) ## benchmarks: model loading (GGUF vs cache), static scores (eng
 	$(BIN)/python bench/bench_static.py --models smollm2-135m gemma3-270m --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
 	$(BIN)/python bench/bench_sources.py --models smollm2-135m gemma3-270m
 	$(BIN)/python bench/bench_scale.py --device $(if $(filter auto,$(DEVICE)),cpu,$(DEVICE))
+
+judge-validity: $(DESCRIBER_STAMP) ## can each judge verify gold descriptions? execution and the local LLMs on both embedded models -> results/bench/judge_validity*.csv
+	$(BIN)/python bench/judge_validity.py --models smollm2-135m gemma3-270m --judges qwen2.5-coder-1.5b smollm2-135m
 
 relations: $(STAMP) ## regenerate the script-made relation datasets and refresh checksums (needs the `data` extra)
 	$(BIN)/python -m pip install --quiet -e ".[data]"
