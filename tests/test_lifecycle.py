@@ -33,7 +33,7 @@ def _children(pid: int) -> list[int]:
                                         ("kernel", signal.SIGKILL)])
 def test_no_describer_process_outlives_an_interrupted_run(smollm2, model_cache, tmp_path, target, sig):
     cmd = [str(Path(os.sys.executable).parent / "papermill"), "--log-output", "04_salient_descriptions.ipynb",
-           str(tmp_path / "04.ipynb"), "-p", "describer_model", "smollm2-135m", "-p", "n_heads", "3",
+           str(tmp_path / "04.ipynb"), "-p", "describer_model", "smollm2-135m", "-p", "n_heads", "3", "-p", "n_random", "4",
            "-p", "score", "False", "-p", "results_dir", str(tmp_path / "res"), "-p", "figures_dir", str(tmp_path)]
     # a Ctrl-C reaches papermill as SIGINT with the default handler, whatever the test runner ignores
     proc = subprocess.Popen(cmd, cwd=ROOT / "notebooks", stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -62,6 +62,12 @@ def test_make_all_smoke_runs_every_notebook_writes_the_report_and_is_incremental
     shown = re.search(r'<pre id="qk-keys">(.*?)</pre>', _dom(atlas, "head=23.4"), re.S)
     keys = pd.read_csv(qk / "salient_keys.csv", keep_default_na=False)
     assert shown and len(shown.group(1).splitlines()) == int(((keys["layer"] == 23) & (keys["head"] == 4)).sum())
+    # notebook 04 (SMOKE_04: 8 heads, 8 random heads): executable descriptions, and the atlas panel shows them
+    ex = pd.read_csv(ROOT / "results" / "smoke" / "smollm2-135m" / "descriptions.executable.csv")
+    assert len(ex) == 8 and {"sentence", "score", "control_score", "verified"} <= set(ex.columns)
+    first_head = ex.iloc[0]
+    shown = _dom(atlas, f"head={first_head.layer}.{first_head['head']}")
+    assert '<p id="executable">' in shown and ("<b>verified</b>" in shown or "not verified" in shown)
     # nothing changed: nothing runs
     second = _make("all", "SMOKE=1")
     assert second.returncode == 0 and "papermill" not in second.stdout and "maps atlas" not in second.stdout
