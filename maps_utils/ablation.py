@@ -50,6 +50,7 @@ from .ablation_result import AblationResult
 from .hashing import content_key
 from .manifest import build_manifest, call_arguments
 from .models import LoadedModel
+from .params import check_parameters
 from .store import RunOptions, Slots
 
 log = logging.getLogger(__name__)
@@ -120,8 +121,11 @@ def causal_experiment(
             ``run.seed`` seeds every random choice, ``run.batch_size`` is the prompts per forward pass (default 512).
     """
     arguments = call_arguments(locals())
+    check_parameters(n_random=n_random, max_controls=max_controls, max_heads=max_heads, baseline_steps=baseline_steps,
+                     max_overlap=max_overlap, max_base_gap=max_base_gap, min_base=min_base, max_pairs=max_pairs,
+                     min_pairs=min_pairs)
+    _check(kind, static, loaded)
     exp = _Experiment(loaded, kind, run.batch(DEFAULT_BATCH), run)
-    _check(kind, n_random, max_controls, exp.batch_size, max_heads, baseline_steps, static, loaded)
     t0 = time.perf_counter()
     L, H = loaded.weights.n_layers, loaded.weights.n_heads
     cap = max_heads if max_heads is not None else max_relation_heads(L * H)
@@ -151,16 +155,9 @@ def causal_experiment(
 
 
 # ---- the experiment's steps ------------------------------------------------------------------------------
-def _check(kind, n_random, max_controls, batch_size, max_heads, baseline_steps, static, loaded) -> None:
+def _check(kind, static, loaded) -> None:
     if kind not in KINDS:
         raise ValueError(f"Unknown ablation kind '{kind}'; use one of {', '.join(KINDS)}.")
-    if n_random < 0 or max_controls < 0:
-        raise ValueError("n_random and max_controls must be >= 0.")
-    if batch_size < 1 or (max_heads is not None and max_heads < 1):
-        raise ValueError("batch_size and max_heads must be positive integers (max_heads=None: the paper's cap).")
-    if baseline_steps is not None and (isinstance(baseline_steps, bool) or int(baseline_steps) != baseline_steps
-                                       or baseline_steps < 1):
-        raise ValueError("baseline_steps must be a positive integer (None: every step).")
     if static.model != loaded.name:
         raise ValueError(f"The static scores are {static.model}'s, not {loaded.name}'s; score this model first "
                          "(maps_utils.scores.static_scores(loaded)).")

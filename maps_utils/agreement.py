@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 
 from .annotations import CORRECTNESS, KINDS, PATTERN, QUESTIONS
+from .params import check_parameters
 
 # ---- statistics --------------------------------------------------------------------------------------
 POOLED = "(pooled)"  # cannot be an annotator name
@@ -97,6 +98,7 @@ def agreement(ann: pd.DataFrame, n_boot: int = 1000, seed: int = 0, ci: float = 
     answered that question: method (Cohen's κ for two annotators, Fleiss' for more), annotators, items, raw
     agreement, κ, and a percentile bootstrap interval over items (seeded). Resamples whose κ is undefined (all
     labels one category) are left out; ``boot_valid`` counts the rest. Fewer than two annotators or items: NaN."""
+    check_parameters(n_boot=n_boot, seed=seed)
     rng = np.random.default_rng(seed)
     rows = []
     for field, cats in QUESTIONS.items():

@@ -44,6 +44,7 @@ from .capture import build_prompts, model_columns, prompt_ranks, tokenization_ag
 from .hashing import content_key
 from .manifest import build_manifest, call_arguments
 from .models import LoadedModel
+from .params import check_parameters
 from .store import RunOptions, Slots, write_table
 
 log = logging.getLogger(__name__)
@@ -82,9 +83,7 @@ class DynamicRelation:
         """``[n_templates, L, H]`` fraction of prompts whose target is in the head's top-k (bottom-k with
         ``suppression``); k defaults to the relation's."""
         k = k or self.k
-        if k > self.rank_cap:
-            raise ValueError(f"{self.name}: k={k} exceeds the rank cap {self.rank_cap}; rerun the dynamic scores "
-                             f"with rank_cap >= {k}.")
+        check_parameters(k=k, rank_cap=self.rank_cap)
         if context not in CONTEXTS:
             raise ValueError(f"Unknown context '{context}'; use one of {', '.join(CONTEXTS)}.")
         idx = (2 if context == "without" else 0) + (1 if suppression else 0)
@@ -288,6 +287,7 @@ def dynamic_scores(
             pass (default 64); seed, cache use, progress and memory budget (:class:`~maps_utils.store.RunOptions`).
     """
     arguments = call_arguments(locals())
+    check_parameters(k=k, max_pairs=max_pairs, rank_cap=rank_cap, min_pairs=min_pairs)
     templates = list(templates or R.read_templates()["dynamic"])
     todo, skipped = _usable(_relations(relations), lambda rel: R.filter_single_token(
         rel, loaded.tokenizer, leading_space=True, min_pairs=min_pairs))
@@ -319,6 +319,7 @@ def multi_token_scores(
     (:data:`MULTI_TOKEN_MODES`). Files go under ``<results_dir>/<model>/dynamic/multi_token_<mode>/``.
     """
     arguments = call_arguments(locals())
+    check_parameters(k=k, max_pairs=max_pairs, rank_cap=rank_cap, min_pairs=min_pairs)
     if mode not in MULTI_TOKEN_MODES:
         raise ValueError(f"Unknown multi-token mode '{mode}'; use one of {', '.join(MULTI_TOKEN_MODES)}.")
     leading_space = MULTI_TOKEN_MODES[mode]

@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from .detection_stats import THRESHOLD
+from .params import check_parameters
 from .predicates import MAX_SET, Clause, Embedding, Row, output_sets, truth
 
 MIN_FIT = 0.75  # balanced accuracy on shown vs background rows a description needs to be stated at all
@@ -42,6 +43,10 @@ class ExecOptions:
     max_set: int = MAX_SET
     n_random: int = N_RANDOM
     seed: int = 0
+
+    def __post_init__(self):
+        check_parameters(min_fit=self.min_fit, threshold=self.threshold, max_set=self.max_set,
+                         n_random=self.n_random, seed=self.seed)
 
 
 @dataclass(frozen=True)

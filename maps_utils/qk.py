@@ -37,6 +37,7 @@ from . import sources
 from .errors import OptionError, UnsupportedArchitectureError
 from .heads import HeadWeights
 from .heads.registry import GENERIC
+from .params import check_parameters
 
 DEFAULT_OFFSETS = tuple(range(1, 9))
 
@@ -56,11 +57,10 @@ class QKOptions:
         if rep.norm:
             raise OptionError(f"representation '{self.representation}': the QK map applies the layer's input norm "
                               "itself (input_norm=True); drop '+norm'.")
-        if not self.offsets or any(int(o) != o or o < 0 for o in self.offsets):
-            raise OptionError(f"offsets {self.offsets!r}: give one or more whole numbers >= 0 (query position minus "
-                              "key position).")
-        if self.key_position < 0:
-            raise OptionError(f"key_position {self.key_position}: positions start at 0.")
+        if not self.offsets:
+            raise OptionError("offsets is empty: give one or more whole numbers >= 0 (query position minus key "
+                              "position).")
+        check_parameters(offsets=list(self.offsets), key_position=self.key_position)
         table = weights.spec.position_embed(weights.model)
         if table is not None and self.key_position + max(self.offsets) >= table.weight.shape[0]:
             raise OptionError(f"key_position + offsets reach position {self.key_position + max(self.offsets)}, but "

@@ -20,6 +20,7 @@ from .dynamic import DynamicScores, pad_id, relation_prompts
 from .errors import OptionError
 from .hashing import content_key
 from .manifest import build_manifest
+from .params import check_parameters
 from .qk import QKMap, QKOptions
 from .qk_inference import distractor_prompts, run_prompts
 from .scan import scan_columns
@@ -147,6 +148,7 @@ def attends_and_writes(study: QKStudy, static, *, min_share: float = 0.3, n_exam
     puts at least ``min_share`` of the last token's attention on the source X in R's prompts. With the real
     attention on X, the joint score (mean over templates) and examples: pairs ``X → R(X)`` whose target the head's
     OV map ranks in its top-k."""
+    check_parameters(min_share=min_share)
     v = study.validation
     v = v[(v.prompt_set == "relation") & v.relation_head & (v.static_on_source >= min_share)]
     joint = study.joint.groupby(["relation", "layer", "head"]).joint_score.mean()
@@ -175,6 +177,7 @@ def salient_keys(loaded, options: QKOptions = QKOptions(), *, n_tokens: int = 10
     """Each head's ``n_tokens`` most attracting key tokens (QK saliency, :meth:`~maps_utils.qk.QKMap.attraction`):
     layer, head, rank, token_id, token (control characters escaped, :func:`printable`), attraction; written to
     ``<results_dir>/<model>/qk/salient_keys.csv`` (the atlas shows it)."""
+    check_parameters(n_keys=n_tokens)
     t0 = time.perf_counter()
     sal = QKMap(loaded.weights, options).attraction(progress=run.progress)  # [L, H, V]
     values, ids = torch.topk(sal, n_tokens, dim=-1)
