@@ -116,7 +116,7 @@ def assemble(parts: list[Path], target: Path, sha256: str, *, what: str, fix: st
     ``fix`` in its sentence.
     """
     from .errors import MapsError
-    from .io import atomic_file
+    from .io import atomic_file, check_writable
 
     error = error or MapsError
     if target.is_file():
@@ -127,8 +127,9 @@ def assemble(parts: list[Path], target: Path, sha256: str, *, what: str, fix: st
     if missing:
         raise error(f"{what} is missing {len(missing)} of its {len(parts)} parts ({missing[0]} …); {fix}.")
     log.info("assembling %s from %d parts into %s (one-off)", what, len(parts), target)
+    check_writable(target.parent)
     h = hashlib.sha256()
-    with atomic_file(target) as out:
+    with atomic_file(target, needed=sum(p.stat().st_size for p in parts)) as out:
         for part in parts:
             with part.open("rb") as src:
                 for block in iter(lambda s=src: s.read(1 << 22), b""):

@@ -3,12 +3,15 @@ so reruns are free, offline and identical."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import threading
 from pathlib import Path
+
+from .io import storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -45,17 +48,26 @@ class ResponseCache:
         return len(self.entries)
 
     def append(self, entry: dict) -> None:
-        with self._lock:
+        """Append one answer. A full disk or a read-only folder is one sentence (:class:`~maps_utils.io.StorageError`)
+        and the file is cut back to what it held (a line cut by a kill is skipped on reading)."""
+        line = json.dumps(entry, ensure_ascii=True) + "\n"  # ASCII JSON: no character can split a line
+        with self._lock, storage_errors(self.path, needed=len(line)):
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            size = self.path.stat().st_size if self.path.is_file() else 0
             needs_newline = False
-            if self.path.is_file() and self.path.stat().st_size > 0:
+            if size > 0:
                 with open(self.path, "rb") as f:
                     f.seek(-1, os.SEEK_END)
                     needs_newline = f.read(1) != b"\n"
-            with open(self.path, "a", encoding="ascii") as f:  # ASCII JSON: no character can split a line
-                f.write(("\n" if needs_newline else "") + json.dumps(entry, ensure_ascii=True) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(self.path, "a", encoding="ascii") as f:
+                    f.write(("\n" if needs_newline else "") + line)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.truncate(self.path, size)
+                raise
             self.entries[entry["key"]] = entry
 
 

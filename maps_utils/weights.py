@@ -19,7 +19,7 @@ import torch
 
 from .errors import ModelNotFoundError, ModelPackageMissingError
 from .hashing import assemble, file_sha256, files_sha256, hash_file, remember, tensors_sha256, weight_files
-from .io import atomic_dir
+from .io import atomic_dir, check_writable
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,8 @@ def convert_gguf(gguf_path: Path, target: Path) -> Path:
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights below are plain float32
     config["architectures"] = [type(model).__name__]  # GGUF configs leave it empty; servers pick the class from it
-    with atomic_dir(target) as tmp:
+    needed = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    with atomic_dir(target, needed=needed) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(str(tmp))
@@ -131,6 +132,7 @@ def ensure_converted(gguf_path: Path, cache_dir: Path) -> tuple[Path, bool]:
                     gguf_path.name, target)
         shutil.rmtree(target, ignore_errors=True)
     check_gguf(gguf_path)
+    check_writable(target.parent)  # a read-only cache fails now, not after the conversion
     return convert_gguf(gguf_path, target), False
 
 
