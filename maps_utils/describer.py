@@ -9,14 +9,16 @@ A :class:`Describer` answers prompts through one of three endpoints, chosen by :
 
 Every answer is appended to a JSONL cache keyed by a hash of (model, prompt, generation parameters), so reruns
 are free, offline and identical. Errors stop the run with one sentence when no retry can help (refused key, unknown
-model, no quota, endpoint unreachable, a server that accepts connections but never answers, the run's deadline);
-anything else fails one prompt and the run goes on. Keys and URL credentials never reach a written file.
+model, no quota, endpoint unreachable, at once when this machine refuses the connection, a server that accepts
+connections but never answers, the run's deadline); anything else fails one prompt and the run goes on. Keys and URL
+credentials never reach a written file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import os
@@ -27,6 +29,7 @@ from concurrent.futures import TimeoutError as FuturesTimeout
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from tqdm.auto import tqdm
 
@@ -65,6 +68,40 @@ def _fatal(err) -> bool:
     return isinstance(err, o.RateLimitError) and "insufficient_quota" in f"{getattr(err, 'code', '')} {err}"
 
 
+def _refused_on_loopback(err, url: str | None) -> bool:
+    """A connection to this machine (127.0.0.0/8, localhost, ::1) was refused: nothing listens there, so no retry
+    can help."""
+    import openai as o
+
+    if not isinstance(err, o.APIConnectionError) or isinstance(err, o.APITimeoutError) or not _loopback(url):
+        return False
+    cause = err.__cause__
+    while cause is not None:
+        if isinstance(cause, ConnectionRefusedError) or type(cause).__name__ == "ConnectError":  # httpx's
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _loopback(url: str | None) -> bool:
+    host = urlsplit(url or "").hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _model_ids(text: str) -> list[str] | None:
+    """The model ids of a ``/models`` answer, or None when it is not an OpenAI model list."""
+    try:
+        data = json.loads(text).get("data")
+    except (ValueError, AttributeError):
+        return None
+    if not isinstance(data, list) or not all(isinstance(m, dict) and isinstance(m.get("id"), str) for m in data):
+        return None
+    return [m["id"] for m in data]
+
+
 def _schema_id(schema: dict | None) -> str | None:
     return hashlib.sha256(json.dumps(schema, sort_keys=True).encode()).hexdigest()[:12] if schema else None
 
@@ -80,7 +117,8 @@ class Describer:
         temperature, max_tokens: generation parameters (part of the cache key); ``max_tokens`` defaults by
             endpoint kind (:data:`MAX_TOKENS`).
         timeout: seconds per request; max_retries: retries of a transient error (rate limit, 5xx, timeout,
-            connection reset) with exponential backoff from ``backoff`` seconds (or the server's Retry-After).
+            connection reset) with exponential backoff from ``backoff`` seconds (or the server's Retry-After); a
+            connection refused on this machine (127.0.0.0/8, localhost, ::1) is not retried.
         max_consecutive_failures: stop the run after this many prompts in a row cannot reach the endpoint, or
             this many requests in a row time out (a server that accepts connections but never answers).
         deadline: seconds one call of :meth:`complete_all` may take in all; past it the run stops (what was
@@ -221,7 +259,7 @@ class Describer:
                 return got, attempt + 1
             except transient as err:
                 self._count_timeout(isinstance(err, openai.APITimeoutError))
-                if attempt == self.max_retries or _fatal(err):
+                if attempt == self.max_retries or _fatal(err) or _refused_on_loopback(err, self.endpoint.base_url):
                     err.maps_attempts = attempt + 1
                     raise
                 wait = self._retry_after(err)
@@ -331,7 +369,7 @@ class Describer:
                 raise self._fatal_error(err) from None
             connection = isinstance(err, openai.APIConnectionError) and not isinstance(err, openai.APITimeoutError)
             self._failures = getattr(self, "_failures", 0) + 1 if connection else 0
-            if self._failures >= self.max_consecutive_failures:
+            if self._failures >= self.max_consecutive_failures or _refused_on_loopback(err, self.endpoint.base_url):
                 self._failures = 0
                 raise self._unreachable(err) from None
             for ident in idents:
@@ -375,9 +413,15 @@ class Describer:
         import openai
 
         try:
-            listed = [m.id for m in self._client(base_url).models.list()]
+            text = self._client(base_url).models.with_raw_response.list().text
         except openai.APIError as err:
             raise self._unreachable(err) from None
+        listed = _model_ids(text)
+        if listed is None:
+            said = self._redact(" ".join(text.split())[:60])
+            raise DescriberError(f"The server's answer to GET {safe_url(base_url)}/models is not an OpenAI model list "
+                                 f"(it said {said!r}); check that base_url points at an OpenAI-compatible server (it "
+                                 "usually ends in /v1), or name the model (describer_model=...).")
         if len(listed) != 1:
             raise DescriberError(f"The server at {safe_url(base_url)} serves {len(listed)} models "
                                  f"({', '.join(listed[:5]) or 'none'}); name one with describer_model.")

@@ -35,7 +35,10 @@ class Endpoint:
 
     @property
     def label(self) -> str:
+        """``model (where)``, or ``server at URL (no model named)`` before a server is asked for its model."""
         where = {"openai": "OpenAI API", "local": "local llama.cpp"}.get(self.kind, safe_url(self.base_url))
+        if not self.model:
+            return f"{'server at ' if self.kind == 'server' else ''}{where} (no model named)"
         return f"{self.model} ({where})"
 
 

@@ -1,7 +1,8 @@
 """Relation datasets: load, validate, tokenisation filters, categories and templates.
 
 A relation is a list of ``[source, target]`` string pairs (the common MAPS JSON format), or a CSV
-with ``source,target`` columns. The shipped relations live in ``data/relations/`` with one
+(or ``.tsv``) file with ``source`` and ``target`` columns, separated by commas, tabs or semicolons
+(the header line tells which). The shipped relations live in ``data/relations/`` with one
 metadata file, ``relations.json``, giving each relation's category, display name, whether it is
 a copying relation (k = 1 instead of 10 in the paper), its causal-experiment template, its
 provenance, and its pair count and SHA-256.
@@ -164,22 +165,37 @@ def _read_text(path: Path) -> str:
         ) from None
 
 
+DELIMITERS = {",": "commas", "\t": "tabs", ";": "semicolons"}
+
+
+def _delimiter(text: str, suffix: str) -> str:
+    """The delimiter the header line (the first non-blank one) holds most often; else tab for .tsv, comma."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    found = max(DELIMITERS, key=header.count)
+    return found if header.count(found) else ("\t" if suffix == ".tsv" else ",")
+
+
 def _read_csv(path: Path) -> list[list[str]]:
-    rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(_read_text(path), newline=""))]
+    text = _read_text(path)
+    sep = _delimiter(text, path.suffix.lower())
+    rows = [[cell.strip() for cell in row] for row in csv.reader(io.StringIO(text, newline=""), delimiter=sep)]
     rows = [row for row in rows if any(row)]  # blank lines
     header = rows[0] if rows else []
     if not {"source", "target"} <= set(header):
-        raise RelationError(f"{path}: a CSV relation needs a header with 'source' and 'target' columns.")
+        seen = "the columns " + ", ".join(repr(c) for c in header) if header else "no columns"
+        raise RelationError(f"{path}: a CSV relation needs a header with 'source' and 'target' columns; its header, "
+                            f"split at {DELIMITERS[sep]}, has {seen}; rename them.")
     cols = [header.index("source"), header.index("target")]
     return [[row[c] if c < len(row) else "" for c in cols] for row in rows[1:]]
 
 
 def read_pairs(path: str | Path) -> list[tuple[str, str]]:
-    """Read and validate a relation file (``.json`` list of pairs or ``.csv`` with source,target)."""
+    """Read and validate a relation file (``.json`` list of pairs, or ``.csv`` / ``.tsv`` with source,target)."""
     path = Path(path)
+    _not_a_folder(path)
     if not path.is_file():
         raise RelationError(f"{path}: no such relation file; check the path.")
-    if path.suffix.lower() == ".csv":
+    if path.suffix.lower() in (".csv", ".tsv"):
         obj: object = _read_csv(path)
     else:
         try:
@@ -187,6 +203,11 @@ def read_pairs(path: str | Path) -> list[tuple[str, str]]:
         except json.JSONDecodeError as err:
             raise RelationError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); fix the syntax.") from None
     return validate_pairs(obj, str(path))
+
+
+def _not_a_folder(path: Path) -> None:
+    if path.is_dir():
+        raise RelationError(f"{path} is a folder, not a relation file; pass a .json, .csv or .tsv file of pairs.")
 
 
 def dedupe_pairs(pairs: Iterable[tuple[str, str]], name: str) -> list[tuple[str, str]]:
@@ -226,13 +247,13 @@ def list_relations(category: str | None = None, data_dir: str | Path | None = No
 
 def load(name_or_path: str | Path, data_dir: str | Path | None = None,
          copying: bool | None = None) -> Relation:
-    """Load a shipped relation by name, or any relation file by path (JSON pairs or CSV).
+    """Load a shipped relation by name, or any relation file by path (JSON pairs, CSV or TSV).
 
     ``copying`` overrides the copying flag (k = 1); by default a shipped relation takes it from its
     metadata and a file of your own is a copying relation when its name contains "copying".
     """
     path = Path(name_or_path)
-    if path.suffix.lower() in (".json", ".csv") or path.is_file():
+    if path.suffix.lower() in (".json", ".csv", ".tsv") or path.is_file():
         pairs = dedupe_pairs(read_pairs(path), path.stem)
         is_copying = "copying" in path.stem.lower() if copying is None else copying
         rel = Relation(name=path.stem, pairs=tuple(pairs), copying=is_copying, path=path,
@@ -242,6 +263,7 @@ def load(name_or_path: str | Path, data_dir: str | Path | None = None,
         meta = read_metadata(data_dir)
         name = str(name_or_path)
         if name not in meta:
+            _not_a_folder(path)
             raise RelationError(f"Unknown relation '{name}'; known relations: {', '.join(meta)}.")
         m = meta[name]
         file = data_dir / m["file"]

@@ -173,6 +173,7 @@ class Scripted(ThreadingHTTPServer):
         self.actions = list(actions)
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
+        self.models_answer = None  # (content type, body) to answer GET /v1/models with instead of a model list
         self.lock = threading.Lock()
         super().__init__(("127.0.0.1", 0), _Handler)
         threading.Thread(target=self.serve_forever, daemon=True).start()
@@ -197,6 +198,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
     def do_GET(self):
+        if self.server.models_answer is not None:
+            kind, data = self.server.models_answer[0], self.server.models_answer[1].encode()
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
         self._send(200, {"object": "list", "data": [{"id": "scripted-model", "object": "model", "owned_by": "t"}]})
 
     def do_POST(self):
@@ -540,3 +549,61 @@ def test_url_credentials_never_reach_written_files(scripted, tmp_path):
     assert "hunter2" not in out.to_csv() and "zz9top" not in out.to_csv() and "[redacted]" in out.error.iloc[0]
     text = (tmp_path / "c.jsonl").read_text()
     assert "hunter2" not in text and "zz9top" not in text and "bob" not in text
+
+
+# ---- reliability round 3 (issue 35) --------------------------------------------------------------------
+@pytest.mark.parametrize("kind,body", [
+    ("text/plain", "Hello from a web server"),
+    ("application/json", '{"error": "no such route"}'),
+    ("application/json", "[1, 2]"),
+    ("application/json", '{"data": [{"name": "m"}]}'),
+])
+def test_a_models_answer_that_is_no_model_list_gives_one_sentence(scripted, tmp_path, kind, body):
+    srv = scripted()
+    srv.models_answer = (kind, body)
+    with pytest.raises(DR.DescriberError) as err:
+        DR.Describer(DR.Endpoint("server", "", srv.url), tmp_path / "c.jsonl")
+    msg = str(err.value)
+    assert msg.startswith(f"The server's answer to GET {srv.url}/models is not an OpenAI model list")
+    assert "OpenAI-compatible server" in msg and "describer_model=" in msg and "\n" not in msg
+
+
+def test_a_refused_connection_on_this_machine_fails_at_once(tmp_path):
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nothing listens there
+    d, sleeps = _describer(tmp_path, url, max_retries=4, max_consecutive_failures=3)
+    sent = []
+    chat = d._chat
+    d._chat = lambda *a: sent.append(a) or chat(*a)  # the real request, counted
+    with pytest.raises(DR.DescriberError, match=r"The describer scripted-model \(http://127\.0\.0\.1:\d+/v1\) cannot be "
+                                                r"reached .*start that server or fix base_url"):
+        DS.describe(d, {"a": "p1", "b": "p2", "c": "p3"}, progress=False)
+    assert len(sent) == 1 and sleeps == []  # one attempt: no retry, no other prompt
+
+
+def test_a_refused_connection_elsewhere_keeps_its_retries(tmp_path):
+    here = f"http://127.0.0.1:{_free_port()}/v1"
+    d, _ = _describer(tmp_path, here)
+    err, attempts, _ = d._ask(d._client(here), "p", None, 8)  # a real refused connection
+    assert attempts == 0 and DR._refused_on_loopback(err, here)
+    for url in ("http://localhost:1/v1", "http://[::1]:1/v1", "http://127.1.2.3/v1"):
+        assert DR._refused_on_loopback(err, url)
+    for url in ("http://192.0.2.1:8000/v1", "https://example.org/v1", None):
+        assert not DR._refused_on_loopback(err, url)
+    # an endpoint that is not this machine: the same refusal is retried (the client itself asks 127.0.0.1)
+    import openai
+
+    far, sleeps = _describer(tmp_path, "http://192.0.2.1:8000/v1", max_retries=2)
+    with pytest.raises(openai.APIConnectionError) as refused:
+        far._complete(far._client(here), "p", 8)
+    assert refused.value.maps_attempts == 3 and len(sleeps) == 2
+
+
+def test_a_describer_with_no_model_named_reads_well(tmp_path):
+    assert DR.Endpoint("server", "", "http://127.0.0.1:9/v1").label == "server at http://127.0.0.1:9/v1 (no model named)"
+    assert DR.Endpoint("server", None, "http://127.0.0.1:9/v1").label == "server at http://127.0.0.1:9/v1 (no model named)"
+    assert DR.Endpoint("server", "m", "http://u:pw@127.0.0.1:9/v1").label == "m (http://127.0.0.1:9/v1)"
+    assert DR.Endpoint("openai", "").label == "OpenAI API (no model named)"
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    with pytest.raises(DR.DescriberError) as err:
+        DR.Describer(DR.Endpoint("server", "", url), tmp_path / "c.jsonl")
+    assert str(err.value).startswith(f"The describer server at {url} (no model named) cannot be reached")

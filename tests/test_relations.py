@@ -245,3 +245,55 @@ def test_usable_pairs_for_the_embedded_tokenizers(smollm2, gemma3):
     assert len(usable) >= 12
     # both tokenizers split numbers into single digits, so no year is one token (as for Llama-3 in the paper)
     assert usable == [n for n in USABLE if n != "year_following"]
+
+
+# ---- reliability round 3 (issue 35) ---------------------------------------------------------------------
+@pytest.mark.parametrize(("name", "text"), [
+    ("tabs.csv", "source\ttarget\nUnited States\tWashington, D.C.\nFrance\tParis\n"),
+    ("tabs.tsv", "source\ttarget\nUnited States\tWashington, D.C.\nFrance\tParis\n"),
+    ("semicolons.csv", "source;target\nUnited States;Washington, D.C.\nFrance;Paris\n"),
+])
+def test_tab_and_semicolon_separated_files_load(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    assert R.load(path).pairs == (("United States", "Washington, D.C."), ("France", "Paris"))
+    assert R.load(str(path)).name == path.stem
+
+
+def test_a_header_without_the_columns_names_the_delimiter_and_the_columns(tmp_path):
+    path = tmp_path / "bad.tsv"
+    path.write_text("from\tto\na\tb\n")
+    with pytest.raises(R.RelationError) as err:
+        R.load(path)
+    msg = str(err.value)
+    assert "'source' and 'target' columns" in msg and "split at tabs" in msg and "'from', 'to'" in msg
+    (tmp_path / "empty.csv").write_text("\n\n")
+    with pytest.raises(R.RelationError, match="split at commas, has no columns"):
+        R.load(tmp_path / "empty.csv")
+
+
+def test_a_folder_is_not_a_relation_file(tmp_path, capsys):
+    from maps_utils import cli
+
+    (tmp_path / "dir.json").mkdir()
+    for folder in (tmp_path, tmp_path / "dir.json", str(tmp_path)):
+        with pytest.raises(R.RelationError) as err:
+            R.load(folder)
+        assert str(err.value) == f"{folder} is a folder, not a relation file; pass a .json, .csv or .tsv file of pairs."
+    assert R.load("copying").name == "copying"  # a shipped name still wins
+    assert cli.main(["relations", str(tmp_path), "--models", "smollm2-135m"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path} is a folder, not a relation file; pass a .json, .csv or " \
+                                      ".tsv file of pairs.\n"
+
+
+@pytest.mark.embedded
+def test_cli_relations_takes_relation_files_listed_after_models(tmp_path, model_cache, monkeypatch, capsys):
+    from maps_utils import cli
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "mine.csv"
+    path.write_text("source,target\nFrance,Paris\nGermany,Berlin\nBurkina Faso,Ouagadougou\n")
+    assert cli.main(["relations", "--models", "smollm2-135m", str(path), "--min-pairs", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["relation", "category", "pairs", "smollm2-135m", "smollm2-135m", ">=", "1"]
+    assert out[1].split() == ["mine", "None", "3", "2", "True"] and len(out) == 2
