@@ -118,13 +118,15 @@ def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | N
     res = result_folder(results_dir, loaded.name)
     static = static_scores(loaded, variant=variant or loaded.variant, run=RunOptions(results_dir=results_dir))
 
-    def read(path: Path) -> pd.DataFrame | None:
-        return read_table(path, keep_default_na=False) if path.is_file() else None
+    def read(path: Path, notebook: str = "04_salient_descriptions") -> pd.DataFrame | None:
+        rebuild = f"run notebooks/{notebook}.ipynb again (`make all` runs it)"
+        return read_table(path, rebuild, keep_default_na=False) if path.is_file() else None
 
     abl = res / "ablation" / "zero"
     data = atlas_data(static, descriptions=read(res / "descriptions.csv"), ops=read(res / "descriptions.ops.csv"),
-                      ablation_heads=read(abl / "heads.csv"), ablation_summary=read(abl / "summary.csv"),
-                      qk_keys=read(res / "qk" / "salient_keys.csv"),
+                      ablation_heads=read(abl / "heads.csv", "03_ablation"),
+                      ablation_summary=read(abl / "summary.csv", "03_ablation"),
+                      qk_keys=read(res / "qk" / "salient_keys.csv", "06_qk_map"),
                       executable=read(res / "descriptions.executable.csv"))
     out = Path(out) if out is not None else Path("reports") / model_slug(loaded.name) / "atlas.html"
     return atomic_write_text(out, render_atlas(data))

@@ -3,7 +3,7 @@
     maps models                       list the embedded models
     maps info [MODEL] [--device D]    load a model and print its head geometry as JSON
     maps relations [--models M ...]   usable single-token pairs per shipped relation and model
-    maps relations FILE ...           the same for relation files of your own (JSON pairs or CSV)
+    maps relations FILE ...           the same for relation files of your own (JSON pairs, CSV or TSV)
     maps score [MODEL] [--relation R ...] [--variant V] [--k K] [--copying]
                                       static relation scores (cached under results/); prints the top heads
     maps check-options [MODEL] [--device D] [--dtype T]
@@ -24,8 +24,9 @@ import json
 import logging
 import sys
 
-from .errors import MapsError, OptionError
+from .errors import MapsError
 from .models import DEFAULT_MODEL, available_models, check_options, load
+from .params import check_parameters
 
 
 def _check(args: argparse.Namespace) -> None:
@@ -38,9 +39,9 @@ def _check(args: argparse.Namespace) -> None:
 
         check_variant(args.variant)
     if getattr(args, "results_dir", None):
-        check_results_dir(args.results_dir)
-    if getattr(args, "k", None) is not None and args.k < 1:
-        raise OptionError(f"--k {args.k} is not a positive number of top tokens; pass --k 1 or more.")
+        check_results_dir(args.results_dir, writable=True)
+    ranged = {name: getattr(args, name) for name in ("k", "rank_cap", "top", "min_pairs") if hasattr(args, name)}
+    check_parameters("--", **ranged)
 
 
 def _check_options(args: argparse.Namespace) -> int:
@@ -57,13 +58,20 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _relations(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     import pandas as pd
 
     from . import relations as R
     from .models import load_tokenizer
 
-    rels = [R.load(p) for p in args.files] if args.files else R.load_all()
-    toks = {m: load_tokenizer(m) for m in args.models}
+    check_parameters("--", min_pairs=args.min_pairs)
+    # --models takes every word after it (nargs="+"): relation files among them are files, not models
+    moved = [m for m in args.models or [] if Path(m).suffix.lower() in (".json", ".csv", ".tsv") and Path(m).is_file()]
+    files = [*args.files, *moved]
+    models = [m for m in args.models or [] if m not in moved] or ["smollm2-135m", "gemma3-270m"]
+    rels = [R.load(p) for p in files] if files else R.load_all()
+    toks = {m: load_tokenizer(m) for m in models}
     table = R.usable_pairs_table(toks, rels, min_pairs=args.min_pairs)
     with pd.option_context("display.width", 200, "display.max_rows", 500):
         print(table.to_string(index=False))
@@ -87,7 +95,7 @@ def _score(args: argparse.Namespace) -> int:
     copying = True if args.copying else None
     relations = [R.load(r, copying=copying) for r in args.relation] if args.relation else None
     loaded = load(args.model, device=args.device, dtype=args.dtype)
-    res = SC.static_scores(loaded, relations, variant=args.variant or loaded.variant,
+    res = SC.static_scores(loaded, relations, variant=args.variant or loaded.variant, rank_cap=args.rank_cap,
                            run=RunOptions(results_dir=args.results_dir))
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
         print(top_heads(res.table(k=args.k), n=args.top).to_string(index=False))
@@ -133,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--dtype", default="float32")
     info.set_defaults(func=_info)
     rel = sub.add_parser("relations", help="usable single-token pairs per relation and model")
-    rel.add_argument("files", nargs="*", help="relation files (default: every shipped relation)")
-    rel.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    rel.add_argument("files", nargs="*", help="relation files, .json, .csv or .tsv (default: every shipped relation)")
+    rel.add_argument("--models", nargs="+", default=None,
+                     help="tokenizers to filter with (default: smollm2-135m gemma3-270m); relation files listed "
+                          "here count as files")
     rel.add_argument("--min-pairs", type=int, default=30)
     rel.add_argument("--show-dropped", action="store_true", help="list the pairs the filter drops")
     rel.set_defaults(func=_relations)
@@ -151,8 +161,10 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--relation", nargs="+", help="relation names or files (default: every shipped relation)")
             cmd.add_argument("--top", type=int, default=5, help="heads listed per relation")
             cmd.add_argument("--k", type=int, default=None,
-                             help="top-k of the score for every relation (default: the paper's rule, 1 for copying "
-                                  "relations and 10 for the others; the table's k column shows the k used)")
+                             help="top-k of the score for every relation, up to --rank-cap (default: the paper's rule, "
+                                  "1 for copying relations and 10 for the others; the table's k column shows the k used)")
+            cmd.add_argument("--rank-cap", type=int, default=100,
+                             help="ranks are exact up to this cap, so any k <= cap is scored from one run (default 100)")
             cmd.add_argument("--copying", action="store_true",
                              help="treat the relation files as copying relations (k = 1); files whose name contains "
                                   "'copying' already are")
@@ -178,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     except MapsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: what was finished is kept (finished layers and relations); run the same command again "
+              "to resume.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

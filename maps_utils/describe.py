@@ -278,7 +278,8 @@ class DescriptionResult:
         if self.rules is not None:
             atomic_write_text(out / f"{self.name}.rules.csv", self.rules.to_csv(index=False))
         atomic_write_text(out / f"{self.name}.csv", self.table.to_csv(index=False))
-        write_manifest(out / f"{self.name}.manifest.json", self.manifest)
+        written = [out / f"{self.name}.{n}.csv" for n in ("ops", "evidence", "rules")] + [out / f"{self.name}.csv"]
+        write_manifest(out / f"{self.name}.manifest.json", self.manifest, files=[p for p in written if p.is_file()])
         return out / f"{self.name}.csv"
 
 

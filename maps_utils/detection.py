@@ -254,7 +254,8 @@ class DetectionResult:
         out = result_folder(results_dir, self.model)
         atomic_write_text(out / f"{self.name}.csv", self.scores.to_csv(index=False))
         atomic_write_text(out / f"{self.name}.summary.csv", self.summary().to_csv(index=False))
-        write_manifest(out / f"{self.name}.manifest.json", self.manifest)
+        write_manifest(out / f"{self.name}.manifest.json", self.manifest,
+                       files=[out / f"{self.name}.csv", out / f"{self.name}.summary.csv"])
         return out / f"{self.name}.csv"
 
     def side_by_side(self, res) -> pd.DataFrame:
@@ -291,7 +292,7 @@ class DetectionResult:
 def read_scores(results_dir: str | Path, model: str, name: str = "detection") -> pd.DataFrame | None:
     """Notebook 04's per-head detection scores (``results/<model>/detection.csv``), or None when it was not run."""
     path = result_folder(results_dir, model, f"{name}.csv")
-    return read_table(path) if path.is_file() else None
+    return read_table(path, "run notebook 04 again with score=True") if path.is_file() else None
 
 
 def for_items(scores: pd.DataFrame, key: pd.DataFrame, *, threshold: float = THRESHOLD) -> pd.DataFrame:

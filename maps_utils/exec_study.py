@@ -29,9 +29,11 @@ import pandas as pd
 import torch
 
 from .detection_stats import bootstrap_ci
+from .errors import OptionError
 from .executable import Describer, Description, ExecOptions, fit_and_verify, judged_rows, rows_of, score
 from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
+from .params import check_parameters
 from .predicates import Clause, Embedding, fixed_clauses
 from .sampling import layer_quartile, quartile_labels, select_heads
 from .store import RunOptions, result_folder
@@ -137,12 +139,14 @@ class ExecutableResult:
             atomic_write_text(out / f"{name}.ops.csv", ops[ops["rank"] < self._n_salient].to_csv(index=False))
             atomic_write_text(out / f"{name}.evidence.csv", ops[ops["rank"] >= self._n_salient].to_csv(index=False))
             atomic_write_text(out / f"{name}.csv", self.as_descriptions().to_csv(index=False))
-            write_manifest(out / f"{name}.manifest.json", self.manifest)
+            write_manifest(out / f"{name}.manifest.json", self.manifest,
+                           files=[out / f"{name}{s}.csv" for s in (".ops", ".evidence", "")])
+        written = []
         for suffix, t in (("", self.table), (".relations", self.relations), (".random", self.random),
                           (".families", self.families), (".validity", self.validity)):
             if t is not None:
-                atomic_write_text(out / f"{name}.executable{suffix}.csv", t.to_csv(index=False))
-        write_manifest(out / f"{name}.executable.manifest.json", self.manifest)
+                written.append(atomic_write_text(out / f"{name}.executable{suffix}.csv", t.to_csv(index=False)))
+        write_manifest(out / f"{name}.executable.manifest.json", self.manifest, files=written)
         return out / f"{name}.executable.csv"
 
 
@@ -293,9 +297,12 @@ def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int =
     from .detection import static_target_heads
     from .relations import load_all
 
+    check_parameters(n_heads=n, n_salient=n_salient, n_evidence=n_evidence, n_mappings=n_mappings,
+                     target_min_score=target_min_score, max_random_share=max_random_share)
+    if n_salient == n_evidence:
+        raise OptionError(f"n_salient = n_evidence = {n_salient} leaves no held-out rows to verify on; pass "
+                          "n_evidence above n_salient.")
     options = options or ExecOptions(seed=run.seed)
-    if not 1 <= n_salient < n_evidence:
-        raise ValueError(f"n_salient must be at least 1 and below n_evidence (got {n_salient}, {n_evidence}).")
     t0 = time.perf_counter()
     w = loaded.weights
     chosen = select_heads(w.n_layers, w.n_heads, heads, n=n, seed=run.seed)

@@ -24,9 +24,12 @@ from .annotations import ANSWER_COLUMNS, QUESTIONS, check_annotator
 from .describe import outcome, show_token
 from .errors import MapsError
 from .io import atomic_write_text
-from .manifest import build_manifest, write_manifest
+from .manifest import build_manifest, read_manifest, write_manifest
+from .params import check_parameters
 from .sampling import layer_quartile, stratified_pick
 from .store import read_table
+
+NOTEBOOK_04 = "run notebook 04 again (`make all`, or papermill notebooks/04_salient_descriptions.ipynb)"
 
 NO_ANSWER = "(the describer gave no usable answer)"
 
@@ -41,11 +44,10 @@ def load_descriptions(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dic
     if not path.is_file() or not ops_path.is_file():
         raise MapsError(f"No descriptions at {path} (with descriptions.ops.csv beside it); run notebook 04 for this "
                         "model first (`make all`, or papermill notebooks/04_salient_descriptions.ipynb).")
-    table = read_table(path, keep_default_na=False)
-    ops = read_table(ops_path, keep_default_na=False)
+    table = read_table(path, NOTEBOOK_04, keep_default_na=False)
+    ops = read_table(ops_path, NOTEBOOK_04, keep_default_na=False)
     ops["mappings"] = ops.mappings.map(json.loads)
-    man_path = path.with_name("descriptions.manifest.json")
-    manifest = json.loads(man_path.read_text()) if man_path.is_file() else {}
+    manifest = read_manifest(path.with_name("descriptions.manifest.json")) or {}
     table["has_pattern"] = table.has_pattern.astype(str).str.lower().eq("true")
     return table, ops, manifest
 
@@ -108,7 +110,7 @@ class Material:
             if path.is_file() and _has_answers(path):
                 continue  # someone is filling it in: never overwrite answers
             atomic_write_text(path, self.sheet(name, seed).to_csv(index=False))
-        write_manifest(out / "material.manifest.json", self.manifest)
+        write_manifest(out / "material.manifest.json", self.manifest, files=[out / "items.csv", out / "key.csv"])
         return out
 
 
@@ -119,6 +121,7 @@ def build_material(descriptions: str | Path, n: int | None = 40, seed: int = 0) 
     ``material`` is a hash of what the annotator sees; annotations carry it, so answers given on other material
     (e.g. after the descriptions were regenerated) are caught.
     """
+    check_parameters(n_items=n, seed=seed)
     table, ops, manifest = load_descriptions(descriptions)
     model = (manifest.get("model") or {}).get("model") or Path(descriptions).resolve().parent.name
     n_layers = int(((manifest.get("model") or {}).get("architecture") or {}).get("n_layers") or table.layer.max() + 1)
@@ -127,8 +130,6 @@ def build_material(descriptions: str | Path, n: int | None = 40, seed: int = 0) 
     if n is None or n >= len(rows):
         picked = rows
     else:
-        if n < 1:
-            raise ValueError(f"The sample needs at least one head (got n={n}).")
         by_q = [[r for r in rows if r.quartile == q] for q in range(4)]
         picked = stratified_pick(by_q, n, seed)
     rng = np.random.default_rng(seed)
@@ -160,7 +161,7 @@ def _executable(descriptions: Path) -> dict[tuple[int, int], dict]:
     path = (descriptions if descriptions.is_dir() else descriptions.parent) / "descriptions.executable.csv"
     if not path.is_file():
         return {}
-    t = read_table(path, keep_default_na=False)
+    t = read_table(path, NOTEBOOK_04, keep_default_na=False)
     return {(int(r.layer), int(r.head)): {"sentence": str(r.sentence), "score": float(r.score),
                                           "verified": str(r.verified).lower() == "true"} for r in t.itertuples()}
 

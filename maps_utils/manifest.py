@@ -1,8 +1,16 @@
-"""Manifests: what produced a result table (versions, git commit, model, dtype, parameters, wall time)."""
+"""Manifests: what produced a result table (versions, git commit, model, dtype, parameters, wall time).
+
+A manifest also records each table it describes (``files``: its rows, bytes and SHA-256), so a table that was cut
+off or changed after it was written is caught when it is read (:func:`check_file`) and rebuilt or reported, never
+used as if it were whole.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import logging
 import platform
 import subprocess
 from dataclasses import asdict, is_dataclass
@@ -10,8 +18,10 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
+from .errors import MapsError
 from .io import atomic_write_text
 
+log = logging.getLogger(__name__)
 _PACKAGES = ("torch", "transformers", "numpy", "pandas", "scipy", "gguf", "openai", "llama-cpp-python", "lemminflect",
              "maps-study")
 
@@ -71,9 +81,76 @@ def _plain(value):
     return str(value)
 
 
-def write_manifest(path: str | Path, manifest: dict) -> Path:
-    """Write ``manifest`` as pretty JSON, atomically."""
+class DerivedFileError(MapsError):
+    """A table no longer matches the record written beside it (cut off, or changed by hand)."""
+
+
+def file_record(path: str | Path) -> dict:
+    """What a written table is: its rows (lines after the header), bytes and SHA-256."""
+    data = Path(path).read_bytes()
+    return {"rows": max(data.count(b"\n") - 1, 0), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def write_manifest(path: str | Path, manifest: dict, files: list[str | Path] = ()) -> Path:
+    """Write ``manifest`` as pretty JSON, atomically, with the record of each of ``files`` (tables just written in
+    the same folder) under ``files``."""
+    if files:
+        manifest = {**manifest, "files": {**manifest.get("files", {}),
+                                          **{Path(f).name: file_record(f) for f in files}}}
     return atomic_write_text(path, json.dumps(manifest, indent=2, default=str) + "\n")
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """A manifest as a dict; None (with a one-line notice) when it is missing, cut off or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        log.warning("%s could not be read (%s); it will be written again", path, type(err).__name__)
+        return None
+    if not isinstance(data, dict):
+        log.warning("%s is not a manifest (a JSON %s); it will be written again", path, type(data).__name__)
+        return None
+    return data
+
+
+def recorded(path: str | Path) -> tuple[Path, dict] | None:
+    """The manifest beside ``path`` that records it, and its record (None: no manifest records it); the newest such
+    manifest, should two writers have recorded the same table."""
+    path = Path(path)
+    mans = []
+    for man in path.parent.glob("*manifest.json"):
+        with contextlib.suppress(OSError):
+            mans.append((man.stat().st_mtime_ns, man.name, man))
+    for *_, man in sorted(mans, reverse=True):
+        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+            record = (json.loads(man.read_text(encoding="utf-8")).get("files") or {}).get(path.name)
+            if isinstance(record, dict):
+                return man, record
+    return None
+
+
+def check_file(path: str | Path) -> str | None:
+    """Why ``path`` does not match its recorded rows and SHA-256 (None: it matches, or nothing records it)."""
+    found = recorded(path)
+    if found is None:
+        return None
+    now = file_record(path)
+    if now["sha256"] == found[1].get("sha256"):
+        return None
+    return (f"{found[1].get('rows')} rows and {found[1].get('bytes')} bytes were written, {now['rows']} rows and "
+            f"{now['bytes']} bytes are there")
+
+
+def verified(path: str | Path, rebuild: str) -> Path:
+    """``path`` when it matches its record; else the one-sentence :class:`DerivedFileError` naming ``rebuild``."""
+    why = check_file(path)
+    if why is not None:
+        raise DerivedFileError(f"{path} was cut off or changed after it was written ({why}); {rebuild} to write it "
+                               "again.")
+    return Path(path)
 
 
 def model_file_hash(name: str) -> dict:
@@ -112,25 +189,39 @@ def notebook_defaults(nb: dict) -> dict:
     return out
 
 
+def notebook_parameters(notebook: str | Path) -> dict:
+    """An executed notebook's parameters (its defaults, then papermill's values); {} when it cannot be read."""
+    try:
+        nb = json.loads(Path(notebook).read_text(encoding="utf-8"))
+        return notebook_defaults(nb) | nb.get("metadata", {}).get("papermill", {}).get("parameters", {})
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, SyntaxError) as err:
+        log.warning("the parameters of %s could not be read (%s); the step is recorded without them", notebook,
+                    type(err).__name__)
+        return {}
+
+
+def _step_ok(step) -> bool:
+    return isinstance(step, dict) and isinstance(step.get("parameters"), dict) and \
+        isinstance(step.get("seconds"), (int, float))
+
+
 def record_step(results_dir: str | Path, model: str, step: str, seconds: float, notebook: str | Path | None = None) -> Path:
     """Add one executed step (a notebook) to the run manifest ``<results_dir>/<model>/manifest.json``: versions, git
     commit, the model and its weights' hash, and per step its wall time, papermill parameters (device, dtype,
-    seeds …) and report path. Written atomically; earlier steps are kept."""
-    from pathlib import Path
-
+    seeds …) and report path. Written atomically; earlier steps are kept (a cut-off or corrupt manifest, or a
+    step that is not a record, is noticed and dropped)."""
     from .store import result_folder
 
     path = result_folder(results_dir, model, "manifest.json")
-    run = json.loads(path.read_text()) if path.is_file() else {}
-    params = {}
-    if notebook is not None and Path(notebook).is_file():
-        nb = json.loads(Path(notebook).read_text())
-        params = notebook_defaults(nb) | nb.get("metadata", {}).get("papermill", {}).get("parameters", {})
+    run = read_manifest(path) or {}  # a cut-off or corrupt one is noticed and started again
+    params = notebook_parameters(notebook) if notebook is not None else {}
     base = build_manifest(parameters={}, wall_seconds=0.0)
     run.update({k: base[k] for k in ("git_commit", "python", "machine", "versions")})
     run["model"] = run.get("model") or model_file_hash(model)
     run["updated"] = base["created"]
-    steps = run.setdefault("steps", {})
+    steps = {name: s for name, s in (run.get("steps") or {}).items() if _step_ok(s)} \
+        if isinstance(run.get("steps"), dict) else {}
+    run["steps"] = steps
     steps[step] = {"seconds": round(float(seconds), 1), "finished": base["created"], "parameters": params,
                    "report": str(notebook) if notebook else None}
     run["device"] = sorted({str(s["parameters"].get("device")) for s in steps.values() if s["parameters"]})

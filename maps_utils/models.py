@@ -173,7 +173,10 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                           "device(s); use cuda:0 … or auto.")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise OptionError(f"Device '{device}' is not supported; use auto, cpu, cuda or cuda:N.")
-    return dev
+    if dev.type in ("cpu", "mps") and dev.index not in (None, 0):
+        raise OptionError(f"Device '{device}' does not exist: torch addresses the {dev.type.upper()} as one device; "
+                          f"use {dev.type}.")
+    return torch.device(dev.type) if dev.type != "cuda" else dev
 
 
 def _path_like(name: str) -> bool:
@@ -208,7 +211,20 @@ def check_options(name: str, device=None, dtype=None) -> tuple[str, Path | None]
     resolve_device(device)
     if dtype is not None:
         resolve_dtype(dtype)
+    check_cache_dir(default_cache_dir())
     return model_source(name)
+
+
+def check_cache_dir(cache: Path) -> Path:
+    """``cache`` when it can be the model cache; a path below a file is one sentence (a read-only cache is caught
+    when something must be written in it, before the work: :func:`~maps_utils.io.check_writable`)."""
+    for p in (cache, *cache.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise OptionError(f"The model cache {cache} cannot be a folder: {p} is a file; set {CACHE_ENV} to a "
+                                  "writable folder (or unset it for ~/.cache/maps-study).")
+            break
+    return cache
 
 
 def _finish(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -338,7 +354,7 @@ def load(
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype)
     kind, path = model_source(str(name))
-    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    cache = check_cache_dir(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
     from_cache = False
 
     if kind in ("embedded", "gguf"):

@@ -25,8 +25,9 @@ from . import relations as R
 from . import sources
 from .hashing import content_key
 from .io import atomic_write_text
-from .manifest import build_manifest, call_arguments, write_manifest
+from .manifest import build_manifest, call_arguments, check_file, read_manifest, write_manifest
 from .models import LoadedModel
+from .params import check_parameters
 from .static import RankResult, check_variant, target_ranks
 from .store import RunOptions, Slots
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 ENGINE_VERSION = 2  # 2: one slot per relation, keyed by content (the weights' hash included)
 PARTIAL = "partial"  # the slot of an unfinished run's finished layers
+RANK_CAP = 100  # ranks are exact below it: scores for every k <= RANK_CAP come from one run
 TAU = 0.15  # the paper's threshold for "head implements relation"
 CHECKPOINT_SECONDS = 30.0  # how often an unfinished run saves its finished layers
 
@@ -90,6 +92,7 @@ class StaticScores:
         """``[L, H]`` relation (or suppression) scores of one relation."""
         rel = self.relation(name)
         k = k or rel.k(top_k)
+        check_parameters(k=k, rank_cap=self.rank_cap)
         top, bottom = self.ranks_of(name)
         return ((bottom if suppression else top) < k).float().mean(-1)
 
@@ -218,9 +221,27 @@ def _write_table(out: Path, slots: Slots, loaded, identity_key: str, scored, kv_
     union = StaticScores(loaded.name, variant, rank_cap, rels, ranks, kv_groups)
     table_manifest = {**manifest, "parameters": {**manifest["parameters"], "table_relations": [r.name for r in rels]}}
     atomic_write_text(out / "scores.csv", union.table().to_csv(index=False))
-    write_manifest(out / "manifest.json", table_manifest)
+    write_manifest(out / "manifest.json", table_manifest, files=[out / "scores.csv"])
     with contextlib.suppress(FileNotFoundError):
         (out / "ranks.pt").unlink()  # the single-slot layout of earlier versions
+
+
+def _needs_table(out: Path) -> bool:
+    """Whether ``scores.csv`` and its manifest must be (re)written from the slots: missing, unreadable, or no longer
+    what the manifest recorded (cut off or edited; said in one line)."""
+    table, manifest = out / "scores.csv", out / "manifest.json"
+    if not table.is_file():
+        return True
+    record = read_manifest(manifest)  # None, with a notice, when it is cut off or not JSON
+    if record is None or table.name not in (record.get("files") or {}):
+        if record is not None or not manifest.is_file():
+            log.warning("%s has no record of scores.csv; rewriting both from the stored ranks", manifest)
+        return True
+    why = check_file(table)
+    if why is not None:
+        log.warning("%s was cut off or changed after it was written (%s); rebuilding it from the stored ranks",
+                    table, why)
+    return why is not None
 
 
 def static_scores(
@@ -228,7 +249,7 @@ def static_scores(
     relations: Sequence[str | R.Relation] | None = None,
     *,
     variant: str | None = None,
-    rank_cap: int = 100,
+    rank_cap: int = RANK_CAP,
     leading_space: bool = True,
     min_pairs: int = R.MIN_PAIRS,
     compute_space: str = "auto",
@@ -247,6 +268,7 @@ def static_scores(
             cache use, progress bars and the rank engine's memory budget (:class:`~maps_utils.store.RunOptions`).
     """
     arguments = call_arguments(locals())
+    check_parameters(rank_cap=rank_cap, min_pairs=min_pairs)
     t0 = time.perf_counter()
     variant = variant or loaded.variant
     check_variant(variant)
@@ -269,7 +291,7 @@ def static_scores(
     params = {**arguments, **identity, "key": content_key(keys), "relations": keys, "skipped_relations": skipped,
               "computed": [r.name for r in todo]}
     result.manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
-    if out is not None and (todo or not (out / "scores.csv").is_file()):
+    if out is not None and (todo or _needs_table(out)):
         with slots.lock():
             for rel in todo:
                 slots.write(rel.name, keys[rel.name], values[rel.name])

@@ -14,6 +14,7 @@ one-line notice and recomputed. :meth:`Slots.lock` serialises writers that updat
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import pickle
 import zipfile
@@ -25,8 +26,9 @@ import pandas as pd
 import torch
 
 from .errors import MapsError, OptionError
-from .io import atomic_file, atomic_write_text, file_lock
-from .manifest import write_manifest
+from .io import atomic_write_bytes, atomic_write_text, check_writable, file_lock
+from .manifest import verified, write_manifest
+from .params import check_parameters
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +67,17 @@ class RunOptions:
     batch_size: int | None = None
     memory_budget_mb: float = 512.0
 
+    def __post_init__(self):
+        check_parameters(seed=self.seed, batch_size=self.batch_size, memory_budget_mb=self.memory_budget_mb)
+
     def folder(self, model: str, *parts: str) -> Path | None:
-        """``<results_dir>/<model-slug>/<parts...>`` (:func:`result_folder`); None when this run keeps no files."""
-        return result_folder(self.results_dir, model, *parts) if self.results_dir else None
+        """``<results_dir>/<model-slug>/<parts...>`` (:func:`result_folder`); None when this run keeps no files.
+        The results folder must be writable (checked once per process), so a step fails before it computes, not
+        after."""
+        if not self.results_dir:
+            return None
+        root = check_results_dir(self.results_dir, writable=True)
+        return result_folder(root, model, *parts)
 
     def batch(self, default: int) -> int:
         """The batch size: this run's, else the step's ``default``."""
@@ -86,8 +96,12 @@ def result_folder(results_dir: str | Path, model: str, *parts: str) -> Path:
     return check_results_dir(results_dir).joinpath(model_slug(model), *parts)
 
 
-def check_results_dir(path: str | Path) -> Path:
-    """``path`` as a results folder (created when missing); a path that cannot be one is one sentence."""
+_WRITABLE: set[Path] = set()  # results folders this process has written in
+
+
+def check_results_dir(path: str | Path, writable: bool = False) -> Path:
+    """``path`` as a results folder; a path that cannot be one is one sentence. With ``writable`` the folder is
+    created and a file written in it (once per process), so a read-only or full place fails before any work."""
     path = Path(path).expanduser()
     for p in (path, *path.parents):
         if p.exists():
@@ -95,6 +109,9 @@ def check_results_dir(path: str | Path) -> Path:
                 raise OptionError(f"The results folder {path} cannot be created: {p} is a file; pass a folder "
                                   "(--results-dir / results_dir).")
             break
+    if writable and path.resolve() not in _WRITABLE:
+        check_writable(path)
+        _WRITABLE.add(path.resolve())
     return path
 
 
@@ -112,10 +129,11 @@ def read_pt(path: Path, *, weights_only: bool = True):
 
 
 def write_pt(path: Path, obj) -> Path:
-    """``torch.save`` atomically (a kill mid-write leaves the old file or none, never half of one)."""
-    with atomic_file(path) as fh:
-        torch.save(obj, fh)
-    return path
+    """``torch.save`` atomically (a kill mid-write leaves the old file or none, never half of one). The object is
+    serialised in memory first, so a full disk is the OS's error (with the size needed), not the serialiser's."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 class Slots:
@@ -168,16 +186,21 @@ class Slots:
             yield
 
 
-def read_table(path: str | Path, **kwargs) -> pd.DataFrame:
-    """A CSV table this package wrote (``DataFrame.to_csv``: rows end in ``"\\n"``). Only ``"\\n"`` ends a row: a
-    token holding a bare carriage return is written unquoted by Python's csv module, and pandas' default reader
-    would split its row there."""
-    return pd.read_csv(path, lineterminator="\n", **kwargs)
+REBUILD = "run again the step that wrote it (`make all`, or its notebook)"
+
+
+def read_table(path: str | Path, rebuild: str = REBUILD, **kwargs) -> pd.DataFrame:
+    """A CSV table this package wrote, checked against the record its manifest keeps (a cut-off or edited table is
+    one sentence naming ``rebuild``, see :func:`~maps_utils.manifest.verified`). Only ``"\\n"`` ends a row: a token
+    holding a bare carriage return is written unquoted by Python's csv module, and pandas' default reader would
+    split its row there."""
+    return pd.read_csv(verified(path, rebuild), lineterminator="\n", **kwargs)
 
 
 def write_table(table: pd.DataFrame, path: str | Path, manifest: dict) -> Path:
-    """Write a result table as CSV with its manifest beside it (``<name>.manifest.json``), both atomically."""
+    """Write a result table as CSV with its manifest beside it (``<name>.manifest.json``, which records the table's
+    rows and hash), both atomically."""
     path = Path(path)
     atomic_write_text(path, table.to_csv(index=False))
-    write_manifest(path.with_suffix(".manifest.json"), manifest)
+    write_manifest(path.with_suffix(".manifest.json"), manifest, files=[path])
     return path

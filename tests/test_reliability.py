@@ -314,7 +314,9 @@ def no_loading(monkeypatch):
     (["--device", "gpu0"], "Unknown device 'gpu0'"),
     (["--dtype", "float64x"], "Unknown dtype 'float64x'"),
     (["--variant", "first-mlp"], "Unknown source representation 'first-mlp'"),
-    (["--k", "0"], "--k 0 is not a positive number"),
+    (["--k", "0"], "--k 0 is out of range: the top-k of the score must be an integer of at least 1"),
+    (["--k", "101"], "--k 101 is above --rank-cap 100"),
+    (["--device", "cpu:7"], "does not exist: torch addresses the CPU as one device"),
 ])
 def test_bad_options_are_one_sentence_before_loading(bad, expect, tmp_path, cache, capsys, no_loading):
     if bad[:2] == ["--device", "cuda"] and torch.cuda.is_available():
@@ -363,3 +365,132 @@ def test_make_checks_options_before_running_anything(tmp_path):
     assert run.returncode != 0
     lines = [ln for ln in run.stderr.splitlines() if ln.strip() and not ln.startswith("make")]
     assert len(lines) == 1 and "TORCH_SPEC" in lines[0] and "Traceback" not in run.stderr, run.stderr
+
+
+# ---- round 3 (issue 35): no wrong number with exit 0, no lost result, derived files repair themselves ----
+def _scores_csv(results: Path, ckpt: Path) -> Path:
+    from maps_utils.store import model_slug
+
+    return results / model_slug(str(ckpt)) / "static" / "first_mlp" / "scores.csv"
+
+
+def test_k_above_the_rank_cap_gives_no_score(tmp_path, cache, capsys):
+    from maps_utils import dynamic as DY
+    from maps_utils.errors import OptionError
+
+    ckpt = _ckpt(tmp_path / "ckpt")
+    rel = _relation(tmp_path, "r", 3)
+    capsys.readouterr()
+    assert main(["score", str(ckpt), "--relation", str(rel), "--results-dir", str(tmp_path / "res"),
+                 "--k", "100000"]) == 2
+    assert "--k 100000 is above --rank-cap 100" in _one_sentence(capsys.readouterr().err)
+    assert main(["score", str(ckpt), "--relation", str(rel), "--results-dir", str(tmp_path / "res"),
+                 "--k", "150", "--rank-cap", "150"]) == 0  # a larger cap makes the larger k exact
+    res = SC.static_scores(load(str(ckpt)), [str(rel)], run=RunOptions(results_dir=tmp_path / "res"))
+    assert res.table(k=100).score.between(0, 1).all()
+    for bad in (101, 100000):
+        with pytest.raises(OptionError, match=f"k = {bad} is above rank_cap = 100"):
+            res.table(k=bad)
+        with pytest.raises(OptionError, match="is above rank_cap"):
+            res.score_map("r", k=bad)
+    with pytest.raises(OptionError, match="k = 11 is above rank_cap = 10"):
+        DY.dynamic_scores(load(str(ckpt)), [str(rel)], k=11, rank_cap=10, run=RunOptions(results_dir=None))
+
+
+def test_a_notebook_stops_at_its_parameters_before_loading(tmp_path):
+    import papermill
+
+    out = tmp_path / "01.ipynb"
+    with pytest.raises(papermill.PapermillExecutionError):
+        papermill.execute_notebook(str(ROOT / "notebooks" / "01_static_scores.ipynb"), str(out),
+                                   parameters={"k": 101, "results_dir": str(tmp_path / "res")},
+                                   cwd=str(ROOT / "notebooks"), progress_bar=False)
+    shown = [o for c in json.loads(out.read_text())["cells"] for o in c.get("outputs", [])]
+    assert ["".join(o["text"]) for o in shown] == ["OptionError: k = 101 is above rank_cap = 100 (scores are exact only up to "
+                                          "the rank cap); pass k <= 100 or a larger rank_cap.\n"]
+    assert not (tmp_path / "res").exists()  # nothing loaded, nothing written
+
+
+def test_a_cut_off_scores_table_is_rebuilt_from_its_slots(tmp_path, cache, caplog):
+    ckpt = _ckpt(tmp_path / "ckpt")
+    rel = _relation(tmp_path, "r", 3)
+    args = ["score", str(ckpt), "--relation", str(rel), "--results-dir", str(tmp_path / "res")]
+    assert main(args) == 0
+    table = _scores_csv(tmp_path / "res", ckpt)
+    whole = table.read_bytes()
+    os.truncate(table, len(whole) // 2)  # cut mid-row
+    assert main(args) == 0
+    assert "scores.csv was cut off or changed after it was written" in caplog.text
+    assert table.read_bytes() == whole
+    at = whole.rindex(b"first_mlp")
+    table.write_bytes(whole[:at] + b"first_mlq" + whole[at + 9:])  # an edited cell, same size
+    assert main(args) == 0
+    assert table.read_bytes() == whole
+
+
+@pytest.mark.parametrize("damage", [b"garbage{", b"\xff\xfe{", b'{"files": ', b"[1, 2]"])
+def test_a_corrupt_static_manifest_is_noticed_and_rewritten(damage, tmp_path, cache, caplog):
+    ckpt = _ckpt(tmp_path / "ckpt")
+    rel = _relation(tmp_path, "r", 3)
+    args = ["score", str(ckpt), "--relation", str(rel), "--results-dir", str(tmp_path / "res")]
+    assert main(args) == 0
+    manifest = _scores_csv(tmp_path / "res", ckpt).with_name("manifest.json")
+    manifest.write_bytes(damage)
+    assert main(args) == 0
+    assert "manifest.json" in caplog.text
+    record = json.loads(manifest.read_text())
+    rows = len(pd.read_csv(manifest.with_name("scores.csv")))
+    assert record["files"]["scores.csv"]["rows"] == rows and record["parameters"]["variant"] == "first_mlp"
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe{", b'{"steps": {"00": {"seconds": 1', b'{"steps": [1]}',
+                                    b'{"steps": {"00": "x"}}', b"null"])
+def test_a_corrupt_run_manifest_is_started_again(damage, tmp_path, caplog, capsys):
+    path = tmp_path / "res" / "m" / "manifest.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(damage)
+    assert main(["run-manifest", "m", "--step", "01", "--seconds", "3", "--results-dir", str(tmp_path / "res")]) == 0
+    assert list(json.loads(path.read_text())["steps"]) == ["01"]
+    bad_nb = tmp_path / "nb.ipynb"
+    bad_nb.write_bytes(b"\x00not a notebook")
+    assert main(["run-manifest", "m", "--step", "02", "--seconds", "3", "--results-dir", str(tmp_path / "res"),
+                 "--notebook", str(bad_nb)]) == 0
+    assert json.loads(path.read_text())["total_seconds"] == 6.0
+
+
+def test_ctrl_c_is_one_line_and_exits_130(tmp_path):
+    code = ("import os, signal, sys, time\n"
+            "from maps_utils import cli, scores\n"
+            "def interrupted(*a, **k):\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    time.sleep(30)\n"
+            "scores.static_scores = interrupted\n"
+            f"sys.exit(cli.main(['score', {str(_ckpt(tmp_path / 'ckpt'))!r}, '--results-dir', {str(tmp_path)!r}]))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "MAPS_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith("interrupted: what was finished is kept")
+    assert "Traceback" not in done.stderr
+
+
+def test_an_unusable_cache_dir_is_one_sentence_before_any_work(tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setenv("MAPS_CACHE_DIR", str(tmp_path / "afile" / "cache"))
+    for args in (["check-options", "smollm2-135m"], ["score", "smollm2-135m", "--results-dir", str(tmp_path / "r")]):
+        assert main(args) == 2
+        err = _one_sentence(capsys.readouterr().err)
+        assert "afile is a file; set MAPS_CACHE_DIR to a writable folder" in err
+
+
+def test_derived_tables_are_checked_when_read(tmp_path):
+    from maps_utils.manifest import DerivedFileError
+    from maps_utils.store import read_table, write_table
+
+    path = write_table(pd.DataFrame({"a": range(10)}), tmp_path / "heads.csv", {"m": 1})
+    assert read_table(path).a.tolist() == list(range(10))
+    os.truncate(path, path.stat().st_size - 3)
+    with pytest.raises(DerivedFileError, match=r"heads.csv was cut off or changed after it was written \(10 rows .*"
+                                               r"8 rows .*\); run again the step"):
+        read_table(path)
+    (tmp_path / "mine.csv").write_text("a\n1\n")  # a table no manifest records: read as it is
+    assert read_table(tmp_path / "mine.csv").a.tolist() == [1]
