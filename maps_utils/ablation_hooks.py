@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from . import relations as R
 from .heads import HeadWeights
 from .models import LoadedModel
+from .params import check_parameters
 
 log = logging.getLogger(__name__)
 
@@ -305,8 +306,7 @@ def curve_steps(length: int, n: int | None, keep: Sequence[int] = ()) -> list[in
         return []
     if n is None or n >= length:
         return list(range(1, length + 1))
-    if n < 1:
-        raise ValueError("baseline_steps must be a positive integer (None: every step).")
+    check_parameters(baseline_steps=n)
     spread = {int(round(x)) for x in np.linspace(1, length, n)} if n > 1 else {length}
     return sorted(spread | {min(max(1, int(k)), length) for k in keep})
 

@@ -85,14 +85,18 @@ def storage_error(err: BaseException, target: Path, needed: int | None = None) -
     code = storage_errno(err)
     where = target.parent
     what = "nothing can be written there" if target.name == _PROBE else f"{target.name} was not written"
+    if code not in _FULL and not _about(err, target):
+        return None  # e.g. a file the block was reading: not this write's fault
     if code in _FULL:
         return StorageError(code, f"The disk holding {where} is full: writing {target.name} needs "
                                   f"{human_bytes(needed)} and {human_bytes(free_bytes(where))} is free; free some space "
                                   "(or point the folder at another disk) and run again; the files already written "
                                   "are kept.")
     if code in (errno.ENOTDIR, errno.EEXIST):
-        blocker = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), where)
-        return StorageError(code, f"{where} cannot be a folder because {blocker} is a file, so {what}; {_FIX}.")
+        blocker = next((p for p in (target, where, *where.parents) if p.exists() and not p.is_dir()), None)
+        if blocker is None:
+            return None
+        return StorageError(code, f"{blocker} is a file where a folder is needed, so {what}; {_FIX}.")
     if code in _DENIED:
         why = "is read-only" if code == errno.EROFS else "is not writable"
         return StorageError(code, f"{where} {why} ({errno.errorcode.get(code, code)}), so {what}; {_FIX}; nothing "
@@ -105,6 +109,17 @@ def _mapped(err: BaseException, target: str | Path, needed: int | None) -> BaseE
     if isinstance(err, StorageError) or not isinstance(err, Exception):
         return err
     return storage_error(err, Path(target), needed) or err
+
+
+def _about(err: BaseException, target: Path) -> bool:
+    """Whether ``err`` concerns ``target``'s folder (or names no file): a permission error of another file is not
+    this write's."""
+    name = getattr(err, "filename", None)
+    if not name:
+        return True
+    folder = target.parent.resolve()
+    named = Path(os.fsdecode(name)).resolve()
+    return named == folder or folder in named.parents or named in folder.parents
 
 
 @contextlib.contextmanager

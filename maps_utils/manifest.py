@@ -125,7 +125,7 @@ def recorded(path: str | Path) -> tuple[Path, dict] | None:
         with contextlib.suppress(OSError):
             mans.append((man.stat().st_mtime_ns, man.name, man))
     for *_, man in sorted(mans, reverse=True):
-        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):
+        with contextlib.suppress(OSError, UnicodeDecodeError, ValueError, AttributeError, TypeError):
             record = (json.loads(man.read_text(encoding="utf-8")).get("files") or {}).get(path.name)
             if isinstance(record, dict):
                 return man, record

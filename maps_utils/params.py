@@ -94,6 +94,8 @@ RANGES: dict[str, Range] = {
     "n_keys": Range("the salient key tokens per head", 1),
 }
 
+CLI_ONLY = frozenset({"top"})  # options of the `maps` command, not notebook parameters
+
 ORDERS: tuple[tuple[str, str, str], ...] = (
     ("k", "rank_cap", "scores are exact only up to the rank cap"),
     ("n_salient", "n_evidence", "the held-out rows are ranks n_salient to n_evidence - 1"),
@@ -139,5 +141,6 @@ def _example(rule: Range) -> str:
 
 def check_namespace(namespace: dict) -> dict:
     """:func:`check_parameters` every parameter of :data:`RANGES` that ``namespace`` defines (a notebook's ``globals()`` after
-    its parameters cell, papermill's values included); returns the checked values."""
-    return check_parameters(**{name: namespace[name] for name in RANGES if name in namespace})
+    its parameters cell, papermill's values included); returns the checked values. The CLI's own options
+    (:data:`CLI_ONLY`) are left out: a notebook may use those names for its own variables."""
+    return check_parameters(**{name: namespace[name] for name in RANGES if name in namespace and name not in CLI_ONLY})

@@ -24,12 +24,12 @@ import torch
 from . import relations as R
 from . import sources
 from .hashing import content_key
-from .io import atomic_write_text
+from .io import StorageError, atomic_write_text
 from .manifest import build_manifest, call_arguments, check_file, read_manifest, write_manifest
 from .models import LoadedModel
 from .params import check_parameters
 from .static import RankResult, check_variant, target_ranks
-from .store import RunOptions, Slots
+from .store import RunOptions, Slots, check_results_dir
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +190,14 @@ def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, vari
             last_save[0] = time.perf_counter()
 
     todo_layers = [layer for layer in range(L) if layer not in done]
-    target_ranks(weights, src, tgt, variant=variant, rank_cap=rank_cap, compute_space=compute_space,
-                 memory_budget_mb=memory_budget_mb, layers=todo_layers, progress=progress, out=ranks,
-                 on_layer=checkpoint)
+    try:
+        target_ranks(weights, src, tgt, variant=variant, rank_cap=rank_cap, compute_space=compute_space,
+                     memory_budget_mb=memory_budget_mb, layers=todo_layers, progress=progress, out=ranks,
+                     on_layer=checkpoint)
+    except KeyboardInterrupt:  # Ctrl-C: keep the finished layers, so the next run resumes from them
+        if done:
+            slots.write(PARTIAL, key, {"top": ranks.top, "bottom": ranks.bottom, "done": list(done)})
+        raise
     return ranks
 
 
@@ -279,10 +284,12 @@ def static_scores(
     identity = _identity(loaded, variant, rank_cap, leading_space, min_pairs)
     identity_key = content_key(identity)
     keys = {r.name: _relation_key(identity_key, r) for r in scored}
-    out = run.folder(loaded.name, "static", variant)
+    out = run.folder(loaded.name, "static", variant, writable=False)  # stored results read from a read-only folder
     slots = Slots(out / "ranks" if out is not None else None, enabled=run.use_cache)
     values = {r.name: v for r in scored if (v := slots.read(r.name, keys[r.name])) is not None}
     todo = [r for r in scored if r.name not in values]
+    if todo and out is not None:
+        check_results_dir(run.results_dir, writable=True)  # before the work, not after it
     if todo:
         values.update(_compute_values(loaded, todo, slots, identity_key, keys, variant, rank_cap, compute_space, run))
     L, H = loaded.weights.n_layers, loaded.weights.n_heads
@@ -291,13 +298,24 @@ def static_scores(
     params = {**arguments, **identity, "key": content_key(keys), "relations": keys, "skipped_relations": skipped,
               "computed": [r.name for r in todo]}
     result.manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
-    if out is not None and (todo or _needs_table(out)):
-        with slots.lock():
-            for rel in todo:
-                slots.write(rel.name, keys[rel.name], values[rel.name])
-            slots.remove(PARTIAL)
-            _write_table(out, slots, loaded, identity_key, scored, result.kv_groups, variant, rank_cap, result.manifest)
+    if out is not None and todo:
+        _store(out, slots, todo, keys, values, loaded, identity_key, scored, result)
+    elif out is not None and _needs_table(out):
+        try:
+            _store(out, slots, [], keys, values, loaded, identity_key, scored, result)
+        except StorageError as err:  # the scores returned are whole; only the table beside them could not be mended
+            log.warning("scores.csv could not be rebuilt: %s", err)
     return result
+
+
+def _store(out, slots, todo, keys, values, loaded, identity_key, scored, result) -> None:
+    """Write the new relations' slots, then ``scores.csv`` and its manifest (the union of stored relations)."""
+    with slots.lock():
+        for rel in todo:
+            slots.write(rel.name, keys[rel.name], values[rel.name])
+        slots.remove(PARTIAL)
+        _write_table(out, slots, loaded, identity_key, scored, result.kv_groups, result.variant, result.rank_cap,
+                     result.manifest)
 
 
 def _compute_values(loaded, todo: list[ScoredRelation], slots: Slots, identity_key: str, keys: dict[str, str],

@@ -70,14 +70,13 @@ class RunOptions:
     def __post_init__(self):
         check_parameters(seed=self.seed, batch_size=self.batch_size, memory_budget_mb=self.memory_budget_mb)
 
-    def folder(self, model: str, *parts: str) -> Path | None:
+    def folder(self, model: str, *parts: str, writable: bool = True) -> Path | None:
         """``<results_dir>/<model-slug>/<parts...>`` (:func:`result_folder`); None when this run keeps no files.
-        The results folder must be writable (checked once per process), so a step fails before it computes, not
-        after."""
+        With ``writable`` (a step that always writes its tables) the results folder must be writable (checked once
+        per process), so the step fails before it computes, not after."""
         if not self.results_dir:
             return None
-        root = check_results_dir(self.results_dir, writable=True)
-        return result_folder(root, model, *parts)
+        return result_folder(check_results_dir(self.results_dir, writable=writable), model, *parts)
 
     def batch(self, default: int) -> int:
         """The batch size: this run's, else the step's ``default``."""
@@ -133,7 +132,7 @@ def write_pt(path: Path, obj) -> Path:
     serialised in memory first, so a full disk is the OS's error (with the size needed), not the serialiser's."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write_bytes(path, buffer.getbuffer())
 
 
 class Slots:

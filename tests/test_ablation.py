@@ -445,7 +445,7 @@ def test_summary_on_hand_built_curves():
 
 def test_low_base_accuracy_is_skipped_and_reported(tiny_setup):
     loaded, static, rels = tiny_setup
-    res = A.causal_experiment(loaded, static, rels[:4], n_random=1, min_base=1.01,
+    res = A.causal_experiment(loaded, static, rels[:4], n_random=1, min_base=1.0,
                               run=RunOptions(results_dir=None, progress=False))
     assert (res.tasks.status.str.startswith("skipped: base accuracy")).all() and res.curves.empty
     assert res.summary().empty
@@ -455,7 +455,7 @@ def test_bad_arguments_get_one_clear_error(tiny_setup):
     loaded, static, rels = tiny_setup
     with pytest.raises(ValueError, match="Unknown ablation kind 'half'; use one of zero, mean"):
         A.causal_experiment(loaded, static, rels, kind="half", run=RunOptions(results_dir=None))
-    with pytest.raises(ValueError, match="batch_size and max_heads must be positive"):
+    with pytest.raises(ValueError, match="batch_size = 0 is out of range"):
         A.causal_experiment(loaded, static, rels, run=RunOptions(batch_size=0, results_dir=None))
     with pytest.raises(ValueError, match="listed more than once: copy_a; list each relation once"):
         A.causal_experiment(loaded, static, [rels[0], rels[1], rels[0]], run=RunOptions(results_dir=None))

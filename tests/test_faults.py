@@ -139,7 +139,7 @@ def test_a_read_only_disk_is_one_sentence_and_keeps_the_good_file(writer, disk, 
 
 def test_check_writable_names_each_fault(disk, tmp_path):
     (tmp_path / "afile").write_text("x")
-    with pytest.raises(StorageError, match="because .*afile is a file"):
+    with pytest.raises(StorageError, match="afile is a file where a folder is needed"):
         check_writable(tmp_path / "afile" / "results")
     assert check_writable(disk.path / "ok") == disk.path / "ok"
     disk.fill()
@@ -193,7 +193,7 @@ def test_a_read_only_results_folder_fails_before_computing(disk, tmp_path, monke
     _no_compute(monkeypatch)
     capsys.readouterr()
     assert main(["score", str(ckpt), "--relation", str(rel), "--results-dir", str(disk.path / "R")]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar, before any ranks
     assert err == (f"error: {disk.path / 'R'} is read-only (EROFS), so nothing can be written there; pass a writable "
                    "folder (--results-dir / results_dir, or MAPS_CACHE_DIR for the model cache) and run again; "
                    "nothing already written was changed.")
@@ -214,3 +214,22 @@ def test_a_full_results_disk_is_one_sentence_and_keeps_earlier_results(disk, tmp
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: The disk holding ") and "is full: writing b.pt needs" in err and "\n" not in err
     assert {p: p.read_bytes() for p in kept} == kept and _leftovers(disk.path) == []
+
+
+def test_stored_results_are_read_from_a_read_only_folder(disk, tmp_path, monkeypatch, capsys, caplog):
+    from maps_utils.cli import main
+
+    from .test_reliability import _ckpt, _relation
+
+    monkeypatch.setenv("MAPS_CACHE_DIR", str(tmp_path / "cache"))
+    ckpt, rel = _ckpt(tmp_path / "ckpt"), _relation(tmp_path, "r", 3)
+    args = ["score", str(ckpt), "--relation", str(rel), "--results-dir", str(disk.path / "R")]
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    table = next((disk.path / "R").rglob("scores.csv"))
+    os.truncate(table, table.stat().st_size // 2)
+    disk.readonly()
+    _no_compute(monkeypatch)
+    assert main(args) == 0  # the scores come from the stored ranks, whole; the cut table cannot be mended here
+    assert capsys.readouterr().out.split("\n\n")[0] == first.split("\n\n")[0]
+    assert "scores.csv could not be rebuilt" in caplog.text and "read-only" in caplog.text

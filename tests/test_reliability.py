@@ -494,3 +494,23 @@ def test_derived_tables_are_checked_when_read(tmp_path):
         read_table(path)
     (tmp_path / "mine.csv").write_text("a\n1\n")  # a table no manifest records: read as it is
     assert read_table(tmp_path / "mine.csv").a.tolist() == [1]
+
+
+def test_ctrl_c_keeps_the_finished_layers_and_the_next_run_resumes(tmp_path, cache, monkeypatch):
+    ckpt, rel = _ckpt(tmp_path / "ckpt"), _relation(tmp_path, "r", 3)
+    loaded, run = load(str(ckpt)), RunOptions(results_dir=tmp_path / "res", progress=False)
+    whole = SC.static_scores(loaded, [str(rel)], run=RunOptions(results_dir=None, progress=False)).table()
+    real = SC.target_ranks
+
+    def interrupted_after_one_layer(*args, on_layer, layers, **kw):
+        real(*args, layers=layers[:1], on_layer=on_layer, **kw)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SC, "target_ranks", interrupted_after_one_layer)
+    with pytest.raises(KeyboardInterrupt):
+        SC.static_scores(loaded, [str(rel)], run=run)
+    asked = []
+    monkeypatch.setattr(SC, "target_ranks", lambda *a, layers, **kw: asked.append(list(layers)) or real(
+        *a, layers=layers, **kw))
+    assert SC.static_scores(loaded, [str(rel)], run=run).table().equals(whole)
+    assert asked == [list(range(1, loaded.weights.n_layers))]  # layer 0 came from the interrupted run
