@@ -32,6 +32,7 @@ from pathlib import Path
 
 from .errors import MapsError
 from .hashing import assemble, file_sha256
+from .io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +186,7 @@ def check_engine(name: str, path: Path, cache_dir: str | Path | None = None) -> 
         last = (r.stderr.strip().splitlines() or [f"exit status {r.returncode}"])[-1]
         raise LocalLLMError(f"llama.cpp could not run the local describer {name!r} ({last}); reinstall it with "
                             "`rm -f .venv/.maps-llama-stamp && make setup`.")
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"{path}\n")
+    atomic_write_text(marker, f"{path}\n")
 
 
 class LocalLLM:

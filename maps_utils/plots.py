@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
+from .io import atomic_write_bytes
 from .store import model_slug
 
 
 def save_figure(fig: plt.Figure, figures_dir: str | Path, model: str, name: str) -> list[Path]:
-    """Save ``fig`` as ``<figures_dir>/<model-slug>/<name>.png`` and ``.svg``; returns the paths."""
+    """Save ``fig`` as ``<figures_dir>/<model-slug>/<name>.png`` and ``.svg``, each atomically (a full disk or a
+    read-only folder is one sentence, and the figure already there stays); returns the paths."""
     out = Path(figures_dir) / model_slug(model)
-    out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{name}.png", out / f"{name}.svg"]
     for path in paths:
-        fig.savefig(path, bbox_inches="tight", dpi=150 if path.suffix == ".png" else None)
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=path.suffix[1:], bbox_inches="tight", dpi=150 if path.suffix == ".png" else None)
+        atomic_write_bytes(path, buffer.getbuffer())
     return paths
 
 

@@ -79,6 +79,21 @@ def _respond(path: Path, size: int) -> None:
     ResponseCache(path).append({"key": f"k{size}", "text": "z" * size})
 
 
+def _figure(folder: Path, size: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from maps_utils.plots import save_figure
+
+    fig, ax = plt.subplots()
+    ax.plot(np.random.default_rng(size).normal(size=size // 20))  # the SVG grows with the points
+    save_figure(fig, folder, "m", "fig")
+    plt.close(fig)
+
+
 def _assemble(target: Path, size: int, scratch: Path) -> None:
     parts, sha = _parts(scratch / f"parts{size}", size)
     hashing.assemble(parts, target, sha, what="the test GGUF", fix="reinstall it")
@@ -93,6 +108,7 @@ WRITERS: dict[str, tuple[Callable, str]] = {
     "run manifest": (lambda d, n, s: record_step(d, "m", "s" * n, 1.0), "m/manifest.json"),
     "annotation save": (lambda d, n, s: _annotate(d / "alice.csv", n), "alice.csv"),
     "assembled GGUF": (lambda d, n, s: _assemble(d / "model.gguf", n, s), "model.gguf"),
+    "figure": (lambda d, n, s: _figure(d, n), "m/fig.svg"),
     "describer response cache": (lambda d, n, s: _respond(d / "cache.jsonl", n), "cache.jsonl"),
 }
 
