@@ -93,7 +93,7 @@ def storage_error(err: BaseException, target: Path, needed: int | None = None) -
                                   "(or point the folder at another disk) and run again; the files already written "
                                   "are kept.")
     if code in (errno.ENOTDIR, errno.EEXIST):
-        blocker = next((p for p in (target, where, *where.parents) if p.exists() and not p.is_dir()), None)
+        blocker = file_in_the_way(target if target.exists() else where)
         if blocker is None:
             return None
         return StorageError(code, f"{blocker} is a file where a folder is needed, so {what}; {_FIX}.")
@@ -109,6 +109,15 @@ def _mapped(err: BaseException, target: str | Path, needed: int | None) -> BaseE
     if isinstance(err, StorageError) or not isinstance(err, Exception):
         return err
     return storage_error(err, Path(target), needed) or err
+
+
+def file_in_the_way(path: str | Path) -> Path | None:
+    """The file that stands where ``path`` or one of its folders should be (None: nothing in the way)."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            return None if p.is_dir() else p
+    return None
 
 
 def _about(err: BaseException, target: Path) -> bool:

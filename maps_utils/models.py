@@ -24,6 +24,7 @@ from torch import nn
 
 from .errors import ModelNotFoundError, OptionError
 from .heads import HeadWeights
+from .io import file_in_the_way
 from .weights import check_gguf, ensure_converted, gemma3_gguf, smollm2_gguf, weights_sha256
 
 log = logging.getLogger(__name__)
@@ -218,12 +219,9 @@ def check_options(name: str, device=None, dtype=None) -> tuple[str, Path | None]
 def check_cache_dir(cache: Path) -> Path:
     """``cache`` when it can be the model cache; a path below a file is one sentence (a read-only cache is caught
     when something must be written in it, before the work: :func:`~maps_utils.io.check_writable`)."""
-    for p in (cache, *cache.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise OptionError(f"The model cache {cache} cannot be a folder: {p} is a file; set {CACHE_ENV} to a "
-                                  "writable folder (or unset it for ~/.cache/maps-study).")
-            break
+    if (p := file_in_the_way(cache)) is not None:
+        raise OptionError(f"The model cache {cache} cannot be a folder: {p} is a file; set {CACHE_ENV} to a "
+                          "writable folder (or unset it for ~/.cache/maps-study).")
     return cache
 
 

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from .errors import MapsError, OptionError
-from .io import atomic_write_bytes, atomic_write_text, check_writable, file_lock
+from .io import atomic_write_bytes, atomic_write_text, check_writable, file_in_the_way, file_lock
 from .manifest import verified, write_manifest
 from .params import check_parameters
 
@@ -102,12 +102,9 @@ def check_results_dir(path: str | Path, writable: bool = False) -> Path:
     """``path`` as a results folder; a path that cannot be one is one sentence. With ``writable`` the folder is
     created and a file written in it (once per process), so a read-only or full place fails before any work."""
     path = Path(path).expanduser()
-    for p in (path, *path.parents):
-        if p.exists():
-            if not p.is_dir():
-                raise OptionError(f"The results folder {path} cannot be created: {p} is a file; pass a folder "
-                                  "(--results-dir / results_dir).")
-            break
+    if (p := file_in_the_way(path)) is not None:
+        raise OptionError(f"The results folder {path} cannot be created: {p} is a file; pass a folder "
+                          "(--results-dir / results_dir).")
     if writable and path.resolve() not in _WRITABLE:
         check_writable(path)
         _WRITABLE.add(path.resolve())

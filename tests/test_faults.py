@@ -123,32 +123,26 @@ def _one_sentence(err: BaseException) -> str:
     return text
 
 
+# fault -> (make the disk faulty, the size of the second write, what its sentence says)
+FAULTS = {
+    "full": (lambda disk: disk.fill(leave=8_192), 600_000, ("is full", "needs", "is free", "kept")),
+    "read-only": (lambda disk: disk.readonly(), 3_000, ("read-only (EROFS)", "writable folder")),
+}
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
 @pytest.mark.parametrize("writer", list(WRITERS))
-def test_a_full_disk_is_one_sentence_and_keeps_the_good_file(writer, disk, tmp_path):
+def test_a_faulty_disk_is_one_sentence_and_keeps_the_good_file(writer, fault, disk, tmp_path):
     write, name = WRITERS[writer]
+    make_faulty, size, says = FAULTS[fault]
     folder = disk.path / "out"
     write(folder, 2_000, tmp_path)
     good = (folder / name).read_bytes()
-    disk.fill(leave=8_192)
+    make_faulty(disk)
     with pytest.raises(StorageError) as caught:
-        write(folder, 600_000, tmp_path)
+        write(folder, size, tmp_path)
     text = _one_sentence(caught.value)
-    assert "is full" in text and "needs" in text and "is free" in text and "kept" in text, text
-    assert (folder / name).read_bytes() == good
-    assert _leftovers(disk.path) == []
-
-
-@pytest.mark.parametrize("writer", list(WRITERS))
-def test_a_read_only_disk_is_one_sentence_and_keeps_the_good_file(writer, disk, tmp_path):
-    write, name = WRITERS[writer]
-    folder = disk.path / "out"
-    write(folder, 2_000, tmp_path)
-    good = (folder / name).read_bytes()
-    disk.readonly()
-    with pytest.raises(StorageError) as caught:
-        write(folder, 3_000, tmp_path)
-    text = _one_sentence(caught.value)
-    assert "read-only (EROFS)" in text and "writable folder" in text, text
+    assert all(s in text for s in says), text
     assert (folder / name).read_bytes() == good
     assert _leftovers(disk.path) == []
 
