@@ -14,6 +14,7 @@ SMOKE        ?=
 FORCE        ?=
 
 BIN          := $(VENV)/bin
+PACKAGE      := $(shell find maps_utils -name '*.py')
 STAMP        := $(VENV)/.maps-setup-stamp
 # llama.cpp (the offline describer, run in-process) is compiled for this CPU, but without AMX: on a CPU that
 # advertises AMX (seen on a Sapphire Rapids VM), llama-cpp-python 0.3.36's AMX kernels die on an illegal instruction
@@ -130,7 +131,7 @@ all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every n
 
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
 
-$(ATLAS): $(HTML) $(wildcard maps_utils/*.py) | check-options
+$(ATLAS): $(HTML) $(PACKAGE) | check-options
 	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" --results-dir $(RESULTS_DIR) --out $@
 
 browser: ## a headless chromium for the atlas test (installed with apt-get if missing)
@@ -153,7 +154,7 @@ $(EXECUTED): $(PARAMS_STAMP) $(RERUN) | check-options
 check-options: $(STAMP) ## check MODEL, DEVICE and DTYPE before anything runs (one sentence when one cannot work)
 	@$(BIN)/maps check-options "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)"
 
-$(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(wildcard maps_utils/*.py)
+$(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(PACKAGE)
 	@mkdir -p $(REPORT_DIR)
 	@start=$$(date +%s); \
 	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" \

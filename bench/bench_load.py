@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 
 from maps_utils import load
-from maps_utils.manifest import build_manifest, write_manifest
+from maps_utils.core.manifest import build_manifest, write_manifest
 
 
 def main() -> None:

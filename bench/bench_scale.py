@@ -5,7 +5,7 @@ random weights (seeded). Random weights cost the same as trained ones except whe
 the engine's early exit (MAPS-SPEC §1.4 ranks are exact below the cap) can end sooner on trained weights.
 
 Per shape, in a fresh process:
-  engine  maps_utils.static.target_ranks (relation and suppression ranks) for every head, on --relations sets of
+  engine  maps_utils.static.ranks.target_ranks (relation and suppression ranks) for every head, on --relations sets of
           --pairs random (source, target) pairs, variant first_mlp (the paper's), float32
   naive   the reference way (per head W_VO = W_V W_O, the full n x V projection, topk), timed on
           --naive-layers layers and scaled to all layers
@@ -113,8 +113,8 @@ def _peak_gib(device: str) -> float:
 def measure(name: str, layers: int, device: str, relations: int, pairs: int, naive_layers: int) -> dict:
     """One shape in this process: engine and naive seconds for the built layers, peak memory, factored FLOPs."""
     from maps_utils import HeadWeights
-    from maps_utils import static as S
-    from maps_utils.sources import source_vectors
+    from maps_utils.static import ranks as S
+    from maps_utils.static.sources import source_vectors
 
     t0 = time.perf_counter()
     weights = HeadWeights(build(name, layers, device))
@@ -188,7 +188,7 @@ def main() -> None:
         print(json.dumps(measure(name, layers, args.device, args.relations, args.pairs, args.naive_layers)))
         return
 
-    from maps_utils.manifest import build_manifest, write_manifest
+    from maps_utils.core.manifest import build_manifest, write_manifest
 
     t_all = time.perf_counter()
     max_gib = args.max_gib or (100.0 if args.device.startswith("cuda") else 8.0)

@@ -1,10 +1,10 @@
 """Cost of each source representation relative to the paper's first_mlp, in one run per model.
 
 For each model and representation:
-  static    maps_utils.scores.static_scores on every usable relation (all heads, relation + suppression ranks;
+  static    maps_utils.static.scores.static_scores on every usable relation (all heads, relation + suppression ranks;
             nothing read from or written to the results store), and the part of it spent making the source vectors
   vectors   making the source vectors of those relations' sources for every layer (the representation's own cost)
-  saliency  maps_utils.static.saliency (norm amplification of every head over the whole vocabulary, notebook 04's
+  saliency  maps_utils.static.ranks.saliency (norm amplification of every head over the whole vocabulary, notebook 04's
             first step) for the --saliency representations
 Ratios are to first_mlp (static, vectors) and first_mlp_all (saliency) in the same run, on one thread. Writes results/bench/sources.csv and a
 manifest.
@@ -32,10 +32,10 @@ def _time(fn) -> float:
 
 def measure(name: str, representations: list[str], salient: list[str]) -> list[dict]:
     import maps_utils
-    from maps_utils import sources
-    from maps_utils.scores import static_scores
-    from maps_utils.static import saliency
-    from maps_utils.store import RunOptions
+    from maps_utils.core.store import RunOptions
+    from maps_utils.static import sources
+    from maps_utils.static.ranks import saliency
+    from maps_utils.static.scores import static_scores
 
     loaded = maps_utils.load(name, device="cpu")
     weights = loaded.weights
@@ -65,7 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # ratios on a shared 2-core machine: one thread, as for generation
 
-    from maps_utils.manifest import build_manifest, write_manifest
+    from maps_utils.core.manifest import build_manifest, write_manifest
 
     t_all = time.perf_counter()
     rows = [row for name in args.models for row in measure(name, args.representations, args.saliency)]

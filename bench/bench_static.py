@@ -2,7 +2,7 @@
 
 For each model and each source variant (the paper's ``first_mlp`` and ``raw``), and for each relation set (every
 usable relation together, and each of --one alone):
-  engine  maps_utils.scores.static_scores on that set, no files (relation and suppression ranks of every head)
+  engine  maps_utils.static.scores.static_scores on that set, no files (relation and suppression ranks of every head)
   naive   the reference code's way: per head W_VO = W_V W_O (d×d); per relation the full (n × V) rows of M and
           torch.topk for the relation and the suppression score. Every layer costs the same, so it is timed on
           --naive-layers layers and scaled to all layers (pass --naive-layers all to time every one)
@@ -56,8 +56,8 @@ def dense_gflop(h, n_pairs: int) -> float:
 
 def run_engine(name: str, device: str, variant: str, names: list[str] | None) -> dict:
     import maps_utils
-    from maps_utils.scores import static_scores
-    from maps_utils.store import RunOptions
+    from maps_utils.core.store import RunOptions
+    from maps_utils.static.scores import static_scores
 
     loaded = maps_utils.load(name, device=device)
     t0 = time.perf_counter()
@@ -73,7 +73,7 @@ def run_engine(name: str, device: str, variant: str, names: list[str] | None) ->
 
 def run_naive(name: str, device: str, variant: str, names: list[str] | None, layers: str) -> dict:
     import maps_utils
-    from maps_utils.sources import source_vectors
+    from maps_utils.static.sources import source_vectors
 
     loaded = maps_utils.load(name, device=device)
     h = loaded.weights
@@ -150,7 +150,7 @@ def main() -> None:
         print(json.dumps(fn(name, args.device, variant, names, *extra)))
         return
 
-    from maps_utils.manifest import build_manifest, write_manifest
+    from maps_utils.core.manifest import build_manifest, write_manifest
 
     t_all = time.perf_counter()
     args.gflops = matmul_gflops(args.device)

@@ -2,7 +2,7 @@
 
 For each model, notebook 04's executable step (default sample, seed 0) gives the relation heads' gold cases: each
 relation head's held-out salient rows against non-relation heads' rows, its relation as the gold description, and
-a non-relation head's description as the control (maps_utils.exec_study.gold_cases). Each judge scores both:
+a non-relation head's description as the control (maps_utils.describe.exec_study.gold_cases). Each judge scores both:
 
   execution   the gold clause run on the rows (always)
   <LLM>       each --judges model through notebook 04's detection scoring (local llama.cpp models answer one
@@ -33,12 +33,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import maps_utils
-    from maps_utils import exec_study as ES
-    from maps_utils.describer import Describer
-    from maps_utils.endpoints import resolve_endpoint
-    from maps_utils.manifest import build_manifest, write_manifest
-    from maps_utils.models import salient_variant
-    from maps_utils.store import RunOptions
+    from maps_utils.core.manifest import build_manifest, write_manifest
+    from maps_utils.core.store import RunOptions
+    from maps_utils.describe import exec_study as ES
+    from maps_utils.describe.client import Describer
+    from maps_utils.describe.endpoints import resolve_endpoint
+    from maps_utils.static.sources import salient_variant
 
     out = Path(args.results_dir) / "bench"
     out.mkdir(parents=True, exist_ok=True)

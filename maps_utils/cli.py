@@ -24,18 +24,23 @@ import json
 import logging
 import sys
 
-from .errors import MapsError
-from .models import DEFAULT_MODEL, available_models, check_options, load
-from .params import check_parameters
+from . import relations as R
+from .core.errors import MapsError
+from .core.params import check_parameters
+from .core.store import RunOptions, check_results_dir
+from .models.loading import DEFAULT_MODEL, available_models, check_options, load, load_tokenizer
+from .report.atlas import build_atlas
+from .report.run_manifest import record_step
+from .static import scores as SC
+from .static.ranks import check_variant
+from .static.tables import top_heads
 
 
 def _check(args: argparse.Namespace) -> None:
     """Every option is checked before anything is loaded (each failure is one sentence)."""
-    from .store import check_results_dir
 
     check_options(args.model, args.device, args.dtype)
     if getattr(args, "variant", None):
-        from .static import check_variant
 
         check_variant(args.variant)
     if getattr(args, "results_dir", None):
@@ -62,8 +67,6 @@ def _relations(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from . import relations as R
-    from .models import load_tokenizer
 
     check_parameters("--", min_pairs=args.min_pairs)
     # --models takes every word after it (nargs="+"): relation files among them are files, not models
@@ -86,10 +89,6 @@ def _relations(args: argparse.Namespace) -> int:
 def _score(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from . import relations as R
-    from . import scores as SC
-    from .score_tables import top_heads
-    from .store import RunOptions
 
     _check(args)
     copying = True if args.copying else None
@@ -107,7 +106,6 @@ def _score(args: argparse.Namespace) -> int:
 
 
 def _atlas(args: argparse.Namespace) -> int:
-    from .atlas import build_atlas
 
     _check(args)
     loaded = load(args.model, device=args.device, dtype=args.dtype)
@@ -117,7 +115,6 @@ def _atlas(args: argparse.Namespace) -> int:
 
 
 def _run_manifest(args: argparse.Namespace) -> int:
-    from .manifest import record_step
 
     path = record_step(args.results_dir, args.model, args.step, args.seconds, args.notebook)
     print(f"run manifest: {path} ({args.step}: {args.seconds:.0f} s)")
@@ -154,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"embedded name, HF id or path (default {DEFAULT_MODEL})")
         cmd.add_argument("--device", default="auto")
         cmd.add_argument("--dtype", default="float32")
-        cmd.add_argument("--variant", default=None, help="source representation (maps_utils.sources; default: the model's registered one)")
+        cmd.add_argument("--variant", default=None, help="source representation (maps_utils.static.sources; default: the model's registered one)")
         cmd.add_argument("--results-dir", default="results", help="where result tables and caches live")
         cmd.set_defaults(func=func)
         if name == "score":

@@ -35,7 +35,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import MapsError
+from .core.errors import MapsError
 
 log = logging.getLogger(__name__)
 

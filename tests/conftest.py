@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import time
@@ -150,3 +151,34 @@ def smollm2(smollm2_cold):
 @pytest.fixture(scope="session")
 def gemma3(model_cache):
     return load("gemma3-270m", device="cpu", cache_dir=model_cache)
+
+
+# ---- the reliability tests' tiny checkpoints, relation files, one-sentence check and isolated cache ----
+def tiny_checkpoint(folder: Path, scale: float = 1.0) -> Path:
+    """A tiny random Llama checkpoint (with a word tokenizer) saved by save_pretrained; ``scale`` changes W_O."""
+    model = make_tiny("llama-gqa").to(torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.mul_(scale)
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def relation_file(folder: Path, name: str, shift: int, n: int = 40) -> Path:
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps([[f"t{i}", f"t{(i * 7 + shift) % 100}"] for i in range(n)]))
+    return path
+
+
+def one_sentence(err: str) -> str:
+    err = err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAPS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path / "cache"

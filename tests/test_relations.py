@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from maps_utils import relations as R
-from maps_utils.errors import MapsError
+from maps_utils.core.errors import MapsError
 
 META = R.read_metadata()
 

@@ -8,8 +8,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..errors import UnsupportedArchitectureError
-from ..ov import OVCircuit
+from ..core.errors import UnsupportedArchitectureError
+from .ov import OVCircuit
+from .parity import check_generic, not_reproduced, reading_raised
+from .registry import GENERIC, spec_for
 from .spec import ArchSpec, Dims, bias
 
 
@@ -36,17 +38,21 @@ class HeadWeights:
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
         self.model = model
-        if spec is None:
-            from .registry import spec_for
-
-            spec = spec_for(model)
-        self.spec = spec
-        self.dims = dims_of(model, spec)
-        if self.dims.n_heads % self.dims.n_kv_heads:
-            raise UnsupportedArchitectureError(
-                f"{self.dims.n_heads} query heads cannot be split evenly over {self.dims.n_kv_heads} KV heads."
-            )
-        self._blocks = self.spec.blocks(model)
+        self.spec = spec or spec_for(model)
+        unchecked = spec is None and self.spec.family == GENERIC  # an unlisted model, read by the generic adapter
+        try:
+            self.dims = dims_of(model, self.spec)
+            if self.dims.n_heads % self.dims.n_kv_heads:
+                raise UnsupportedArchitectureError(
+                    f"{self.dims.n_heads} query heads cannot be split evenly over {self.dims.n_kv_heads} KV heads."
+                )
+            self._blocks = self.spec.blocks(model)
+        except Exception as err:
+            if not unchecked:
+                raise
+            raise not_reproduced(model, reading_raised(err)) from None
+        if unchecked:
+            check_generic(model, self)
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -135,7 +141,7 @@ class HeadWeights:
         """
         return self.spec.attn_out_gain(self._blocks[layer])
 
-    # ---- the QK side (read by maps_utils.qk) ---------------------------------------------------
+    # ---- the QK side (read by maps_utils.qk.circuit) ---------------------------------------------------
     def W_Q(self, layer: int) -> Tensor:
         """``[n_heads, d_model, d_head]`` query projection per query head."""
         return self.spec.q_weight(self.attn_module(layer), self.dims)
@@ -247,7 +253,7 @@ class HeadWeights:
         return z.unflatten(-1, (self.n_heads, self.d_head))
 
     def ov(self, layer: int) -> OVCircuit:
-        """The layer's OV circuits, factored (:class:`~maps_utils.ov.OVCircuit`): W_V per KV group, W_O per head."""
+        """The layer's OV circuits, factored (:class:`~maps_utils.heads.ov.OVCircuit`): W_V per KV group, W_O per head."""
         return OVCircuit(self.W_V_kv(layer), self.W_O(layer), self.kv_groups)
 
     def summary(self) -> dict[str, object]:

@@ -2,17 +2,24 @@
 
 Each check runs the real model with hooks and compares what the adapter says with what the model did, returning
 ``None`` when they agree within ``tol`` (relative to the larger side) or one sentence saying what differs. The test
-suite runs them on every family; :func:`mismatches` runs them all on a model the table does not list before the
-generic adapter may read it (:mod:`.registry`).
+suite runs them on every family; :func:`check_generic` runs them all on a model the table does not list before the
+generic adapter may read it (:class:`~.head_weights.HeadWeights` calls it once per model).
+
+``weights`` below is the model's :class:`~.head_weights.HeadWeights` (not imported here: it calls these checks).
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import torch
 
-from .head_weights import HeadWeights
+from ..core.errors import UnsupportedArchitectureError
 
 # relative tolerance per compute dtype: exact to rounding
+_passed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # models the generic adapter reads
+log = logging.getLogger(__name__)
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 
 
@@ -38,7 +45,7 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
-def capture_attention(model, weights: HeadWeights, input_ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
+def capture_attention(model, weights, input_ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per layer: attention input x, attention weights A (None unless the implementation returns them), z (input
     of the output projection), the attention output, and the raw output of the value module."""
     store: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in range(weights.n_layers)}
@@ -65,7 +72,7 @@ def capture_attention(model, weights: HeadWeights, input_ids: torch.Tensor) -> d
     return store
 
 
-def head_sum(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
+def head_sum(model, weights, input_ids, tol: float) -> str | None:
     """sum_h z_h W_O[h] + b_O reproduces the attention block's output."""
     for layer, rec in capture_attention(model, weights, input_ids).items():
         total = weights.ov(layer).outputs(weights.split_z(rec["z"])).sum(-2)  # [b, s, d_model]
@@ -76,7 +83,7 @@ def head_sum(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
     return None
 
 
-def values_and_z(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
+def values_and_z(model, weights, input_ids, tol: float) -> str | None:
     """W_V (per KV group) reproduces the value module's output, and A_h · (x W_V[h] + b_V[h]) reproduces z_h."""
     for layer, rec in capture_attention(model, weights, input_ids).items():
         x = rec["x"]  # [b, s, d_model]
@@ -97,7 +104,7 @@ def values_and_z(model, weights: HeadWeights, input_ids, tol: float) -> str | No
     return None
 
 
-def first_mlp(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
+def first_mlp(model, weights, input_ids, tol: float) -> str | None:
     """With attention output zeroed, block 0 maps x to x + first_mlp(x): the adapter's MLP0 branch is the real one."""
     block, rec = weights.block(0), {}
     handles = [
@@ -114,7 +121,7 @@ def first_mlp(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
     return None if err < tol else f"first_mlp is not block 0's MLP branch (relative error {err:.2g})"
 
 
-def embed_unembed(model, weights: HeadWeights, input_ids, tol: float) -> str | None:
+def embed_unembed(model, weights, input_ids, tol: float) -> str | None:
     """E reproduces what enters block 0 (differences of two sequences, so additive position embeddings cancel),
     and the final hidden state times U (+ bias, through the soft cap) reproduces the logits."""
     if input_ids.shape[0] < 2:
@@ -141,7 +148,7 @@ def embed_unembed(model, weights: HeadWeights, input_ids, tol: float) -> str | N
 CHECKS = (head_sum, values_and_z, first_mlp, embed_unembed)
 
 
-def mismatches(model, weights: HeadWeights, input_ids: torch.Tensor | None = None,
+def mismatches(model, weights, input_ids: torch.Tensor | None = None,
                tol: float | None = None) -> list[str]:
     """Every check's sentence where the adapter and the model disagree (empty: they agree), on ``input_ids``
     (default: two seeded random sequences of 8 tokens)."""
@@ -155,3 +162,31 @@ def mismatches(model, weights: HeadWeights, input_ids: torch.Tensor | None = Non
         return [msg for check in CHECKS if (msg := check(model, weights, input_ids, tol)) is not None]
     finally:
         model.train(was_training)
+
+
+def reading_raised(err: Exception) -> str:
+    """A check's sentence for an adapter that fitted the model by name but not by shape or call."""
+    return f"reading it raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+
+
+def not_reproduced(model, problem: str) -> UnsupportedArchitectureError:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return UnsupportedArchitectureError(
+        f"Architecture '{model_type}' is not in the adapter table and the generic adapter does not reproduce "
+        f"it: {problem}; add an ArchSpec for it in maps_utils/heads/.")
+
+
+def check_generic(model, weights) -> None:
+    """Refuse, in one sentence, an unlisted model that the generic adapter does not reproduce (every check of
+    :data:`CHECKS`); once it passes, log that it is read generically and do not check it again."""
+    if model in _passed:
+        return
+    try:
+        problems = mismatches(model, weights)
+    except Exception as err:  # the layout fitted by name but not by shape or call
+        problems = [reading_raised(err)]
+    if problems:
+        raise not_reproduced(model, problems[0])
+    log.warning("Architecture '%s' is read by the generic Llama-like adapter (it passed the parity checks).",
+                getattr(model.config, "model_type", None))
+    _passed[model] = True

@@ -3,52 +3,31 @@ decoder-only models the table does not list."""
 
 from __future__ import annotations
 
-import logging
-import weakref
-
 from torch import nn
 
-from ..errors import UnsupportedArchitectureError
+from ..core.errors import UnsupportedArchitectureError
 from . import classic, gemma, llama
 from .spec import ArchSpec, llama_like
 
 ADAPTERS: tuple[ArchSpec, ...] = (*classic.FAMILIES, *llama.FAMILIES, *gemma.FAMILIES)
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(t for spec in ADAPTERS for t in spec.model_types)
 GENERIC = "generic"
-_checked: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its generic spec, once it passed
-log = logging.getLogger(__name__)
 
 
 def spec_for(model: nn.Module) -> ArchSpec:
     """The adapter for ``model`` (by ``config.model_type``); for an unlisted decoder-only model with separate
-    q/k/v/o projections, the generic adapter once it passes the parity checks; else one sentence naming the
-    supported families."""
+    q/k/v/o projections, the generic adapter (which :class:`~.head_weights.HeadWeights` checks against the model
+    before reading it); else one sentence naming the supported families."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for spec in ADAPTERS:
         if model_type in spec.model_types:
             return spec
-    if model in _checked:
-        return _checked[model]
     spec = generic_spec(model)
     if spec is None:
         raise UnsupportedArchitectureError(
             f"Architecture '{model_type}' is not supported; MAPS adapters exist for "
             f"{', '.join(SUPPORTED_MODEL_TYPES)}, and its modules do not follow the Llama-like layout the generic "
             "adapter reads (add an ArchSpec in maps_utils/heads/ for it).")
-    from .head_weights import HeadWeights
-    from .parity import mismatches
-
-    try:
-        problems = mismatches(model, HeadWeights(model, spec))
-    except Exception as err:  # the layout fitted by name but not by shape or call
-        problems = [f"reading it raised {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"]
-    if problems:
-        raise UnsupportedArchitectureError(
-            f"Architecture '{model_type}' is not in the adapter table and the generic adapter does not reproduce "
-            f"it: {problems[0]}; add an ArchSpec for it in maps_utils/heads/.")
-    log.warning("Architecture '%s' is read by the generic Llama-like adapter (it passed the parity checks).",
-                model_type)
-    _checked[model] = spec
     return spec
 
 

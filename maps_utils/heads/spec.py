@@ -103,7 +103,7 @@ class ArchSpec:
     # only the hidden state passes from block to block (no K/V or state shared between layers), so a block's recorded
     # output can stand in for running it (the causal ablation starts each step at its first ablated layer)
     replayable_blocks: bool = True
-    # ---- the QK side (maps_utils.qk): s(q, k) = scale · rope(norm_q(x_q W_Q + b_Q)) · rope(norm_k(x_k W_K + b_K))
+    # ---- the QK side (maps_utils.qk.circuit): s(q, k) = scale · rope(norm_q(x_q W_Q + b_Q)) · rope(norm_k(x_k W_K + b_K))
     q_weight: Callable[[nn.Module, Dims], Tensor] = linear_q  # attn -> [n_heads, d_model, d_head]
     q_bias: Callable[[nn.Module, Dims], Tensor | None] = linear_q_bias  # attn -> [n_heads, d_head]
     k_weight: Callable[[nn.Module, Dims], Tensor] = linear_k  # attn -> [n_kv, d_model, d_head]

@@ -1,0 +1,177 @@
+"""One forward pass of the dynamic scores: prompts from a template, each head's z at the last position and its value
+at the source position, their writes through W_O and the target ranks of those writes (MAPS-SPEC §1.4).
+
+The forward pass stops after the last layer's attention, so no MLP of the last layer and no LM head is computed.
+Prompts are padded on the right and every prompt keeps its own last and source positions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import relations as R
+from ..heads import HeadWeights
+from ..heads.hooks import StopForward, run_until_stop
+from ..static.scan import Columns, ranks_of_targets, scan_columns
+
+log = logging.getLogger(__name__)
+
+
+# ---- prompts ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Prompt:
+    """Token ids of one prompt and the position of its source's (last) token."""
+
+    ids: tuple[int, ...]
+    source: int
+
+    @property
+    def last(self) -> int:
+        return len(self.ids) - 1
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"]) if text or special else []
+
+
+def build_prompts(tokenizer, template: str, sources: Sequence[Sequence[int]], space_in_source: bool = True) -> list[Prompt]:
+    """Prompts ``prefix + source tokens + suffix`` for a template with one ``<X>``.
+
+    The source's token ids are used exactly as given (the ones the relation filter kept). With
+    ``space_in_source`` the sources' tokens carry the leading space (" France"), so the template's space
+    before ``<X>`` is dropped from the prefix; otherwise the prefix keeps it (the paper's multi-token
+    prompts). The prefix is tokenised with the tokenizer's special tokens (BOS where it adds one).
+    """
+    if template.count(R.PLACEHOLDER) != 1:
+        raise R.RelationError(f"Template {template!r} must contain {R.PLACEHOLDER} exactly once.")
+    prefix, suffix = template.split(R.PLACEHOLDER)
+    if space_in_source and prefix:
+        if not prefix.endswith(" "):
+            raise R.RelationError(
+                f"Template {template!r}: the sources carry a leading space, so put a space before {R.PLACEHOLDER}.")
+        prefix = prefix[:-1]
+    head = _ids(tokenizer, prefix, special=True)
+    tail = _ids(tokenizer, suffix, special=False)
+    out = []
+    for src in sources:
+        src = [int(i) for i in src]
+        if not src:
+            raise R.RelationError(f"Template {template!r}: a source has no tokens.")
+        out.append(Prompt(tuple(head + src + tail), len(head) + len(src) - 1))
+    return out
+
+
+def tokenization_agreement(tokenizer, template: str, sources: Sequence[str], prompts: Sequence[Prompt]) -> float:
+    """Fraction of prompts whose ids equal the tokenisation of the filled-in string (a diagnostic:
+    prompts are built from the filtered source tokens, which BPE merges across the boundary could change)."""
+    same = [tuple(_ids(tokenizer, R.fill(template, s), special=True)) == p.ids
+            for s, p in zip(sources, prompts, strict=True)]
+    return float(np.mean(same)) if same else float("nan")
+
+
+def pad_batch(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-padded ``input_ids`` and each prompt's ``last`` and ``source`` positions.
+
+    Right padding needs no attention mask: under causal attention no real token sees the pads after it,
+    and its position ids are those of the unpadded prompt. (Masking the pads instead can leave a pad's query
+    row fully masked, e.g. under Gemma's sliding window, and the NaN it produces reaches real tokens as 0·NaN.)
+    """
+    T = max(len(p.ids) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p.ids)] = torch.tensor(p.ids)
+    last = torch.tensor([p.last for p in prompts])
+    source = torch.tensor([p.source for p in prompts])
+    return ids.to(device), last.to(device), source.to(device)
+
+
+# ---- one forward pass: each head's z at the last position and its value at the source position --------
+@torch.inference_mode()
+def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
+    """Run ``model`` once on right-padded ``input_ids`` (see :func:`pad_batch`); return ``z_last`` ``[B, L, n_heads, d_head]`` (every head's mixed value at each
+    prompt's last position: its real, in-context output before W_O) and ``v_source`` ``[B, L, n_kv, d_head]``
+    (the value vectors at each prompt's source position, bias included)."""
+    L, B = weights.n_layers, input_ids.shape[0]
+    rows = torch.arange(B, device=input_ids.device)
+    z_last: list[Tensor | None] = [None] * L
+    v_src: list[Tensor | None] = [None] * L
+    handles = []
+
+    def z_hook(layer):
+        def hook(mod, args):
+            z_last[layer] = weights.split_z(args[0][rows, last])
+            if layer == L - 1:
+                raise StopForward  # nothing after the last layer's attention is needed
+        return hook
+
+    def v_hook(layer):
+        def hook(mod, args, out):
+            v_src[layer] = weights.values_from_output(out[rows, source])
+        return hook
+
+    for layer in range(L):
+        handles.append(weights.out_proj_module(layer).register_forward_pre_hook(z_hook(layer)))
+        handles.append(weights.v_module(layer).register_forward_hook(v_hook(layer)))
+    run_until_stop(model, handles, input_ids=input_ids, use_cache=False)
+    return torch.stack(z_last, 1), torch.stack(v_src, 1)
+
+
+def head_writes(weights: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple[Tensor, Tensor]:
+    """``(with_context, without_context)`` head writes ``[B, L, n_heads, d_model]`` (no b_O):
+    ``z_h W_O[h]`` and ``v_source[g(h)] W_O[h]``."""
+    groups = weights.kv_groups.to(v_source.device)
+    w_o = torch.stack([weights.W_O(layer) for layer in range(weights.n_layers)]).to(z_last.dtype)  # [L, H, dh, d]
+    with_ctx = torch.einsum("blhe,lhem->blhm", z_last, w_o)
+    without = torch.einsum("blhe,lhem->blhm", v_source[:, :, groups], w_o)
+    return with_ctx, without
+
+
+def model_columns(weights: HeadWeights, dtype: torch.dtype | None = None) -> Columns:
+    """The unembedding in the static engine's scan order (shared by every row; cached on ``weights``)."""
+    return scan_columns(weights, dtype)
+
+
+@torch.inference_mode()
+def prompt_ranks(
+    model,
+    weights: HeadWeights,
+    prompts: Sequence[Prompt],
+    targets: Sequence[int],
+    *,
+    batch_size: int = 64,
+    rank_cap: int = 10,
+    pad_id: int = 0,
+    columns: Columns | None = None,
+    memory_budget_mb: float = 512.0,
+    progress: bool = True,
+    desc: str = "prompts",
+) -> Tensor:
+    """Target ranks of every prompt's head writes: ``int16 [4, n, L, H]`` = (with-context top, with-context
+    bottom, without-context top, without-context bottom); a rank equal to ``rank_cap`` means ">= cap"."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    device = weights.U.device
+    columns = columns or model_columns(weights)
+    L, H, n = weights.n_layers, weights.n_heads, len(prompts)
+    out = torch.empty((4, n, L, H), dtype=torch.int16)
+    starts = range(0, n, batch_size)
+    for s in tqdm(starts, desc=desc, leave=False, disable=not progress or len(starts) < 2):
+        batch = prompts[s : s + batch_size]
+        B = len(batch)
+        z, v = capture(model, weights, *pad_batch(batch, pad_id, device))
+        with_ctx, without = head_writes(weights, z, v)
+        rows = torch.cat([with_ctx, without]).reshape(-1, weights.d_model).to(columns.cols.dtype)
+        tgt = torch.as_tensor(targets[s : s + batch_size], device=device)
+        tgt = tgt[:, None].expand(B, L * H).reshape(-1).repeat(2)
+        top, bottom = ranks_of_targets(rows, tgt, columns, rank_cap, memory_budget_mb)
+        top, bottom = top.view(2, B, L, H), bottom.view(2, B, L, H)
+        out[0, s : s + B], out[1, s : s + B] = top[0].cpu(), bottom[0].cpu()
+        out[2, s : s + B], out[3, s : s + B] = top[1].cpu(), bottom[1].cpu()
+    return out
