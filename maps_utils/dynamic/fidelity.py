@@ -144,3 +144,12 @@ def profile(table: pd.DataFrame) -> pd.DataFrame:
     t = table.assign(weighted=table.cosine * table.n_prompts)
     g = t.groupby(["layer", "representation"], sort=False)[["weighted", "n_prompts"]].sum()
     return (g.weighted / g.n_prompts).unstack("representation")[list(dict.fromkeys(table.representation))]
+
+
+def profile_summary(profile_table: pd.DataFrame) -> pd.DataFrame:
+    """One row per representation of a :func:`profile` table (layers × representations): its mean cosine over the
+    layers, the lowest and highest layer mean, and the layer where it is highest; best first. The per-layer table
+    is drawn by :func:`maps_utils.report.plots.fidelity_figure` and stored whole in ``fidelity.csv``."""
+    return pd.DataFrame({"mean cosine": profile_table.mean(), "lowest layer mean": profile_table.min(),
+                         "highest layer mean": profile_table.max(), "best layer": profile_table.idxmax()}) \
+        .rename_axis("representation").sort_values("mean cosine", ascending=False)

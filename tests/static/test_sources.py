@@ -168,7 +168,7 @@ def test_fidelity_is_one_where_the_representation_is_what_the_model_reads(tmp_pa
     from maps_utils.dynamic import fidelity as F
     from maps_utils.models.loading import LoadedModel
 
-    from .conftest import word_tokenizer
+    from ..conftest import word_tokenizer
 
     model = make_tiny("gemma3-gqa").to(torch.float32)
     model.config.bos_token_id = None
@@ -184,6 +184,11 @@ def test_fidelity_is_one_where_the_representation_is_what_the_model_reads(tmp_pa
     assert (prof["context_free"] - 1).abs().max() < 1e-6
     assert abs(prof.loc[1, "block0+norm"] - 1) < 1e-6 and abs(prof.loc[0, "raw+norm"] - 1) < 1e-6
     assert prof.loc[1, "raw"] < 0.99  # a representation that is not what the model reads scores below 1
+    summary = F.profile_summary(prof)  # what notebook 02 shows: one row per representation, best first
+    assert summary.index[0] == "context_free" and summary.loc["context_free", "mean cosine"] > 1 - 1e-6
+    assert summary["mean cosine"].is_monotonic_decreasing and len(summary) == len(reps)
+    assert summary.loc["raw", "lowest layer mean"] == prof["raw"].min()
+    assert summary.loc["raw+norm", "best layer"] == 0
     in_context = F.profile(table[table.template != "<X>"])["context_free"]
     assert abs(in_context.loc[0] - 1) < 1e-6 and in_context.loc[1] < 0.999  # context changes layer 1 on
     assert (tmp_path / "results/tiny-gemma/dynamic/fidelity/fidelity.csv").is_file()
@@ -204,7 +209,7 @@ def test_the_criterion_picks_the_representation_the_heads_read(tmp_path):
     from maps_utils.models.loading import LoadedModel
     from maps_utils.report import paper as P
 
-    from .conftest import word_tokenizer
+    from ..conftest import word_tokenizer
 
     model = make_tiny("gemma3-gqa")
     model.config.bos_token_id = None
