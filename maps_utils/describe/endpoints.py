@@ -53,13 +53,20 @@ def safe_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
 
 
+_CREDENTIAL_NAME = re.compile(r"key|token|secret|pass|auth|sig|cred", re.I)
+OPAQUE_LENGTH = 8  # a query value this long may be a credential whatever its name
+
+
 def url_secrets(url: str | None) -> list[str]:
-    """The credentials inside ``url`` (user, password, query values) for redaction."""
+    """The credentials inside ``url`` for redaction: user, password, the query and fragment, and each query value
+    whose name reads like a credential or that is long enough to be one (``?api-version=1`` keeps its ``1``)."""
     if not url:
         return []
     parts = urlsplit(url)
     found = [parts.username, parts.password, parts.query, parts.fragment]
-    found += [kv.split("=", 1)[-1] for kv in parts.query.split("&") if kv]
+    for name, _, value in (kv.partition("=") for kv in parts.query.split("&") if kv):
+        if _CREDENTIAL_NAME.search(name) or len(value) >= OPAQUE_LENGTH:
+            found.append(value)
     return [s for s in found if s]
 
 
@@ -68,7 +75,7 @@ def resolve_endpoint(model: str | None = None, base_url: str | None = None) -> E
     ``model`` names another); else the local llama.cpp model (``model`` or the default local model)."""
 
     if base_url:
-        if not re.match(r"^https?://", base_url):
+        if not re.match(r"^https?://", base_url, re.IGNORECASE):
             raise DescriberError(f"base_url={safe_url(base_url)!r} is not an http(s) URL; give one like "
                                  "http://127.0.0.1:8000/v1.")
         url = base_url.rstrip("/")
@@ -80,7 +87,7 @@ def resolve_endpoint(model: str | None = None, base_url: str | None = None) -> E
     if name not in LOCAL_LLMS:
         raise DescriberError(
             f"No OPENAI_API_KEY and no base_url, so the describer would be the local model {name!r}, which is not one "
-            f"of the local models ({', '.join(LOCAL_LLMS)}). Set OPENAI_API_KEY, pass base_url, or pick a local model."
+            f"of the local models ({', '.join(LOCAL_LLMS)}); set OPENAI_API_KEY, pass base_url, or pick a local model."
         )
     return Endpoint("local", name)
 

@@ -39,11 +39,15 @@ def layer_head_heatmap(values: np.ndarray, title: str, cbar_label: str, ax: plt.
 
 
 def _label_grid(axes, used: int, xlabel: str, ylabel: str) -> None:
-    """Hide the unused panels of a grid and label its outer axes."""
+    """Hide the unused panels of a grid and label its outer axes: the lowest panel in use of every column (above an
+    unused one too) carries the x label and tick labels, the first column the y label."""
+    nrows, ncols = axes.shape
     for ax in axes.flat[used:]:
         ax.axis("off")
-    for ax in axes[-1]:
-        ax.set_xlabel(xlabel, fontsize=8)
+    for col in range(min(ncols, used)):
+        lowest = axes[(used - 1 - col) // ncols, col]
+        lowest.set_xlabel(xlabel, fontsize=8)
+        lowest.xaxis.set_tick_params(labelbottom=True)
     for ax in axes[:, 0]:
         ax.set_ylabel(ylabel, fontsize=8)
 
@@ -147,6 +151,7 @@ def correlation_dot_plot(ours, paper, title: str = "", models=("GPT-2 xl", "Pyth
     ax.axvline(0, color="0.8", lw=0.8)
     ax.set_xlim(-0.3, 1.02)
     ax.set_xlabel("Pearson r (static vs dynamic, heads × templates)")
+    ax.set_ylabel("relation")
     ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left", frameon=False)
     ax.set_title(title)
     return fig
@@ -164,7 +169,7 @@ def ablation_curves(result, relations=None, ncols: int = 4) -> plt.Figure:
         main = result.curve(rel).sort_values("step")
         rnd = result.curve(rel, "random").pivot_table(index="step", columns="sample", values="accuracy")
         if not rnd.empty:
-            mean, std = rnd.mean(1), rnd.std(1, ddof=0)
+            mean, std = rnd.mean(axis=1), rnd.std(axis=1, ddof=0)
             ax.fill_between(rnd.index, mean - std, mean + std, color="0.6", alpha=0.35, lw=0)
             sparse = len(rnd.index) < rnd.index.max() + 1  # baselines evaluated at some steps only: mark them
             ax.plot(rnd.index, mean, color="0.4", lw=1.2, marker="." if sparse else None, ms=4,
@@ -277,6 +282,7 @@ def qk_figure(study, title: str = "") -> plt.Figure:
     b.scatter(c.r_oracle, y, label="control: OV rows mixed by the real attention", c="#2ca02c", marker="x")
     b.set_yticks(y, c.relation, fontsize=7)
     b.set_xlabel("Pearson r with the with-context dynamic score")
+    b.set_ylabel("relation")
     b.axvline(0, color="#999", lw=0.8)
     b.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.17), ncol=2)  # below the axes: hides no point
     fig.suptitle(title)
