@@ -4,7 +4,7 @@ For each model and representation:
   static    maps_utils.static.scores.static_scores on every usable relation (all heads, relation + suppression ranks;
             nothing read from or written to the results store), and the part of it spent making the source vectors
   vectors   making the source vectors of those relations' sources for every layer (the representation's own cost)
-  saliency  maps_utils.static.saliency.saliency (norm amplification of every head over the whole vocabulary, notebook 04's
+  saliency  maps_utils.static.salient.saliency (norm amplification of every head over the whole vocabulary, notebook 04's
             first step) for the --saliency representations
 Ratios are to first_mlp (static, vectors) and first_mlp_all (saliency) in the same run, on one thread. Writes results/bench/sources.csv and a
 manifest.
@@ -34,7 +34,7 @@ def measure(name: str, representations: list[str], salient: list[str]) -> list[d
     import maps_utils
     from maps_utils.core.store import RunOptions
     from maps_utils.static import sources
-    from maps_utils.static.saliency import saliency
+    from maps_utils.static.salient import saliency
     from maps_utils.static.scores import static_scores
 
     loaded = maps_utils.load(name, device="cpu")

@@ -80,6 +80,10 @@ def test_each_sub_package_names_its_public_api():
         assert module.__all__, init
         missing = [n for n in module.__all__ if not hasattr(module, n)]
         assert not missing, (init, missing)
+        # a name that is also a module of the package would hide it: `from maps_utils.static import ranks` must be
+        # the module
+        hiding = [n for n in module.__all__ if (init.parent / f"{n}.py").is_file()]
+        assert not hiding, (init, hiding)
 
 
 def test_modules_keep_to_the_line_guide():

@@ -34,7 +34,7 @@ from ..core.manifest import build_manifest, write_manifest
 from ..core.params import check_parameters
 from ..core.store import RunOptions, result_folder
 from ..relations import load_all
-from ..static.saliency import salient_operations
+from ..static.salient import salient_operations
 from .detection import _judge_llm, _score, static_target_heads
 from .detection_stats import bootstrap_ci
 from .executable import Describer, Description, ExecOptions, fit_and_verify, judged_rows, rows_of, score

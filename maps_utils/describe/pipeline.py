@@ -30,7 +30,7 @@ from ..core.io import atomic_write_text
 from ..core.manifest import build_manifest, call_arguments, write_manifest
 from ..core.store import RunOptions, Slots, result_folder
 from ..relations import load_all
-from ..static.saliency import saliency, salient_operations
+from ..static.salient import saliency, salient_operations
 from ..static.sources import default_prefix, parse
 from .client import Describer, DescriberError, resolve_endpoint
 from .rules import describe_ops, predicate_library, row_holds
@@ -80,7 +80,7 @@ def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15
 
 
 def cached_saliency(loaded, variant: str, run: RunOptions):
-    """``[n_layers, n_heads, V]`` saliency of every token (:func:`maps_utils.static.saliency.saliency`), read from
+    """``[n_layers, n_heads, V]`` saliency of every token (:func:`maps_utils.static.salient.saliency`), read from
     ``<results_dir>/<model>/saliency/<variant>.pt`` when it was stored for these weights, dtype and representation
     (and the context-free prefix), else computed and stored. A ``context_free`` saliency runs the model once over the
     whole vocabulary, so keeping it matters."""

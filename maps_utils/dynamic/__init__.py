@@ -7,10 +7,10 @@ predict it.
 - :mod:`.fidelity`: how closely each source representation resembles what the heads read at inference.
 """
 
-from .capture import Prompt, build_prompts, capture, tokenization_agreement
+from .capture import Prompt, build_prompts, tokenization_agreement
 from .correlation import correlations, pearson, summary
 from .fidelity import fidelity_profile
 from .scores import CONTEXTS, DynamicRelation, DynamicScores, dynamic_scores, multi_token_scores
 
-__all__ = ["CONTEXTS", "DynamicRelation", "DynamicScores", "Prompt", "build_prompts", "capture", "correlations",
+__all__ = ["CONTEXTS", "DynamicRelation", "DynamicScores", "Prompt", "build_prompts", "correlations",
            "dynamic_scores", "fidelity_profile", "multi_token_scores", "pearson", "summary", "tokenization_agreement"]

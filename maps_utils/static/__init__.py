@@ -7,11 +7,11 @@ Data flows down this list: a relation's pairs -> their source vectors -> target 
 - :mod:`.ranks`: target ranks of a relation's pairs in every head (:func:`target_ranks`).
 - :mod:`.scores`: :func:`static_scores`, cached per relation and resumable, as a tidy table.
 - :mod:`.tables`: the analyses of a score table (category map, top heads, KV-group similarity).
-- :mod:`.saliency`: salient operations (norm amplification, top mappings) for notebook 04.
+- :mod:`.salient`: salient operations (norm amplification, top mappings) for notebook 04.
 """
 
 from .ranks import RankResult, check_variant, head_rows, layer_ranks, target_ranks
-from .saliency import saliency, salient_operations, top_mappings
+from .salient import saliency, salient_operations, top_mappings
 from .scan import Columns, head_ranks, ranks_of_targets, scan_columns, scan_permutation
 from .scores import RANK_CAP, TAU, StaticScores, choose_variant, static_scores
 from .tables import category_map, kv_group_similarity, top_heads
