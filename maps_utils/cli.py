@@ -32,7 +32,7 @@ from .models.loading import DEFAULT_MODEL, available_models, check_options, load
 from .report.atlas import build_atlas
 from .report.run_manifest import record_step
 from .static import scores as SC
-from .static.ranks import check_variant
+from .static import sources
 from .static.tables import top_heads
 
 
@@ -42,7 +42,7 @@ def _check(args: argparse.Namespace) -> None:
     check_options(args.model, args.device, args.dtype)
     if getattr(args, "variant", None):
 
-        check_variant(args.variant)
+        sources.check(args.variant)
     if getattr(args, "results_dir", None):
         check_results_dir(args.results_dir)  # a read-only one still serves stored results; writers check before work
     ranged = {name: getattr(args, name) for name in ("k", "rank_cap", "top", "min_pairs") if hasattr(args, name)}

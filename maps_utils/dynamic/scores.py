@@ -13,7 +13,7 @@ template and the model is run once. For every head h at the prompt's **last posi
 
 The dynamic score is the fraction of prompts whose target is in the top-k of the projection (the
 static score's k), and the suppression score the same on the negated projection. Ranks are computed
-with the static engine's exact early-stopping scan (:func:`maps_utils.static.scan.ranks_of_targets`, ties
+with the static engine's exact early-stopping scan (:func:`maps_utils.static.ranks.ranks_of_targets`, ties
 in the target's favour), capped at ``rank_cap`` (default: the relation's k; a row whose target ranks near
 the top must scan the whole vocabulary, so a larger cap costs time).
 

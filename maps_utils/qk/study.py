@@ -23,7 +23,7 @@ from ..core.store import RunOptions, Slots, write_table
 from ..dynamic.capture import build_prompts, pad_batch
 from ..dynamic.correlation import pearson
 from ..dynamic.scores import DynamicScores, pad_id, relation_prompts
-from ..static.scan import scan_columns
+from ..static.ranks import scan_columns
 from ..static.scores import TAU
 from .circuit import QKMap, QKOptions
 from .inference import distractor_prompts, real_attention, run_prompts, static_batch

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from ..heads import HeadWeights
 from . import sources
-from .ranks import check_variant
 
 
 @torch.no_grad()
@@ -67,7 +66,7 @@ def saliency(
     variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1). A forward-pass
     representation (``context_free``) runs one batched pass per chunk of the vocabulary.
     """
-    check_variant(variant)
+    sources.check(variant)
     dtype = dtype or weights.U.dtype
     L, H, V = weights.n_layers, weights.n_heads, weights.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)

@@ -29,7 +29,7 @@ from ..core.params import check_parameters
 from ..core.store import RunOptions, Slots, check_results_dir
 from ..models.loading import LoadedModel
 from . import sources
-from .ranks import RankResult, check_variant, target_ranks
+from .ranks import RankResult, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -134,13 +134,14 @@ def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
     return scored, skipped
 
 
-def _identity(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs) -> dict:
+def _identity(loaded: LoadedModel, variant: str, rank_cap, leading_space, min_pairs) -> dict:
     """What the ranks of every relation depend on besides its own pairs (the weights' hash included; the
-    context-free pass's prefix for the representations that run one)."""
+    context-free pass's prefix for the representations that run one). An unknown representation is one sentence."""
+    rep = sources.parse(variant)
     identity = {"engine_version": ENGINE_VERSION, "weights_sha256": loaded.weights_sha256,
-                "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": variant,
+                "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": rep.name,
                 "rank_cap": rank_cap, "leading_space": leading_space, "min_pairs": min_pairs}
-    if not sources.parse(variant).parameters_only:
+    if not rep.parameters_only:
         identity["source_prefix"] = list(sources.default_prefix(loaded.weights))
     return identity
 
@@ -276,12 +277,11 @@ def static_scores(
     check_parameters(rank_cap=rank_cap, min_pairs=min_pairs)
     t0 = time.perf_counter()
     variant = variant or loaded.variant
-    check_variant(variant)
+    identity = _identity(loaded, variant, rank_cap, leading_space, min_pairs)  # checks the representation first
     relations = R.list_relations() if relations is None else relations
     scored, skipped = _usable(relations, loaded.tokenizer, leading_space, min_pairs)
     if not scored:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}.")
-    identity = _identity(loaded, variant, rank_cap, leading_space, min_pairs)
     identity_key = content_key(identity)
     keys = {r.name: _relation_key(identity_key, r) for r in scored}
     out = run.folder(loaded.name, "static", variant, writable=False)  # stored results read from a read-only folder

@@ -12,7 +12,7 @@ from maps_utils.dynamic.capture import Prompt, pad_batch
 from maps_utils.heads import HeadWeights
 from maps_utils.qk import circuit as qk
 from maps_utils.qk import inference as QI
-from maps_utils.static.scan import scan_columns
+from maps_utils.static.ranks import scan_columns
 
 from ..conftest import make_tiny
 
