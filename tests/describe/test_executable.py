@@ -211,7 +211,7 @@ def test_a_tiny_random_model_has_no_verified_head(family):
     from maps_utils.heads import HeadWeights
     from maps_utils.models.loading import LoadedModel
 
-    from .conftest import make_tiny, word_tokenizer
+    from ..conftest import make_tiny, word_tokenizer
 
     model = make_tiny(family).float()
     loaded = LoadedModel("tiny-llama", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"),

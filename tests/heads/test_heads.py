@@ -58,7 +58,7 @@ def test_E_and_U_match_embedding_and_lm_head(tiny):
 
 @pytest.mark.parametrize("key", ["llama-gqa", "qwen2-gqa", "gemma3-gqa", "phi-gqa"])
 def test_gqa_head_to_group_mapping(key):
-    from .conftest import make_tiny
+    from ..conftest import make_tiny
 
     model = make_tiny(key)
     weights = HeadWeights(model)
@@ -76,7 +76,7 @@ def test_gqa_head_to_group_mapping(key):
 
 
 def test_gemma_embedding_scale_and_output_gain():
-    from .conftest import make_tiny
+    from ..conftest import make_tiny
 
     weights = HeadWeights(make_tiny("gemma3-gqa"))
     assert float(weights.embed_scale) == pytest.approx(64**0.5)
@@ -95,7 +95,7 @@ def test_gemma_embedding_scale_and_output_gain():
 
 
 def test_biases_present_where_the_architecture_has_them():
-    from .conftest import make_tiny
+    from ..conftest import make_tiny
 
     expect = {  # (b_V, b_O, lm-head bias)
         "gpt2": (True, True, False),

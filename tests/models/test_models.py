@@ -137,7 +137,7 @@ def test_missing_embedded_package_names_the_install_command(monkeypatch, tmp_pat
 
 def test_local_directory_loads(tmp_path):
     """A transformers checkpoint directory (here a tiny random Qwen2 with its own tokenizer) loads by path."""
-    from .conftest import make_tiny, word_tokenizer
+    from ..conftest import make_tiny, word_tokenizer
 
     model = make_tiny("qwen2-gqa").to(torch.float32)
     model.save_pretrained(tmp_path / "ckpt")

@@ -168,7 +168,7 @@ def test_fidelity_is_one_where_the_representation_is_what_the_model_reads(tmp_pa
     from maps_utils.dynamic import fidelity as F
     from maps_utils.models.loading import LoadedModel
 
-    from .conftest import word_tokenizer
+    from ..conftest import word_tokenizer
 
     model = make_tiny("gemma3-gqa").to(torch.float32)
     model.config.bos_token_id = None
@@ -204,7 +204,7 @@ def test_the_criterion_picks_the_representation_the_heads_read(tmp_path):
     from maps_utils.models.loading import LoadedModel
     from maps_utils.report import paper as P
 
-    from .conftest import word_tokenizer
+    from ..conftest import word_tokenizer
 
     model = make_tiny("gemma3-gqa")
     model.config.bos_token_id = None
