@@ -143,7 +143,7 @@ def causal_experiment(
                      reused=[t for t in plan if t not in fresh])
     result.manifest = build_manifest(
         parameters={**arguments, **exp.identity, "relations": [r.name for r in rels], "max_heads": cap,
-                    "top_k": asdict(top_k or R.TopK()), "static_variant": static.variant,
+                    "top_k": asdict(top_k or R.TopK()), "static_variant": static.representation,
                     "static_key": static.manifest.get("parameters", {}).get("key"), "controls": controls,
                     "seconds_per_task": seconds, "reused_from_cache": result.reused,
                     "block_steps_skipped": skipped},

@@ -310,7 +310,7 @@ TARGET_RELATIONS = ("copying", "name_copying", "word_first_letter", "country_cap
 
 def static_target_heads(loaded, relations: Sequence[str] = TARGET_RELATIONS, *, min_score: float = 0.5,
                         run: RunOptions = RunOptions()) -> pd.DataFrame:
-    """Heads whose static score (notebook 01's engine, the paper's k, the model's default variant) is at least
+    """Heads whose static score (notebook 01's engine, the paper's k, the model's registered representation) is at least
     ``min_score`` on any of ``relations``: one row per head with its best such relation and score."""
 
     usable = [r for r in relations if r in list_relations()]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..core.deprecation import renamed_arguments
 from ..core.hashing import content_key
 from ..core.io import atomic_write_text
 from ..core.manifest import build_manifest, call_arguments, write_manifest
@@ -58,12 +59,13 @@ def show_token(text: str) -> str:
     return repr(text)[1:-1]
 
 
+@renamed_arguments(variant="representation")
 def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15, n_mappings: int = 5,
-                variant: str = "first_mlp_all", run: RunOptions = RunOptions(results_dir=None)) -> pd.DataFrame:
+                representation: str = "first_mlp_all", run: RunOptions = RunOptions(results_dir=None)) -> pd.DataFrame:
     """Each head's top ``n_salient`` tokens by norm amplification and their top ``n_mappings`` targets.
 
     One row per (head, salient token): layer, head, quartile, rank, token_id, token, saliency, mapping_ids,
-    mappings. ``variant`` is the source representation; the paper's salient operations apply the first MLP in
+    mappings. ``representation`` is the source representation; the paper's salient operations apply the first MLP in
     every layer (``"first_mlp_all"``, MAPS-SPEC §4.1). The whole-vocabulary saliency is kept in the results store
     (``run``; :func:`cached_saliency`).
     """
@@ -72,27 +74,29 @@ def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15
         raise ValueError(f"n_salient and n_mappings must be >= 1 (got {n_salient}, {n_mappings}).")
     if not heads:
         raise ValueError("salient_ops needs at least one (layer, head).")
-    sal = cached_saliency(loaded, variant, run)
+    sal = cached_saliency(loaded, representation, run)
     ops = salient_operations(loaded.weights, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
-                             variant=variant, heads_subset=list(heads), saliency_scores=sal, progress=run.progress)
+                             representation=representation, heads_subset=list(heads), saliency_scores=sal, progress=run.progress)
     ops.insert(2, "quartile", [layer_quartile(la, loaded.weights.n_layers) for la in ops.layer])
     return ops
 
 
-def cached_saliency(loaded, variant: str, run: RunOptions):
+@renamed_arguments(variant="representation")
+def cached_saliency(loaded, representation: str, run: RunOptions):
     """``[n_layers, n_heads, V]`` saliency of every token (:func:`maps_utils.static.saliency.saliency`), read from
-    ``<results_dir>/<model>/saliency/<variant>.pt`` when it was stored for these weights, dtype and representation
-    (and the context-free prefix), else computed and stored. A ``context_free`` saliency runs the model once over the
-    whole vocabulary, so keeping it matters."""
+    ``<results_dir>/<model>/saliency/<representation>.pt`` when it was stored for these weights, dtype and
+    representation (and the context-free prefix), else computed and stored. A ``context_free`` saliency runs the model
+    once over the whole vocabulary, so keeping it matters. (The cache key spells the representation ``variant``, as
+    the saliencies stored before the rename do.)"""
 
     key = content_key({"engine_version": SALIENCY_VERSION, "weights_sha256": loaded.weights_sha256,
-                       "dtype": str(loaded.dtype), "variant": variant,
-                       "prefix": None if parse(variant).parameters_only else list(default_prefix(loaded.weights))})
+                       "dtype": str(loaded.dtype), "variant": representation,
+                       "prefix": None if parse(representation).parameters_only else list(default_prefix(loaded.weights))})
     slots = Slots(run.folder(loaded.name, "saliency"), enabled=run.use_cache)
-    sal = slots.read(variant, key)
+    sal = slots.read(representation, key)
     if sal is None:
-        sal = saliency(loaded.weights, variant=variant, progress=run.progress)
-        slots.write(variant, key, sal)
+        sal = saliency(loaded.weights, representation=representation, progress=run.progress)
+        slots.write(representation, key, sal)
     return sal
 
 
@@ -312,8 +316,9 @@ def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     return out
 
 
+@renamed_arguments(variant="representation")
 def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient: int = 15,
-                   n_mappings: int = 5, n_evidence: int = N_EVIDENCE, variant: str = "first_mlp_all",
+                   n_mappings: int = 5, n_evidence: int = N_EVIDENCE, representation: str = "first_mlp_all",
                    prompt_variant: str | None = None, describer: Describer | None = None,
                    describer_model: str | None = None, base_url: str | None = None, name: str = "descriptions",
                    run: RunOptions = RunOptions(), **describer_kw) -> DescriptionResult:
@@ -327,13 +332,15 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient
     """
     # every argument but the describer's own settings (recorded below from the describer) and a raw base_url,
     # which may carry credentials (the describer's provenance records it redacted)
-    arguments = call_arguments(locals(), skip=("loaded", "describer", "describer_kw", "base_url"))
+    # (the manifest keeps the names of 0.1: ``variant`` for the representation)
+    arguments = call_arguments(locals(), skip=("loaded", "describer", "describer_kw", "base_url"),
+                               recorded_as={"representation": "variant"})
 
     t0 = time.perf_counter()
     w = loaded.weights
     chosen = select_heads(w.n_layers, w.n_heads, heads, n=n, seed=run.seed)
     everything = salient_ops(loaded, chosen, n_salient=max(n_salient, n_evidence), n_mappings=n_mappings,
-                             variant=variant, run=run)
+                             representation=representation, run=run)
     ops = everything[everything["rank"] < n_salient].reset_index(drop=True)
     evidence = everything[everything["rank"] >= n_salient].reset_index(drop=True)
     if describer is None:

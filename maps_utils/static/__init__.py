@@ -22,10 +22,13 @@ from .ranks import (
     target_ranks,
 )
 from .saliency import saliency, salient_operations, top_mappings
-from .scores import RANK_CAP, TAU, StaticScores, choose_variant, static_scores
+from .scores import RANK_CAP, TAU, StaticScores, choose_representation, static_scores
+from .scores import (
+    choose_variant as choose_variant,  # renamed choose_representation; goes in the next release
+)
 from .tables import category_map, kv_group_similarity, top_heads
 
 __all__ = ["RANK_CAP", "TAU", "Columns", "RankResult", "StaticScores", "category_map",
-           "choose_variant", "head_ranks", "head_rows", "kv_group_similarity", "layer_ranks", "ranks_of_targets",
+           "choose_representation", "head_ranks", "head_rows", "kv_group_similarity", "layer_ranks", "ranks_of_targets",
            "saliency", "salient_operations", "scan_columns", "scan_permutation", "static_scores", "target_ranks",
            "top_heads", "top_mappings"]

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.deprecation import renamed_arguments, renamed_attribute
 from ..heads import HeadWeights
 from ..heads.ov import OVCircuit
 from . import sources
@@ -273,8 +274,10 @@ class RankResult:
 
     top: Tensor
     bottom: Tensor
-    variant: str
+    representation: str  # the sources' representation (:mod:`maps_utils.static.sources`)
     rank_cap: int
+
+    variant = renamed_attribute("variant", "representation")
 
     def hits(self, k: int, suppression: bool = False) -> Tensor:
         """Boolean ``[L, H, n]``: target in the top-k of the row (of −row with ``suppression``)."""
@@ -287,13 +290,14 @@ class RankResult:
         return self.hits(k, suppression).float().mean(-1)
 
 
+@renamed_arguments(variant="representation")
 @torch.no_grad()
 def target_ranks(
     weights: HeadWeights,
     source_ids: Sequence[int] | Tensor,
     target_ids: Sequence[int] | Tensor,
     *,
-    variant: str = "first_mlp",
+    representation: str = "first_mlp",
     rank_cap: int = 100,
     compute_space: str = "auto",
     memory_budget_mb: float = 512.0,
@@ -309,7 +313,8 @@ def target_ranks(
     Args:
         weights: the model's :class:`HeadWeights` (its device is used).
         source_ids, target_ids: token ids of the pairs (e.g. from ``relations.filter_single_token``).
-        variant: source representation (:mod:`maps_utils.static.sources`; the paper's relation scores: ``first_mlp``).
+        representation: source representation (:mod:`maps_utils.static.sources`; the paper's relation scores:
+            ``first_mlp``).
         prefix: the tokens before the source in a context-free pass (default: the model's BOS).
         rank_cap: ranks are exact below it.
         compute_space: ``auto``, ``head`` or ``model`` (speed only; the results are identical).
@@ -320,7 +325,7 @@ def target_ranks(
             the remaining ``layers``).
         on_layer: called as ``on_layer(layer, result)`` after each layer (checkpointing).
     """
-    sources.check(variant)
+    sources.check(representation)
     device = weights.U.device
     dtype = dtype or weights.U.dtype
     src = torch.as_tensor(source_ids, device=device)
@@ -328,11 +333,11 @@ def target_ranks(
     L, H, n = weights.n_layers, weights.n_heads, src.numel()
     if out is None:
         out = RankResult(torch.full((L, H, n), rank_cap, dtype=torch.int16),
-                         torch.full((L, H, n), rank_cap, dtype=torch.int16), variant, rank_cap)
+                         torch.full((L, H, n), rank_cap, dtype=torch.int16), representation, rank_cap)
     model_columns = scan_columns(weights, dtype)
     todo = list(range(L)) if layers is None else list(layers)
-    xs = sources.SourceVectors(weights, src, variant, layers=todo, prefix=prefix, dtype=dtype)
-    for layer in tqdm(todo, desc=f"ranks ({variant})", disable=not progress or len(todo) < 2):
+    xs = sources.SourceVectors(weights, src, representation, layers=todo, prefix=prefix, dtype=dtype)
+    for layer in tqdm(todo, desc=f"ranks ({representation})", disable=not progress or len(todo) < 2):
         t, b = layer_ranks(weights, layer, xs.layer(layer), tgt, rank_cap=rank_cap, compute_space=compute_space,
                            memory_budget_mb=memory_budget_mb, model_columns=model_columns)
         out.top[layer], out.bottom[layer] = t.to(torch.int16).cpu(), b.to(torch.int16).cpu()

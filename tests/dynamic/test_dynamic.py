@@ -183,7 +183,7 @@ def test_a_constructed_copying_head_scores_one_without_context():
     assert without[0, 0] == 1.0
     assert without[0, 1] < 0.5  # the random head is no copying head
     assert rel.scores(1, "with")[0, 0, 0] < 1.0  # in context the head attends elsewhere too
-    static = target_ranks(weights, list(range(vocab)), list(range(vocab)), variant="raw", rank_cap=5, progress=False)
+    static = target_ranks(weights, list(range(vocab)), list(range(vocab)), representation="raw", rank_cap=5, progress=False)
     assert static.scores(1)[0, 0] == 1.0
 
 
