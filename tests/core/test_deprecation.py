@@ -177,6 +177,21 @@ def test_every_entry_point_that_took_variant_still_does(where, name):
         func(None, variant="raw", representation="raw")
 
 
+def test_the_prompt_style_takes_its_old_names():
+    from maps_utils.describe import pipeline as DS
+
+    ops = pd.DataFrame({"layer": [0, 0], "head": [1, 1], "rank": [0, 1], "token": [" a", " b"],
+                        "mappings": [[" a", " x"], [" b", " y"]]})
+    with pytest.warns(DeprecationWarning, match=r"head_prompts\(variant=\.\.\.\) is renamed style="):
+        assert DS.head_prompts(ops, variant="hinted") == DS.head_prompts(ops, style="hinted")
+    with pytest.warns(DeprecationWarning, match="PROMPT_VARIANTS is renamed PROMPT_STYLES"):
+        assert DS.PROMPT_VARIANTS == DS.PROMPT_STYLES == ("paper", "hinted")
+    with pytest.raises(ValueError, match=r"prompt_style='plain': use one of paper, hinted"):
+        DS.head_prompts(ops, style="plain")
+    with pytest.raises(TypeError, match="prompt_variant= and prompt_style="):
+        DS.describe_heads(None, prompt_variant="paper", prompt_style="paper")
+
+
 def test_the_cli_takes_variant_with_a_notice(tmp_path, cache, capsys):
     from maps_utils.cli import main
 
