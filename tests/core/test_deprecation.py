@@ -177,6 +177,32 @@ def test_every_entry_point_that_took_variant_still_does(where, name):
         func(None, variant="raw", representation="raw")
 
 
+# ---- DynamicRelation.agreement -> tokenization_agreement ------------------------------------------------------
+def test_dynamic_slots_keep_the_field_name_agreement(tiny_loaded, tmp_path):
+    import json
+
+    from maps_utils.core.store import Slots
+    from maps_utils.dynamic import scores as DY
+
+    rel = tmp_path / "mine.json"
+    rel.write_text(json.dumps([[f"t{i}", f"t{(i * 7 + 3) % 100}"] for i in range(40)]))
+    run = RunOptions(results_dir=tmp_path / "res", progress=False)
+    first = DY.dynamic_scores(tiny_loaded, [rel], ["<X>", "a <X>"], run=run).relation("mine")
+    slot = dict(Slots(tmp_path / "res" / "tiny-llama" / "dynamic" / "single" / "parts").entries())["mine"]
+    fields = list(slot["value"]["relation"])
+    assert fields == ["name", "category", "copying", "pairs", "target_ids", "templates", "ranks", "agreement", "k",
+                      "rank_cap", "seconds"]  # the slot's layout of engine version 2, unchanged
+    again = DY.dynamic_scores(tiny_loaded, [rel], ["<X>", "a <X>"], run=run)
+    assert again.reused == ["mine"]  # read back from the slot
+    back = again.relation("mine")
+    assert back.tokenization_agreement == first.tokenization_agreement and torch.equal(back.ranks, first.ranks)
+    assert DY.DynamicRelation.from_stored(first.stored()) == first
+    with pytest.warns(DeprecationWarning, match=r"DynamicRelation\.agreement is renamed \.tokenization_agreement"):
+        assert back.agreement == back.tokenization_agreement
+    with pytest.warns(DeprecationWarning, match=r"DynamicRelation\(agreement=\.\.\.\) is renamed"):
+        assert DY.DynamicRelation(**first.stored()) == first  # what the code before the rename did with a slot
+
+
 def test_the_prompt_style_takes_its_old_names():
     from maps_utils.describe import pipeline as DS
 

@@ -300,7 +300,7 @@ def test_gemma3_dynamic_and_multi_token_scores_run(gemma3, tmp_path):
                             run=RunOptions(results_dir=None, progress=False))
     rel = dyn.relation("country_capital")
     assert rel.ranks.shape == (1, 4, 30, 18, 4)
-    assert rel.agreement == [1.0]
+    assert rel.tokenization_agreement == [1.0]
     multi = DY.multi_token_scores(gemma3, ["country_capital"], max_pairs=30,
                                   run=RunOptions(results_dir=tmp_path, progress=False))
     assert multi.relation("country_capital").ranks.shape == (1, 4, 30, 18, 4)
