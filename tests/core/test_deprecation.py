@@ -218,6 +218,17 @@ def test_the_prompt_style_takes_its_old_names():
         DS.describe_heads(None, prompt_variant="paper", prompt_style="paper")
 
 
+def test_the_two_kinds_have_their_own_names():
+    from maps_utils.ablation import experiment as A
+    from maps_utils.human import questions as Q
+
+    with pytest.warns(DeprecationWarning, match=r"experiment\.KINDS is renamed ABLATIONS"):
+        assert A.KINDS == A.ABLATIONS == ("zero", "mean")
+    with pytest.warns(DeprecationWarning, match=r"questions\.KINDS is renamed OPERATION_KINDS"):
+        assert Q.KINDS == Q.OPERATION_KINDS
+    assert Q.QUESTIONS["operation_kind"] == Q.OPERATION_KINDS and "other" in Q.OPERATION_KINDS
+
+
 def test_the_cli_takes_variant_with_a_notice(tmp_path, cache, capsys):
     from maps_utils.cli import main
 
