@@ -33,7 +33,7 @@ from ..core.manifest import build_manifest, call_arguments, write_manifest
 from ..core.store import RunOptions, read_table, result_folder
 from ..relations import list_relations, load_all
 from ..static.scores import static_scores
-from .detection_stats import THRESHOLD, summary, verified_by_quartile
+from .detection_stats import THRESHOLD, detection_summary, verified_by_quartile
 from .pipeline import show_token
 from .rules import predicate_library, row_holds
 
@@ -241,7 +241,7 @@ class DetectionResult:
     name: str = "detection"
 
     def summary(self, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-        return summary(self.scores, threshold=self.threshold, n_boot=n_boot, seed=seed)
+        return detection_summary(self.scores, threshold=self.threshold, n_boot=n_boot, seed=seed)
 
     def by_quartile(self) -> pd.DataFrame:
         return verified_by_quartile(self.scores, self.n_layers, threshold=self.threshold)

@@ -84,9 +84,9 @@ def paper_style(corr: pd.DataFrame, score_type: str = "relation") -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def summary(corr: pd.DataFrame) -> pd.DataFrame:
-    """Mean / min / max of r over relations, per score type and context (the paper's summary row);
-    relations whose r is undefined (a constant score vector) are counted separately."""
+def correlation_summary(corr: pd.DataFrame) -> pd.DataFrame:
+    """Mean / min / max of r over relations of a :func:`correlations` table, per score type and context (the
+    paper's summary row); relations whose r is undefined (a constant score vector) are counted separately."""
     rows = []
     for (score_type, context), g in corr.groupby(["score_type", "context"], sort=False):
         r = g.r.dropna()
@@ -107,7 +107,7 @@ def compare_representations(loaded, dynamic: DynamicScores, representations, *, 
     for rep in dict.fromkeys(representations):
         st = static if static is not None and static.representation == rep else static_scores(
             loaded, relations, representation=rep, run=run)
-        for _, r in summary(correlations(st, dynamic, k=k)).iterrows():
+        for _, r in correlation_summary(correlations(st, dynamic, k=k)).iterrows():
             rows.append({"representation": rep, "score": r["score_type"], "context": r["context"],
                          "mean r": round(r["mean r"], 3)})
     table = pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="representation", values="mean r")
@@ -127,6 +127,7 @@ def best_representation(by_representation: pd.DataFrame, baseline: str = "first_
     return best
 
 
+summary = renamed_function(correlation_summary, "summary")
 compare_variants = renamed_function(compare_representations, "compare_variants")
 best_variant = renamed_function(best_representation, "best_variant")
 

@@ -229,6 +229,22 @@ def test_the_two_kinds_have_their_own_names():
     assert Q.QUESTIONS["operation_kind"] == Q.OPERATION_KINDS and "other" in Q.OPERATION_KINDS
 
 
+def test_each_summary_says_what_it_summarises():
+    from maps_utils import dynamic
+    from maps_utils.describe import detection_stats as TS
+    from maps_utils.dynamic import correlation as C
+
+    corr = pd.DataFrame({"score_type": ["relation"] * 3, "context": ["without"] * 3, "r": [0.2, 0.4, float("nan")]})
+    with pytest.warns(DeprecationWarning, match=r"summary\(\) is renamed correlation_summary\(\)"):
+        pd.testing.assert_frame_equal(C.summary(corr), C.correlation_summary(corr))
+    with pytest.warns(DeprecationWarning):
+        dynamic.summary(corr)
+    scores = pd.DataFrame({"describer": ["x", "x"], "score": [0.8, 0.6], "control_score": [0.5, 0.5],
+                           "has_pattern": [True, False], "judged": ["ok", "ok"]})
+    with pytest.warns(DeprecationWarning, match=r"summary\(\) is renamed detection_summary\(\)"):
+        pd.testing.assert_frame_equal(TS.summary(scores, n_boot=10), TS.detection_summary(scores, n_boot=10))
+
+
 def test_the_cli_takes_variant_with_a_notice(tmp_path, cache, capsys):
     from maps_utils.cli import main
 

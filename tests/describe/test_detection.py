@@ -111,7 +111,7 @@ def test_a_copy_head_is_verified_at_one_by_its_rule_and_random_heads_are_not():
         # the copy description picks none of a random head's own rows (only other heads' copy rows among negatives)
         assert s.loc[head, "control_score"] <= 0.5
     assert np.isnan(s.loc[(0, 0), "control_score"])  # no other head has a pattern to borrow
-    summary = TS.summary(s.reset_index())
+    summary = TS.detection_summary(s.reset_index())
     assert summary.share_verified.iloc[0] == pytest.approx(1 / 5)
 
 

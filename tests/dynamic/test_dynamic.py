@@ -291,7 +291,7 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
     d = dyn.relation("country_capital").scores(10, "without").flatten().numpy()
     assert row.r.item() == pytest.approx(np.corrcoef(s, d)[0, 1], rel=1e-9)
     assert row.n_points.item() == 2 * 270
-    assert set(C.summary(corr).context) == {"with", "without"}
+    assert set(C.correlation_summary(corr).context) == {"with", "without"}
 
 
 @pytest.mark.embedded
