@@ -44,8 +44,8 @@ RUN_DIR      :=
 SMOKE_ARGS    =
 endif
 SMOKE_00     := -p figures_dir ../figures/smoke
-SMOKE_01     := -y '{relations: [name_copying, country_capital], n_permutations: 50, compare_variants: false}'
-SMOKE_02     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"], multi_token_modes: [], compare_variants: false}'
+SMOKE_01     := -y '{relations: [name_copying, country_capital], n_permutations: 50, compare_representations: false}'
+SMOKE_02     := -y '{relations: [name_copying, country_capital], max_pairs: 30, templates: ["No <X> means no"], multi_token_modes: [], compare_representations: false}'
 SMOKE_03     := -y '{relations: [name_copying, country_capital], max_pairs: 30, n_random: 2, max_heads: 6}'
 SMOKE_04     := -p n_heads 8 -p n_random 8
 SMOKE_05     := -p n_items 2

@@ -6,7 +6,7 @@ the engine's early exit (MAPS-SPEC §1.4 ranks are exact below the cap) can end 
 
 Per shape, in a fresh process:
   engine  maps_utils.static.ranks.target_ranks (relation and suppression ranks) for every head, on --relations sets of
-          --pairs random (source, target) pairs, variant first_mlp (the paper's), float32
+          --pairs random (source, target) pairs, representation first_mlp (the paper's), float32
   naive   the reference way (per head W_VO = W_V W_O, the full n x V projection, topk), timed on
           --naive-layers layers and scaled to all layers
   floor   the factored FLOPs (z = x W_V, C_h = W_O U, z C_h over the full vocabulary) over the measured matmul
@@ -124,7 +124,7 @@ def measure(name: str, layers: int, device: str, relations: int, pairs: int, nai
     _sync(device)
     t0 = time.perf_counter()
     for src, tgt in sets:
-        S.target_ranks(weights, src, tgt, variant="first_mlp", rank_cap=100, progress=False)
+        S.target_ranks(weights, src, tgt, representation="first_mlp", rank_cap=100, progress=False)
     _sync(device)
     engine_s = time.perf_counter() - t0
     peak = _peak_gib(device)

@@ -40,18 +40,18 @@ def measure(name: str, representations: list[str], salient: list[str]) -> list[d
     loaded = maps_utils.load(name, device="cpu")
     weights = loaded.weights
     run = RunOptions(results_dir=None, progress=False)
-    ids = [i for r in static_scores(loaded, variant="first_mlp", run=run).relations for i in r.source_ids]  # warm-up
+    ids = [i for r in static_scores(loaded, representation="first_mlp", run=run).relations for i in r.source_ids]  # warm-up
     rows = []
     for rep in representations:
         rows.append({"model": name, "representation": rep, "step": "static (all relations)",
-                     "seconds": _time(lambda rep=rep: static_scores(loaded, variant=rep, run=run))})
+                     "seconds": _time(lambda rep=rep: static_scores(loaded, representation=rep, run=run))})
         rows.append({"model": name, "representation": rep, "step": f"vectors ({len(ids)} sources x all layers)",
                      "seconds": _time(lambda rep=rep: [sources.SourceVectors(weights, ids, rep).layer(la)
                                                       for la in range(weights.n_layers)])})
         print(rows[-2], rows[-1], flush=True)
     for rep in salient:
         rows.append({"model": name, "representation": rep, "step": f"saliency ({weights.vocab_size} tokens)",
-                     "seconds": _time(lambda rep=rep: saliency(weights, variant=rep, progress=False))})
+                     "seconds": _time(lambda rep=rep: saliency(weights, representation=rep, progress=False))})
         print(rows[-1], flush=True)
     return rows
 

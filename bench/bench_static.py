@@ -1,6 +1,6 @@
 """Static-score benchmark: the engine vs the naive per-head loop vs the dense floor, in one run.
 
-For each model and each source variant (the paper's ``first_mlp`` and ``raw``), and for each relation set (every
+For each model and each source representation (the paper's ``first_mlp`` and ``raw``), and for each relation set (every
 usable relation together, and each of --one alone):
   engine  maps_utils.static.scores.static_scores on that set, no files (relation and suppression ranks of every head)
   naive   the reference code's way: per head W_VO = W_V W_O (d×d); per relation the full (n × V) rows of M and
@@ -10,7 +10,8 @@ usable relation together, and each of --one alone):
           with its W_O[h] U product, whichever has fewer FLOPs) over this device's float32 matmul throughput,
           measured in the same run
 Each measurement runs in a fresh process (peak memory is that process's peak resident set).
-Writes results/bench/static.csv and its manifest and prints a short table.
+Writes results/bench/static.csv (its column ``variant`` is the representation, the name the table has always used)
+and its manifest, and prints a short table.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import pandas as pd
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("first_mlp", "raw")
+REPRESENTATIONS = ("first_mlp", "raw")
 ONE = ("country_capital", "copying")  # the paper's running example, and the largest relation
 
 
@@ -54,14 +55,14 @@ def dense_gflop(h, n_pairs: int) -> float:
     return min(model, head) / 1e9
 
 
-def run_engine(name: str, device: str, variant: str, names: list[str] | None) -> dict:
+def run_engine(name: str, device: str, representation: str, names: list[str] | None) -> dict:
     import maps_utils
     from maps_utils.core.store import RunOptions
     from maps_utils.static.scores import static_scores
 
     loaded = maps_utils.load(name, device=device)
     t0 = time.perf_counter()
-    res = static_scores(loaded, names, variant=variant, run=RunOptions(results_dir=None, progress=False))
+    res = static_scores(loaded, names, representation=representation, run=RunOptions(results_dir=None, progress=False))
     _sync(loaded.device)
     wall = time.perf_counter() - t0
     n = sum(r.n for r in res.relations)
@@ -71,7 +72,7 @@ def run_engine(name: str, device: str, variant: str, names: list[str] | None) ->
     return out
 
 
-def run_naive(name: str, device: str, variant: str, names: list[str] | None, layers: str) -> dict:
+def run_naive(name: str, device: str, representation: str, names: list[str] | None, layers: str) -> dict:
     import maps_utils
     from maps_utils.static.sources import source_vectors
 
@@ -87,7 +88,7 @@ def run_naive(name: str, device: str, variant: str, names: list[str] | None, lay
                 w_vo = h.W_V(layer)[head] @ h.W_O(layer)[head]
                 for rel in rels:
                     k = rel.relation.k()
-                    x = source_vectors(h, rel.source_ids, variant, layer)
+                    x = source_vectors(h, rel.source_ids, representation, layer)
                     full = (x @ w_vo) @ h.U
                     tgt = torch.tensor(rel.target_ids, device=full.device)[:, None]
                     (torch.topk(full, k, dim=1).indices == tgt).any(1).float().mean().item()
@@ -118,12 +119,12 @@ def _subprocess(args: list[str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _measure(args, name: str, variant: str, relations: str) -> dict:
-    common = ["--device", args.device, "--naive-layers", args.naive_layers, "--step", name, variant, relations]
+def _measure(args, name: str, representation: str, relations: str) -> dict:
+    common = ["--device", args.device, "--naive-layers", args.naive_layers, "--step", name, representation, relations]
     engine = _subprocess([*common, "engine"])
     naive = _subprocess([*common, "naive"])
     floor = engine["dense_gflop"] / args.gflops
-    return {"model": name, "variant": variant, "relations": relations, "pairs": engine["pairs"],
+    return {"model": name, "variant": representation, "relations": relations, "pairs": engine["pairs"],
             "engine_s": engine["seconds"], "naive_s": naive["seconds"], "floor_s": floor,
             "engine_vs_naive": naive["seconds"] / engine["seconds"], "engine_over_floor": engine["seconds"] / floor,
             "naive_measured_s": naive["measured_seconds"], "naive_measured_layers": naive["measured_layers"],
@@ -135,19 +136,19 @@ def _measure(args, name: str, variant: str, relations: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--representations", "--variants", nargs="+", default=list(REPRESENTATIONS))
     parser.add_argument("--one", nargs="*", default=list(ONE), help="relations also benchmarked alone")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--naive-layers", default="3", help="layers the naive loop is timed on, or 'all'")
     parser.add_argument("--out", default="results/bench")
-    parser.add_argument("--step", nargs=4, metavar=("MODEL", "VARIANT", "RELATIONS", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--step", nargs=4, metavar=("MODEL", "REPRESENTATION", "RELATIONS", "MODE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.step:  # one measurement in this (fresh) process
-        name, variant, relations, mode = args.step
+        name, representation, relations, mode = args.step
         names = None if relations == "all" else [relations]
         fn = run_engine if mode == "engine" else run_naive
         extra = () if mode == "engine" else (args.naive_layers,)
-        print(json.dumps(fn(name, args.device, variant, names, *extra)))
+        print(json.dumps(fn(name, args.device, representation, names, *extra)))
         return
 
     from maps_utils.core.manifest import build_manifest, write_manifest
@@ -157,11 +158,11 @@ def main() -> None:
     print(f"float32 matmul throughput on {args.device}: {args.gflops:.0f} GFLOP/s", flush=True)
     rows = []
     for name in args.models:
-        for variant in args.variants:
+        for representation in args.representations:
             for relations in ["all", *args.one]:
-                row = _measure(args, name, variant, relations)
+                row = _measure(args, name, representation, relations)
                 rows.append(row)
-                print(f"{name} {variant} {relations}: engine {row['engine_s']:.1f} s, naive {row['naive_s']:.1f} s, "
+                print(f"{name} {representation} {relations}: engine {row['engine_s']:.1f} s, naive {row['naive_s']:.1f} s, "
                       f"floor {row['floor_s']:.1f} s -> {row['engine_vs_naive']:.1f}x naive, "
                       f"{row['engine_over_floor']:.2f}x floor", flush=True)
     gflops_end = matmul_gflops(args.device)
@@ -169,7 +170,8 @@ def main() -> None:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     table.round(4).to_csv(out / "static.csv", index=False)
-    params = {k: v for k, v in vars(args).items() if k != "gflops"}
+    # the manifest keeps the option's name of 0.1 (``variants``)
+    params = {("variants" if k == "representations" else k): v for k, v in vars(args).items() if k != "gflops"}
     write_manifest(out / "static.manifest.json", build_manifest(
         parameters={**params, "matmul_gflops_start": round(args.gflops, 1), "matmul_gflops_end": round(gflops_end, 1)},
         wall_seconds=time.perf_counter() - t_all))

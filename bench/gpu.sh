@@ -4,7 +4,7 @@
 #   1. the engine's ranks on the GPU equal the CPU's exactly (tests/test_device.py, float64, every family);
 #   2. the scaling series on the GPU (bench/bench_scale.py --device cuda), full depth for every shape;
 #   3. where the embedded models' packages are installed, the engine vs naive vs dense-floor bench on them
-#      (bench/bench_static.py --device cuda: one relation and all relations, both variants).
+#      (bench/bench_static.py --device cuda: one relation and all relations, both representations).
 # Results: $OUT (default results/bench): scale-cuda.csv, static.csv, their manifests, gpu-tests.log.
 set -o pipefail
 OUT=${OUT:-results/bench}

@@ -38,7 +38,7 @@ def main() -> None:
     from maps_utils.describe import exec_study as ES
     from maps_utils.describe.client import Describer
     from maps_utils.describe.endpoints import resolve_endpoint
-    from maps_utils.static.sources import salient_variant
+    from maps_utils.static.sources import salient_representation
 
     out = Path(args.results_dir) / "bench"
     out.mkdir(parents=True, exist_ok=True)
@@ -46,7 +46,7 @@ def main() -> None:
     tables = []
     for name in args.models:
         loaded = maps_utils.load(name, device="cpu")
-        ex = ES.describe_executable(loaded, variant=salient_variant(loaded.variant),
+        ex = ES.describe_executable(loaded, representation=salient_representation(loaded.representation),
                                     run=RunOptions(results_dir=args.results_dir, seed=0))
         tables.append(ex.validity.assign(model=name))
         for judge in args.judges:

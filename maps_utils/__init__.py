@@ -49,7 +49,7 @@ __all__ = [
 MOVED = {
     "errors": "core.errors", "io": "core.io", "store": "core.store", "manifest": "core.manifest",
     "hashing": "core.hashing", "params": "core.params", "ov": "heads.ov", "hooks": "heads.hooks",
-    "weights": "models.weights", "sources": "static.sources", "scan": "static.scan", "scores": "static.scores",
+    "weights": "models.weights", "sources": "static.sources", "scan": "static.ranks", "scores": "static.scores",
     "score_tables": "static.tables", "capture": "dynamic.capture", "correlation": "dynamic.correlation",
     "fidelity": "dynamic.fidelity", "ablation_heads": "ablation.selection", "ablation_hooks": "ablation.passes",
     "ablation_result": "ablation.result", "describer": "describe.client", "endpoints": "describe.endpoints",

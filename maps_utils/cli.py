@@ -4,7 +4,7 @@
     maps info [MODEL] [--device D]    load a model and print its head geometry as JSON
     maps relations [--models M ...]   usable single-token pairs per shipped relation and model
     maps relations FILE ...           the same for relation files of your own (JSON pairs, CSV or TSV)
-    maps score [MODEL] [--relation R ...] [--variant V] [--k K] [--copying]
+    maps score [MODEL] [--relation R ...] [--representation V] [--k K] [--copying]
                                       static relation scores (cached under results/); prints the top heads
     maps check-options [MODEL] [--device D] [--dtype T]
                                       check options without loading anything (`make all` runs it first)
@@ -23,6 +23,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 
 from . import relations as R
 from .core.errors import MapsError
@@ -32,7 +33,7 @@ from .models.loading import DEFAULT_MODEL, available_models, check_options, load
 from .report.atlas import build_atlas
 from .report.run_manifest import record_step
 from .static import scores as SC
-from .static.ranks import check_variant
+from .static import sources
 from .static.tables import top_heads
 
 
@@ -40,9 +41,8 @@ def _check(args: argparse.Namespace) -> None:
     """Every option is checked before anything is loaded (each failure is one sentence)."""
 
     check_options(args.model, args.device, args.dtype)
-    if getattr(args, "variant", None):
-
-        check_variant(args.variant)
+    if getattr(args, "representation", None):
+        sources.check(args.representation)
     if getattr(args, "results_dir", None):
         check_results_dir(args.results_dir)  # a read-only one still serves stored results; writers check before work
     ranged = {name: getattr(args, name) for name in ("k", "rank_cap", "top", "min_pairs") if hasattr(args, name)}
@@ -94,14 +94,14 @@ def _score(args: argparse.Namespace) -> int:
     copying = True if args.copying else None
     relations = [R.load(r, copying=copying) for r in args.relation] if args.relation else None
     loaded = load(args.model, device=args.device, dtype=args.dtype)
-    res = SC.static_scores(loaded, relations, variant=args.variant or loaded.variant, rank_cap=args.rank_cap,
-                           run=RunOptions(results_dir=args.results_dir))
+    res = SC.static_scores(loaded, relations, representation=args.representation or loaded.representation,
+                           rank_cap=args.rank_cap, run=RunOptions(results_dir=args.results_dir))
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
         print(top_heads(res.table(k=args.k), n=args.top).to_string(index=False))
     for name, n in res.skipped.items():
         print(f"skipped {name}: {n} usable single-token pairs (fewer than {R.MIN_PAIRS})", file=sys.stderr)
     where = "read from" if res.from_cache else "written to"
-    print(f"\nscores ({res.variant}) {where} {args.results_dir}/ (tidy table: scores.csv with a manifest)")
+    print(f"\nscores ({res.representation}) {where} {args.results_dir}/ (tidy table: scores.csv with a manifest)")
     return 0
 
 
@@ -109,7 +109,7 @@ def _atlas(args: argparse.Namespace) -> int:
 
     _check(args)
     loaded = load(args.model, device=args.device, dtype=args.dtype)
-    path = build_atlas(loaded, args.results_dir, args.out, variant=args.variant)
+    path = build_atlas(loaded, args.results_dir, args.out, representation=args.representation)
     print(f"atlas: {path}")
     return 0
 
@@ -119,6 +119,21 @@ def _run_manifest(args: argparse.Namespace) -> int:
     path = record_step(args.results_dir, args.model, args.step, args.seconds, args.notebook)
     print(f"run manifest: {path} ({args.step}: {args.seconds:.0f} s)")
     return 0
+
+
+class _RenamedOption(argparse.Action):
+    """An option's old spelling (``new``: its name now): stored as the new one, with a notice naming it; the old
+    spelling goes in the next release."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        text = f"{option_string} is renamed {self.new}; use {self.new} (the old spelling goes in the next release)"
+        warnings.warn(text, DeprecationWarning, stacklevel=2)
+        print(f"note: {text}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -151,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"embedded name, HF id or path (default {DEFAULT_MODEL})")
         cmd.add_argument("--device", default="auto")
         cmd.add_argument("--dtype", default="float32")
-        cmd.add_argument("--variant", default=None, help="source representation (maps_utils.static.sources; default: the model's registered one)")
+        cmd.add_argument("--representation", default=None,
+                         help="source representation (maps_utils.static.sources; default: the model's registered one)")
+        cmd.add_argument("--variant", dest="representation", action=_RenamedOption, new="--representation",
+                         help=argparse.SUPPRESS)
         cmd.add_argument("--results-dir", default="results", help="where result tables and caches live")
         cmd.set_defaults(func=func)
         if name == "score":

@@ -24,7 +24,6 @@ k = 1). ``load(path, copying=True/False)`` (the CLI's ``--copying``) overrides b
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -36,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core.errors import MapsError
+from .core.hashing import file_sha256 as file_sha256  # relations.json's checksums: this SHA-256
 
 log = logging.getLogger(__name__)
 
@@ -223,10 +223,6 @@ def duplicate_sources(pairs: Iterable[tuple[str, str]]) -> list[str]:
     """Sources that occur more than once (a source should map to one target)."""
     counts = Counter(s for s, _ in pairs)
     return sorted(s for s, n in counts.items() if n > 1)
-
-
-def file_sha256(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 # ---- metadata ---------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import pytest
 
 from maps_utils import relations as R
 from maps_utils.core.errors import MapsError
+from maps_utils.core.hashing import file_sha256
 
 META = R.read_metadata()
 
@@ -26,12 +28,14 @@ def test_twenty_relations_in_four_categories():
 
 
 @pytest.mark.parametrize("name", list(META))
-def test_shipped_relation_validates_and_matches_metadata(name):
+def test_shipped_relation_validates_and_matches_metadata(name, cache):
     m = META[name]
     rel = R.load(name)
     assert rel.category == m["category"] and rel.display_name == m["display_name"]
     assert len(rel) == m["count"], "count in relations.json is stale: run generate.py --checksums"
     assert R.file_sha256(rel.path) == m["sha256"], "checksum in relations.json is stale: run generate.py --checksums"
+    assert R.file_sha256 is file_sha256  # one definition (core.hashing): the hex SHA-256 of the file's bytes
+    assert file_sha256(rel.path) == hashlib.sha256(rel.path.read_bytes()).hexdigest()
     assert rel.duplicate_sources == ()
     assert m["provenance"] and len(m["provenance"]) > 20
     tmpl = m["causal_template"]

@@ -44,6 +44,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import relations as R
+from ..core.deprecation import renamed_constants
 from ..core.hashing import content_key
 from ..core.manifest import build_manifest, call_arguments
 from ..core.params import check_parameters
@@ -56,13 +57,14 @@ from .selection import max_relation_heads, overlap, random_heads, relation_heads
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = 2  # 2: keyed by the weights' hash
-KINDS = ("zero", "mean")
+ABLATIONS = ("zero", "mean")  # what a removed head's z becomes: zero (the paper's) or its mean
 DEFAULT_BATCH = 512  # prompts per forward pass (one chunk for most relations)
 PAPER_RELATIONS = ("copying", "name_copying", "word_first_letter", "word_last_letter", "year_following",
                    "country_capital", "country_language", "object_superclass", "product_company",
                    "adj_comparative", "verb_past_tense", "noun_pronoun", "english_spanish")
 """The 13 relations the paper ran the causal experiment on (MAPS-SPEC §2.2); our other relations have causal
 templates of our own."""
+__getattr__ = renamed_constants(globals(), {"KINDS": "ABLATIONS"})  # renamed in 0.2
 
 
 
@@ -143,7 +145,7 @@ def causal_experiment(
                      reused=[t for t in plan if t not in fresh])
     result.manifest = build_manifest(
         parameters={**arguments, **exp.identity, "relations": [r.name for r in rels], "max_heads": cap,
-                    "top_k": asdict(top_k or R.TopK()), "static_variant": static.variant,
+                    "top_k": asdict(top_k or R.TopK()), "static_variant": static.representation,
                     "static_key": static.manifest.get("parameters", {}).get("key"), "controls": controls,
                     "seconds_per_task": seconds, "reused_from_cache": result.reused,
                     "block_steps_skipped": skipped},
@@ -156,8 +158,8 @@ def causal_experiment(
 
 # ---- the experiment's steps ------------------------------------------------------------------------------
 def _check(kind, static, loaded) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"Unknown ablation kind '{kind}'; use one of {', '.join(KINDS)}.")
+    if kind not in ABLATIONS:
+        raise ValueError(f"Unknown ablation kind '{kind}'; use one of {', '.join(ABLATIONS)}.")
     if static.model != loaded.name:
         raise ValueError(f"The static scores are {static.model}'s, not {loaded.name}'s; score this model first "
                          "(maps_utils.static.scores.static_scores(loaded)).")

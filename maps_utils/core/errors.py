@@ -22,7 +22,7 @@ class ModelPackageMissingError(MapsError):
 
 
 class OptionError(MapsError, ValueError):
-    """An option (device, dtype, variant, a path) that cannot work; raised before anything is loaded."""
+    """An option (device, dtype, source representation, a path) that cannot work; raised before anything is loaded."""
 
 
 class UnsupportedArchitectureError(MapsError):

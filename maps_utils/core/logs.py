@@ -27,10 +27,10 @@ class OncePerKernel(logging.Filter):
         return True
 
 
-def notebook_logging(level: int = logging.WARNING) -> None:
-    """A notebook's logging: messages at ``level`` and above on stderr, each warning once (idempotent: running the
-    cell again adds no second handler or filter)."""
-    logging.basicConfig(level=level)
+def notebook_logging(level: int = logging.WARNING, fmt: str | None = None) -> None:
+    """A notebook's logging: messages at ``level`` and above on stderr (in ``fmt``, logging's default format unless
+    given), each warning once (idempotent: running the cell again adds no second handler or filter)."""
+    logging.basicConfig(level=level, **({"format": fmt} if fmt else {}))
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, OncePerKernel) for f in handler.filters):
             handler.addFilter(OncePerKernel())

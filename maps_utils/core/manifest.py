@@ -59,12 +59,16 @@ def build_manifest(*, parameters: dict, wall_seconds: float, model: dict | None 
     }
 
 
-def call_arguments(arguments: dict, skip: tuple[str, ...] = ("loaded", "static", "describer", "res")) -> dict:
+def call_arguments(arguments: dict, skip: tuple[str, ...] = ("loaded", "static", "describer", "res"),
+                   recorded_as: dict[str, str] | None = None) -> dict:
     """An entry point's arguments (``locals()`` as its first statement) as its manifest records them, so no
     parameter is listed by hand and none can be left out: dataclasses by ``asdict`` (:class:`RunOptions` by its
     ``manifest()``), relations by name, paths as strings, lists and dicts element-wise; ``skip`` names the
-    model and result objects (the manifest records the model separately)."""
-    return {name: _plain(value) for name, value in arguments.items() if name not in skip}
+    model and result objects (the manifest records the model separately). ``recorded_as`` maps a renamed argument
+    to the name manifests have always recorded it under (``{"representation": "variant"}``), in its place, so a
+    manifest does not change with the spelling of an argument."""
+    names = recorded_as or {}
+    return {names.get(name, name): _plain(value) for name, value in arguments.items() if name not in skip}
 
 
 def _plain(value):

@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from numbers import Real
 
+from .deprecation import renamed
 from .errors import OptionError
 
 
@@ -96,6 +97,14 @@ RANGES: dict[str, Range] = {
 
 CLI_ONLY = frozenset({"top"})  # options of the `maps` command, not notebook parameters
 
+RENAMED: dict[str, tuple[str, ...]] = {
+    "variant": ("ov_representation", "representation"),  # notebook 06: the OV scores' representation
+    "compare_variants": ("compare_representations",),
+    "prompt_variant": ("prompt_style",),
+}
+"""Notebook parameters renamed in 0.2 (old -> new, the first the notebook defines): :func:`check_namespace` still takes
+the old name (papermill's ``-p variant raw``) for one release, with a DeprecationWarning."""
+
 ORDERS: tuple[tuple[str, str, str], ...] = (
     ("k", "rank_cap", "scores are exact only up to the rank cap"),
     ("n_salient", "n_evidence", "the held-out rows are ranks n_salient to n_evidence - 1"),
@@ -142,5 +151,13 @@ def _example(rule: Range) -> str:
 def check_namespace(namespace: dict) -> dict:
     """:func:`check_parameters` every parameter of :data:`RANGES` that ``namespace`` defines (a notebook's ``globals()`` after
     its parameters cell, papermill's values included); returns the checked values. The CLI's own options
-    (:data:`CLI_ONLY`) are left out: a notebook may use those names for its own variables."""
+    (:data:`CLI_ONLY`) are left out: a notebook may use those names for its own variables.
+
+    A parameter given under its old name (:data:`RENAMED`) is moved to its new one in ``namespace``, with a
+    DeprecationWarning naming it."""
+    for old, new in RENAMED.items():
+        target = next((n for n in new if n in namespace), None)
+        if old in namespace and target is not None:
+            renamed(f"the notebook parameter {old}", target, stacklevel=3)
+            namespace[target] = namespace.pop(old)
     return check_parameters(**{name: namespace[name] for name in RANGES if name in namespace and name not in CLI_ONLY})

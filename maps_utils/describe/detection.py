@@ -33,7 +33,7 @@ from ..core.manifest import build_manifest, call_arguments, write_manifest
 from ..core.store import RunOptions, read_table, result_folder
 from ..relations import list_relations, load_all
 from ..static.scores import static_scores
-from .detection_stats import THRESHOLD, summary, verified_by_quartile
+from .detection_stats import THRESHOLD, detection_summary, verified_by_quartile
 from .pipeline import show_token
 from .rules import predicate_library, row_holds
 
@@ -241,7 +241,7 @@ class DetectionResult:
     name: str = "detection"
 
     def summary(self, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-        return summary(self.scores, threshold=self.threshold, n_boot=n_boot, seed=seed)
+        return detection_summary(self.scores, threshold=self.threshold, n_boot=n_boot, seed=seed)
 
     def by_quartile(self) -> pd.DataFrame:
         return verified_by_quartile(self.scores, self.n_layers, threshold=self.threshold)
@@ -310,7 +310,7 @@ TARGET_RELATIONS = ("copying", "name_copying", "word_first_letter", "country_cap
 
 def static_target_heads(loaded, relations: Sequence[str] = TARGET_RELATIONS, *, min_score: float = 0.5,
                         run: RunOptions = RunOptions()) -> pd.DataFrame:
-    """Heads whose static score (notebook 01's engine, the paper's k, the model's default variant) is at least
+    """Heads whose static score (notebook 01's engine, the paper's k, the model's registered representation) is at least
     ``min_score`` on any of ``relations``: one row per head with its best such relation and score."""
 
     usable = [r for r in relations if r in list_relations()]

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from ..core.deprecation import renamed_function
 from .sampling import layer_quartile, quartile_labels
 
 THRESHOLD = 0.75
@@ -24,8 +25,9 @@ def bootstrap_ci(values: Sequence[float], *, n_boot: int = 2000, seed: int = 0, 
     return tuple(float(x) for x in np.quantile(means, [(1 - level) / 2, (1 + level) / 2]))
 
 
-def summary(scores: pd.DataFrame, *, threshold: float = THRESHOLD, n_boot: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Per describer: heads, heads judged, mean score, mean shuffled control, their gap with a bootstrap CI
+def detection_summary(scores: pd.DataFrame, *, threshold: float = THRESHOLD, n_boot: int = 2000,
+                      seed: int = 0) -> pd.DataFrame:
+    """Per describer of a detection-score table (:func:`~maps_utils.describe.detection.score_descriptions`): heads, heads judged, mean score, mean shuffled control, their gap with a bootstrap CI
     (over heads with both), and the share verified (score >= threshold, over every head)."""
     out = []
     for name, g in scores.groupby("describer", sort=False):
@@ -38,6 +40,9 @@ def summary(scores: pd.DataFrame, *, threshold: float = THRESHOLD, n_boot: int =
                     "gap_ci_low": lo, "gap_ci_high": hi, "gap_heads": len(gap),
                     "share_verified": float((g.score >= threshold).mean())})
     return pd.DataFrame(out)
+
+
+summary = renamed_function(detection_summary, "summary")
 
 
 def verified_by_quartile(scores: pd.DataFrame, n_layers: int, *, threshold: float = THRESHOLD) -> pd.DataFrame:

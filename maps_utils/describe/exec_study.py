@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..core.deprecation import renamed_arguments
 from ..core.errors import OptionError
 from ..core.io import atomic_write_text
 from ..core.manifest import build_manifest, write_manifest
@@ -171,7 +172,7 @@ def random_head_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int 
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             p.copy_((noise * p.detach().float().std()).to(p.dtype))
         return salient_operations(w, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
-                                  variant="first_mlp_all", heads_subset=list(heads), progress=progress)
+                                  representation="first_mlp_all", heads_subset=list(heads), progress=progress)
     finally:
         for k, p in params.items():
             p.copy_(saved[k])
@@ -288,8 +289,9 @@ def validity_summary(validity: pd.DataFrame, threshold: float = 0.8) -> pd.DataF
 
 
 # ---- the whole step ---------------------------------------------------------------------------------------
+@renamed_arguments(variant="representation")
 def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int = 15, n_evidence: int = 40,
-                        n_mappings: int = 5, variant: str = "first_mlp_all", target_min_score: float | None = 0.5,
+                        n_mappings: int = 5, representation: str = "first_mlp_all", target_min_score: float | None = 0.5,
                         options: ExecOptions | None = None, max_random_share: float = MAX_RANDOM_SHARE,
                         ops: pd.DataFrame | None = None, run: RunOptions = RunOptions()) -> ExecutableResult:
     """The executable describer on ``heads`` of ``loaded`` (see the module docstring); written under
@@ -309,7 +311,8 @@ def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int =
                else pd.DataFrame(columns=["layer", "head", "relation", "score"]))
     wanted = sorted(set(chosen) | {(int(a), int(b)) for a, b in targets[["layer", "head"]].values})
     if ops is None or not set(wanted) <= set(zip(ops.layer, ops["head"], strict=True)):
-        ops = salient_ops(loaded, wanted, n_salient=n_evidence, n_mappings=n_mappings, variant=variant, run=run)
+        ops = salient_ops(loaded, wanted, n_salient=n_evidence, n_mappings=n_mappings, representation=representation,
+                          run=run)
     rows = rows_of(ops)
     r_heads = select_heads(w.n_layers, w.n_heads, "sample", n=max(options.n_random, 1), seed=run.seed + 1)
     r_rows = rows_of(random_head_ops(loaded, r_heads, n_salient=n_evidence, n_mappings=n_mappings,
@@ -351,8 +354,9 @@ def describe_executable(loaded, heads="sample", *, n: int = 40, n_salient: int =
     for t in (table, relations):
         if t is not None:
             t.insert(2, "quartile", [layer_quartile(la, w.n_layers) for la in t.layer])
+    # the manifest keeps the names of 0.1 (``variant``: the representation)
     params = {"heads": [list(h) for h in chosen], "n_salient": n_salient, "n_evidence": n_evidence,
-              "n_mappings": n_mappings, "variant": variant, "target_min_score": target_min_score,
+              "n_mappings": n_mappings, "variant": representation, "target_min_score": target_min_score,
               "options": asdict(options), "max_random_share": max_random_share, "admitted": sorted(admitted),
               "random_heads": [list(h) for h in r_heads], "random_variant": "first_mlp_all", "seed": run.seed}
     manifest = build_manifest(parameters=params, wall_seconds=time.perf_counter() - t0, model=loaded.manifest())

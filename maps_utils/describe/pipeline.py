@@ -5,7 +5,7 @@ For each selected head, :func:`salient_ops` takes its top tokens by norm amplifi
 ``n_salient`` (15 in the paper); the next ones, up to ``n_evidence`` (ranks 16-40 by default), are held out as
 evidence for scoring the descriptions (:mod:`maps_utils.describe.detection`).
 
-:func:`build_prompt` writes the shown rows into the paper's prompt (§4.2); the ``"hinted"`` variant adds counted
+:func:`build_prompt` writes the shown rows into the paper's prompt (§4.2); the ``"hinted"`` style adds counted
 hints from the rule describer for weak local models. A :class:`~maps_utils.describe.client.Describer` answers it (GPT-4o,
 any OpenAI-compatible server, or a local llama.cpp model decoding under :data:`DESCRIPTION_SCHEMA`), and
 :func:`parse_description` reads the answer strictly as JSON, then as the first JSON object in the text, else keeps
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..core.deprecation import renamed_arguments, renamed_constants
 from ..core.hashing import content_key
 from ..core.io import atomic_write_text
 from ..core.manifest import build_manifest, call_arguments, write_manifest
@@ -47,8 +48,9 @@ DESCRIPTION_SCHEMA = {
     "required": list(KEYS),
 }
 """The answer's form; the local model decodes under it (string lengths capped so an answer always closes)."""
-PROMPT_VARIANTS = ("paper", "hinted")
+PROMPT_STYLES = ("paper", "hinted")  # the paper's prompt, or the paper's with counted hints (weak local models)
 SALIENCY_VERSION = 1  # the stored saliency tables' format
+__getattr__ = renamed_constants(globals(), {"PROMPT_VARIANTS": "PROMPT_STYLES"})  # renamed in 0.2
 
 
 # ---- salient operations and the prompt ----------------------------------------------------------------
@@ -58,12 +60,13 @@ def show_token(text: str) -> str:
     return repr(text)[1:-1]
 
 
+@renamed_arguments(variant="representation")
 def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15, n_mappings: int = 5,
-                variant: str = "first_mlp_all", run: RunOptions = RunOptions(results_dir=None)) -> pd.DataFrame:
+                representation: str = "first_mlp_all", run: RunOptions = RunOptions(results_dir=None)) -> pd.DataFrame:
     """Each head's top ``n_salient`` tokens by norm amplification and their top ``n_mappings`` targets.
 
     One row per (head, salient token): layer, head, quartile, rank, token_id, token, saliency, mapping_ids,
-    mappings. ``variant`` is the source representation; the paper's salient operations apply the first MLP in
+    mappings. ``representation`` is the source representation; the paper's salient operations apply the first MLP in
     every layer (``"first_mlp_all"``, MAPS-SPEC §4.1). The whole-vocabulary saliency is kept in the results store
     (``run``; :func:`cached_saliency`).
     """
@@ -72,27 +75,29 @@ def salient_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int = 15
         raise ValueError(f"n_salient and n_mappings must be >= 1 (got {n_salient}, {n_mappings}).")
     if not heads:
         raise ValueError("salient_ops needs at least one (layer, head).")
-    sal = cached_saliency(loaded, variant, run)
+    sal = cached_saliency(loaded, representation, run)
     ops = salient_operations(loaded.weights, loaded.tokenizer, n_tokens=n_salient, n_mappings=n_mappings,
-                             variant=variant, heads_subset=list(heads), saliency_scores=sal, progress=run.progress)
+                             representation=representation, heads_subset=list(heads), saliency_scores=sal, progress=run.progress)
     ops.insert(2, "quartile", [layer_quartile(la, loaded.weights.n_layers) for la in ops.layer])
     return ops
 
 
-def cached_saliency(loaded, variant: str, run: RunOptions):
+@renamed_arguments(variant="representation")
+def cached_saliency(loaded, representation: str, run: RunOptions):
     """``[n_layers, n_heads, V]`` saliency of every token (:func:`maps_utils.static.salient.saliency`), read from
-    ``<results_dir>/<model>/saliency/<variant>.pt`` when it was stored for these weights, dtype and representation
-    (and the context-free prefix), else computed and stored. A ``context_free`` saliency runs the model once over the
-    whole vocabulary, so keeping it matters."""
+    ``<results_dir>/<model>/saliency/<representation>.pt`` when it was stored for these weights, dtype and
+    representation (and the context-free prefix), else computed and stored. A ``context_free`` saliency runs the model
+    once over the whole vocabulary, so keeping it matters. (The cache key spells the representation ``variant``, as
+    the saliencies stored before the rename do.)"""
 
     key = content_key({"engine_version": SALIENCY_VERSION, "weights_sha256": loaded.weights_sha256,
-                       "dtype": str(loaded.dtype), "variant": variant,
-                       "prefix": None if parse(variant).parameters_only else list(default_prefix(loaded.weights))})
+                       "dtype": str(loaded.dtype), "variant": representation,
+                       "prefix": None if parse(representation).parameters_only else list(default_prefix(loaded.weights))})
     slots = Slots(run.folder(loaded.name, "saliency"), enabled=run.use_cache)
-    sal = slots.read(variant, key)
+    sal = slots.read(representation, key)
     if sal is None:
-        sal = saliency(loaded.weights, variant=variant, progress=run.progress)
-        slots.write(variant, key, sal)
+        sal = saliency(loaded.weights, representation=representation, progress=run.progress)
+        slots.write(representation, key, sal)
     return sal
 
 
@@ -147,18 +152,19 @@ def build_prompt(tokens: Sequence[str], mappings: Sequence[Sequence[str]], hints
     return PROMPT.format(n=len(mappings[0]), inputs=inputs, mappings=lines)
 
 
-def head_prompts(ops: pd.DataFrame, variant: str = "paper", library=None) -> dict[tuple[int, int], str]:
-    """``{(layer, head): prompt}`` from the rows of a :func:`salient_ops` table; ``variant`` "paper" (the paper's
+@renamed_arguments(variant="style")
+def head_prompts(ops: pd.DataFrame, style: str = "paper", library=None) -> dict[tuple[int, int], str]:
+    """``{(layer, head): prompt}`` from the rows of a :func:`salient_ops` table; ``style`` "paper" (the paper's
     prompt) or "hinted" (with :func:`rule_hints` from ``library``, default every predicate)."""
-    if variant not in PROMPT_VARIANTS:
-        raise ValueError(f"prompt_variant={variant!r}: use one of {', '.join(PROMPT_VARIANTS)}.")
-    if variant == "hinted" and library is None:
+    if style not in PROMPT_STYLES:
+        raise ValueError(f"prompt_style={style!r}: use one of {', '.join(PROMPT_STYLES)}.")
+    if style == "hinted" and library is None:
 
         library = predicate_library(load_all())
     out = {}
     for (la, h), g in ops.sort_values("rank").groupby(["layer", "head"], sort=True):
         tokens, maps = list(g.token), list(g.mappings)
-        hints = rule_hints(tokens, maps, library) if variant == "hinted" else ""
+        hints = rule_hints(tokens, maps, library) if style == "hinted" else ""
         out[(int(la), int(h))] = build_prompt(tokens, maps, hints)
     return out
 
@@ -312,9 +318,10 @@ def quartile_shares(table: pd.DataFrame, n_layers: int) -> pd.DataFrame:
     return out
 
 
+@renamed_arguments(variant="representation", prompt_variant="prompt_style")
 def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient: int = 15,
-                   n_mappings: int = 5, n_evidence: int = N_EVIDENCE, variant: str = "first_mlp_all",
-                   prompt_variant: str | None = None, describer: Describer | None = None,
+                   n_mappings: int = 5, n_evidence: int = N_EVIDENCE, representation: str = "first_mlp_all",
+                   prompt_style: str | None = None, describer: Describer | None = None,
                    describer_model: str | None = None, base_url: str | None = None, name: str = "descriptions",
                    run: RunOptions = RunOptions(), **describer_kw) -> DescriptionResult:
     """Salient operations of the selected heads, described by an LLM and by the rule describer, with a manifest;
@@ -322,18 +329,20 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient
     ``<results_dir>/<model>/descriptions.cache.jsonl`` (or ``cache_path``); ``run.seed`` seeds the head sample.
 
     The describer sees ranks ``< n_salient``; ranks ``n_salient .. n_evidence - 1`` are kept as held-out evidence.
-    ``prompt_variant`` is "paper" (default for GPT-4o and servers) or "hinted" (default for the local model).
+    ``prompt_style`` is "paper" (default for GPT-4o and servers) or "hinted" (default for the local model).
     Raises :class:`~maps_utils.describe.client.DescriberError` (after writing the tables) when every head failed.
     """
     # every argument but the describer's own settings (recorded below from the describer) and a raw base_url,
     # which may carry credentials (the describer's provenance records it redacted)
-    arguments = call_arguments(locals(), skip=("loaded", "describer", "describer_kw", "base_url"))
+    # (the manifest keeps the names of 0.1: ``variant`` for the representation, ``prompt_variant`` for the style)
+    arguments = call_arguments(locals(), skip=("loaded", "describer", "describer_kw", "base_url"),
+                               recorded_as={"representation": "variant", "prompt_style": "prompt_variant"})
 
     t0 = time.perf_counter()
     w = loaded.weights
     chosen = select_heads(w.n_layers, w.n_heads, heads, n=n, seed=run.seed)
     everything = salient_ops(loaded, chosen, n_salient=max(n_salient, n_evidence), n_mappings=n_mappings,
-                             variant=variant, run=run)
+                             representation=representation, run=run)
     ops = everything[everything["rank"] < n_salient].reset_index(drop=True)
     evidence = everything[everything["rank"] >= n_salient].reset_index(drop=True)
     if describer is None:
@@ -341,11 +350,11 @@ def describe_heads(loaded, heads="sample", *, n: int = DEFAULT_SAMPLE, n_salient
             raise ValueError("describe_heads needs run.results_dir or a cache_path for the response cache.")
         cache_path = describer_kw.pop("cache_path", None) or run.folder(loaded.name) / "descriptions.cache.jsonl"
         describer = Describer(resolve_endpoint(describer_model, base_url), cache_path, **describer_kw)
-    prompt_variant = prompt_variant or ("hinted" if describer.endpoint.kind == "local" else "paper")
-    described = describe(describer, head_prompts(ops, prompt_variant), progress=run.progress)
+    prompt_style = prompt_style or ("hinted" if describer.endpoint.kind == "local" else "paper")
+    described = describe(describer, head_prompts(ops, prompt_style), progress=run.progress)
     table = _head_table(described, ops, w.n_layers)
     params = {**arguments, "heads": heads if isinstance(heads, (str, int)) else [list(p) for p in chosen],
-              "prompt_variant": prompt_variant, "n_heads_described": len(chosen),
+              "prompt_variant": prompt_style, "n_heads_described": len(chosen),
               **describer.params(DESCRIPTION_SCHEMA, version=PROMPT_VERSION), "describer": describer.provenance,
               "model_id": describer.model_id, "timeout": describer.timeout, "max_retries": describer.max_retries,
               "deadline": describer.deadline, "concurrency": describer.concurrency,

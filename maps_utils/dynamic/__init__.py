@@ -8,9 +8,10 @@ predict it.
 """
 
 from .capture import Prompt, build_prompts, tokenization_agreement
-from .correlation import correlations, pearson, summary
+from .correlation import correlation_summary, correlations, pearson
+from .correlation import summary as summary  # renamed correlation_summary; goes in the next release
 from .fidelity import fidelity_profile
 from .scores import CONTEXTS, DynamicRelation, DynamicScores, dynamic_scores, multi_token_scores
 
-__all__ = ["CONTEXTS", "DynamicRelation", "DynamicScores", "Prompt", "build_prompts", "correlations",
-           "dynamic_scores", "fidelity_profile", "multi_token_scores", "pearson", "summary", "tokenization_agreement"]
+__all__ = ["CONTEXTS", "DynamicRelation", "DynamicScores", "Prompt", "build_prompts", "correlation_summary",
+           "correlations", "dynamic_scores", "fidelity_profile", "multi_token_scores", "pearson", "tokenization_agreement"]

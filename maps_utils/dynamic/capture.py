@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .. import relations as R
 from ..heads import HeadWeights
 from ..heads.hooks import StopForward, run_until_stop
-from ..static.scan import Columns, ranks_of_targets, scan_columns
+from ..static.ranks import Columns, ranks_of_targets, scan_columns
 
 log = logging.getLogger(__name__)
 

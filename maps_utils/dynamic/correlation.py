@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.deprecation import renamed_arguments, renamed_function
 from ..core.manifest import build_manifest
 from ..core.store import RunOptions, write_table
 from ..static.scores import static_scores
@@ -83,9 +84,9 @@ def paper_style(corr: pd.DataFrame, score_type: str = "relation") -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-def summary(corr: pd.DataFrame) -> pd.DataFrame:
-    """Mean / min / max of r over relations, per score type and context (the paper's summary row);
-    relations whose r is undefined (a constant score vector) are counted separately."""
+def correlation_summary(corr: pd.DataFrame) -> pd.DataFrame:
+    """Mean / min / max of r over relations of a :func:`correlations` table, per score type and context (the
+    paper's summary row); relations whose r is undefined (a constant score vector) are counted separately."""
     rows = []
     for (score_type, context), g in corr.groupby(["score_type", "context"], sort=False):
         r = g.r.dropna()
@@ -95,39 +96,47 @@ def summary(corr: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---- what notebook 02 shows ---------------------------------------------------------------------------
-def compare_variants(loaded, dynamic: DynamicScores, variants, *, static=None, relations=None, k: int | None = None,
-                     run: RunOptions = RunOptions()) -> pd.DataFrame:
-    """Mean r per static variant (columns) and per score type and context (rows): the variant whose static scores
-    correlate better with the heads' outputs at inference describes them better. ``static`` is reused for its own
-    variant; the others are scored (or read from the results store)."""
+@renamed_arguments(variants="representations")
+def compare_representations(loaded, dynamic: DynamicScores, representations, *, static=None, relations=None,
+                            k: int | None = None, run: RunOptions = RunOptions()) -> pd.DataFrame:
+    """Mean r per source representation of the static scores (columns) and per score type and context (rows): the
+    representation whose static scores correlate better with the heads' outputs at inference describes them better.
+    ``static`` is reused for its own representation; the others are scored (or read from the results store)."""
 
     rows = []
-    for v in dict.fromkeys(variants):
-        st = static if static is not None and static.variant == v else static_scores(
-            loaded, relations, variant=v, run=run)
-        for _, r in summary(correlations(st, dynamic, k=k)).iterrows():
-            rows.append({"static variant": v, "score": r["score_type"], "context": r["context"],
+    for rep in dict.fromkeys(representations):
+        st = static if static is not None and static.representation == rep else static_scores(
+            loaded, relations, representation=rep, run=run)
+        for _, r in correlation_summary(correlations(st, dynamic, k=k)).iterrows():
+            rows.append({"representation": rep, "score": r["score_type"], "context": r["context"],
                          "mean r": round(r["mean r"], 3)})
-    table = pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="static variant", values="mean r")
-    return table[list(dict.fromkeys(variants))]
+    table = pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="representation", values="mean r")
+    return table[list(dict.fromkeys(representations))]
 
 
-def best_variant(by_variant: pd.DataFrame, baseline: str = "first_mlp", margin: float = 0.05) -> str:
-    """The inference criterion: the variant (source representation) with the highest mean r for relation scores
+@renamed_arguments(by_variant="by_representation")
+def best_representation(by_representation: pd.DataFrame, baseline: str = "first_mlp", margin: float = 0.05) -> str:
+    """The inference criterion: the source representation with the highest mean r for relation scores
     without context, where the head reads the source alone (ties: the first column), unless it beats ``baseline``
     (the paper's) by no more than ``margin``: a smaller gain is within the spread of r over relations, so the
     paper's representation stays. ``margin=0`` gives the plain maximum."""
-    r = by_variant.loc[("relation", "without")]
+    r = by_representation.loc[("relation", "without")]
     best = str(r.idxmax())
     if baseline in r.index and r[best] - r[baseline] <= margin:
         return baseline
     return best
 
 
-def representation_table(by_variant: pd.DataFrame, paper_models: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per representation (a :func:`compare_variants` table): mean r of relation and suppression scores
-    without and with context; the paper's models' means (``paper.dynamic_summary()``) below, where given."""
-    t = by_variant.T[[(s, c) for s in ("relation", "suppression") for c in ("without", "with")]]
+summary = renamed_function(correlation_summary, "summary")
+compare_variants = renamed_function(compare_representations, "compare_variants")
+best_variant = renamed_function(best_representation, "best_variant")
+
+
+@renamed_arguments(by_variant="by_representation")
+def representation_table(by_representation: pd.DataFrame, paper_models: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per representation (a :func:`compare_representations` table): mean r of relation and suppression
+    scores without and with context; the paper's models' means (``paper.dynamic_summary()``) below, where given."""
+    t = by_representation.T[[(s, c) for s in ("relation", "suppression") for c in ("without", "with")]]
     t.columns = [f"{score} r {'w/o' if context == 'without' else 'w/'}" for score, context in t.columns]
     if paper_models is not None:
         paper = paper_models[["mean r w/o", "mean r w/"]].rename(
@@ -138,17 +147,18 @@ def representation_table(by_variant: pd.DataFrame, paper_models: pd.DataFrame | 
     return t
 
 
-def depth_curve(by_variant: pd.DataFrame) -> pd.DataFrame:
+@renamed_arguments(by_variant="by_representation")
+def depth_curve(by_representation: pd.DataFrame) -> pd.DataFrame:
     """Mean r of relation scores (without / with context) of ``context_free_N`` per N, and of the full
     ``context_free`` (N = the layer itself) as the last row: how many blocks a token needs before it settles."""
 
     rows = []
-    for name in by_variant.columns:
+    for name in by_representation.columns:
         rep = parse(name)
         if rep.base == "context_free":
             rows.append({"N": rep.depth if rep.depth is not None else "all", "representation": name,
-                         "r w/o": by_variant.loc[("relation", "without"), name],
-                         "r w/": by_variant.loc[("relation", "with"), name]})
+                         "r w/o": by_representation.loc[("relation", "without"), name],
+                         "r w/": by_representation.loc[("relation", "with"), name]})
     rows.sort(key=lambda r: (r["N"] == "all", r["N"] if r["N"] != "all" else 0))
     return pd.DataFrame(rows).set_index("N")
 
@@ -175,9 +185,10 @@ def _write(table: pd.DataFrame, loaded, name: str, parameters: dict, wall_second
 
 def write_correlations(corr: pd.DataFrame, loaded, static, dynamic: DynamicScores, k: int | None,
                        wall_seconds: float, run: RunOptions, name: str = "correlations") -> Path | None:
-    """The correlation table as ``<results_dir>/<model>/dynamic/<name>.csv`` with its manifest (the static variant,
-    k and the dynamic run's parameters); None when ``run`` keeps no files."""
-    return _write(corr, loaded, name, {"static_variant": static.variant, "k": k,
+    """The correlation table as ``<results_dir>/<model>/dynamic/<name>.csv`` with its manifest (the static scores'
+    representation, recorded as ``static_variant``, k and the dynamic run's parameters); None when ``run`` keeps no
+    files."""
+    return _write(corr, loaded, name, {"static_variant": static.representation, "k": k,
                                        "dynamic": dynamic.manifest["parameters"]}, wall_seconds, run)
 
 

@@ -13,7 +13,7 @@ template and the model is run once. For every head h at the prompt's **last posi
 
 The dynamic score is the fraction of prompts whose target is in the top-k of the projection (the
 static score's k), and the suppression score the same on the negated projection. Ranks are computed
-with the static engine's exact early-stopping scan (:func:`maps_utils.static.scan.ranks_of_targets`, ties
+with the static engine's exact early-stopping scan (:func:`maps_utils.static.ranks.ranks_of_targets`, ties
 in the target's favour), capped at ``rank_cap`` (default: the relation's k; a row whose target ranks near
 the top must scan the whole vocabulary, so a larger cap costs time).
 
@@ -40,6 +40,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from .. import relations as R
+from ..core.deprecation import renamed_arguments, renamed_attribute
 from ..core.hashing import content_key
 from ..core.manifest import build_manifest, call_arguments
 from ..core.params import check_parameters
@@ -50,6 +51,8 @@ from .capture import build_prompts, model_columns, prompt_ranks, tokenization_ag
 log = logging.getLogger(__name__)
 
 ENGINE_VERSION = 2  # 2: keyed by the weights' hash
+_STORED_AS = {"tokenization_agreement": "agreement"}  # DynamicRelation's fields under their names in the slots
+_FIELD_OF = {stored: name for name, stored in _STORED_AS.items()}
 DEFAULT_BATCH = 64  # prompts per forward pass (64 beat 128 on the 2-core CPU in a full run)
 CONTEXTS = ("without", "with")
 MULTI_TOKEN_MODES = {"paper": False, "natural": True}
@@ -59,9 +62,11 @@ leading space it has in running text."""
 
 
 # ---- whole relations: cached, resumable tables ---------------------------------------------------------
+@renamed_arguments(agreement="tokenization_agreement")
 @dataclass
 class DynamicRelation:
-    """One relation's prompts (per template) and the ranks of their targets in every head."""
+    """One relation's prompts (per template) and the ranks of their targets in every head. Stored in its slot by
+    :meth:`stored` (read back by :meth:`from_stored`), under the field names of engine version 2."""
 
     name: str
     category: str | None
@@ -70,10 +75,22 @@ class DynamicRelation:
     target_ids: list[int]
     templates: list[str]
     ranks: Tensor  # int16 [n_templates, 4, n, L, H]
-    agreement: list[float]  # per template: prompts equal to the filled-in string's tokenisation
+    tokenization_agreement: list[float]  # per template: share of prompts equal to the filled-in string's tokenisation
     k: int  # the relation's k (the static score's)
     rank_cap: int  # ranks are exact below it
     seconds: float = 0.0
+
+    agreement = renamed_attribute("agreement", "tokenization_agreement")
+
+    def stored(self) -> dict:
+        """The fields as the slot keeps them (``tokenization_agreement`` as ``agreement``, its name in every slot
+        written so far, in the same place), so a slot's bytes do not change with the field's name."""
+        return {_STORED_AS.get(name, name): value for name, value in self.__dict__.items()}
+
+    @classmethod
+    def from_stored(cls, fields: dict) -> DynamicRelation:
+        """A relation from its slot's fields (:meth:`stored`)."""
+        return cls(**{_FIELD_OF.get(name, name): value for name, value in fields.items()})
 
     @property
     def n(self) -> int:
@@ -214,7 +231,7 @@ class _Step:
         saved = self.parts.read(rel.name, key)
         if saved is not None:
             bar.update(len(templates))
-            return DynamicRelation(**saved["relation"]), True
+            return DynamicRelation.from_stored(saved["relation"]), True
         r0 = time.perf_counter()
         ranks = []
         for i, ps in enumerate(per_template):
@@ -223,11 +240,11 @@ class _Step:
                                       memory_budget_mb=self.run.memory_budget_mb, progress=False,
                                       desc=f"{rel.name} · template {i + 1}/{len(templates)}"))
             bar.update(1)
-        agreement = [tokenization_agreement(tok, t, [s for s, _ in pairs], ps) if self.space_in_source
-                     else float("nan") for t, ps in zip(templates, per_template, strict=True)]
+        agreements = [tokenization_agreement(tok, t, [s for s, _ in pairs], ps) if self.space_in_source
+                      else float("nan") for t, ps in zip(templates, per_template, strict=True)]
         result = DynamicRelation(rel.name, rel.category, rel.copying, pairs, tgt, list(templates),
-                                 torch.stack(ranks), agreement, k, cap, time.perf_counter() - r0)
-        self.parts.write(rel.name, key, {"table": self.table_key, "relation": result.__dict__})
+                                 torch.stack(ranks), agreements, k, cap, time.perf_counter() - r0)
+        self.parts.write(rel.name, key, {"table": self.table_key, "relation": result.stored()})
         return result, False
 
 
@@ -237,7 +254,7 @@ def _stored(parts: Slots, table_key: str, first: list[DynamicRelation]) -> list[
     found = {name: saved["value"]["relation"] for name, saved in parts.entries()
              if isinstance(saved.get("value"), dict) and saved["value"].get("table") == table_key}
     names = {r.name for r in first}
-    return list(first) + [DynamicRelation(**found[n]) for n in sorted(set(found) - names)]
+    return list(first) + [DynamicRelation.from_stored(found[n]) for n in sorted(set(found) - names)]
 
 
 def _relations(relations, default_filter=None) -> list[R.Relation]:

@@ -12,7 +12,7 @@ import pandas as pd
 from ..core.params import check_parameters
 from ..describe.detection_stats import THRESHOLD, auc
 from .annotations import is_complete
-from .questions import CORRECTNESS, KINDS, PATTERN, QUESTIONS
+from .questions import CORRECTNESS, OPERATION_KINDS, PATTERN, QUESTIONS
 
 # ---- statistics --------------------------------------------------------------------------------------
 POOLED = "(pooled)"  # cannot be an annotator name
@@ -47,7 +47,7 @@ def rates(ann: pd.DataFrame) -> pd.DataFrame:
         out = {"pattern_answers": len(p), "pattern_yes": share(p, "pattern_observable", "yes"), "described_answers": len(c)}
         out |= {v: share(c, "description_correct", v) for v in CORRECTNESS}
         out["kind_answers"] = len(k)
-        out |= {f"kind:{v}": share(k, "operation_kind", v) for v in KINDS}
+        out |= {f"kind:{v}": share(k, "operation_kind", v) for v in OPERATION_KINDS}
         return out
 
     rows = {name: one(g) for name, g in ann.groupby("annotator", sort=True)}

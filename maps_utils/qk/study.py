@@ -23,7 +23,7 @@ from ..core.store import RunOptions, Slots, write_table
 from ..dynamic.capture import build_prompts, pad_batch
 from ..dynamic.correlation import pearson
 from ..dynamic.scores import DynamicScores, pad_id, relation_prompts
-from ..static.scan import scan_columns
+from ..static.ranks import scan_columns
 from ..static.scores import TAU
 from .circuit import QKMap, QKOptions
 from .inference import distractor_prompts, real_attention, run_prompts, static_batch
@@ -95,12 +95,12 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
              run: RunOptions = RunOptions()) -> QKStudy:
     """Validate the static QK map and test the joint prediction on every relation of ``dynamic`` that ``static``
     scored. ``max_pairs`` and ``run.seed`` must be the dynamic run's (its prompts are rebuilt);
-    ``ov_representation`` defaults to the static scores' variant (the OV-only score the joint one is compared with).
+    ``ov_representation`` defaults to the static scores' representation (the OV-only score the joint one is compared with).
     """
     t0 = time.perf_counter()
     if dynamic.kind != "single":
         raise OptionError(f"The QK study reads single-token dynamic scores (dynamic_scores), not {dynamic.kind}.")
-    ov_representation = ov_representation or static.variant
+    ov_representation = ov_representation or static.representation
     qmap = QKMap(loaded.weights, options)
     identity = {"version": VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
                 "dtype": str(loaded.dtype), "options": asdict(options), "ov_representation": ov_representation}
@@ -135,7 +135,7 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
                      "max_joint": float(j.max()), "max_dynamic_with": float(d.max()), "k": rel.k})
     study = QKStudy(pd.concat(val, ignore_index=True), pd.concat(joint, ignore_index=True), pd.DataFrame(corr))
     study.manifest = build_manifest(parameters={**identity, "max_pairs": max_pairs, "run": run.manifest(),
-                                                "static_variant": static.variant,
+                                                "static_variant": static.representation,
                                                 "relations": [r.name for r in todo]},
                                     wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     if out is not None:

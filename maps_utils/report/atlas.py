@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.deprecation import renamed_arguments
 from ..core.io import atomic_write_text
 from ..core.store import RunOptions, model_slug, read_table, result_folder
 from ..relations import TopK
@@ -59,10 +60,10 @@ def atlas_data(static, *, descriptions: pd.DataFrame | None = None, ops: pd.Data
         supp.append([_r(x) for x in g.suppression_score])
     cats = category_map(table, tau).sort_values(["layer", "head"])
     data = {
-        "model": static.model, "variant": static.variant, "n_layers": L, "n_heads": H, "tau": tau,
+        "model": static.model, "variant": static.representation, "n_layers": L, "n_heads": H, "tau": tau,
         "relations": rels, "scores": scores, "suppression": supp, "hits": hits,
         "categories": [[lab, list(c)] for lab, c in zip(cats.label, cats.categories, strict=True)],
-        "ops": {}, "descriptions": {}, "executable": {}, "ablation": {}, "qk": {}, "sources": {"static": static.variant},
+        "ops": {}, "descriptions": {}, "executable": {}, "ablation": {}, "qk": {}, "sources": {"static": static.representation},
     }
     if qk_keys is not None and len(qk_keys):
         for (la, h), g in qk_keys.sort_values("rank").groupby(["layer", "head"]):
@@ -109,13 +110,15 @@ def render_atlas(data: dict) -> str:
     return _PAGE.replace("__TITLE__", title).replace("__DATA__", payload)
 
 
+@renamed_arguments(variant="representation")
 def build_atlas(loaded, results_dir: str | Path = "results", out: str | Path | None = None,
-                variant: str | None = None) -> Path:
-    """Read ``results/<model>/`` (static scores, computed if missing; descriptions; ablation) and write the atlas to
-    ``out`` (default ``reports/<model>/atlas.html``)."""
+                representation: str | None = None) -> Path:
+    """Read ``results/<model>/`` (static scores under ``representation``, default the model's registered one, computed
+    if missing; descriptions; ablation) and write the atlas to ``out`` (default ``reports/<model>/atlas.html``)."""
 
     res = result_folder(results_dir, loaded.name)
-    static = static_scores(loaded, variant=variant or loaded.variant, run=RunOptions(results_dir=results_dir))
+    static = static_scores(loaded, representation=representation or loaded.representation,
+                           run=RunOptions(results_dir=results_dir))
 
     def read(path: Path, notebook: str = "04_salient_descriptions") -> pd.DataFrame | None:
         rebuild = f"run notebooks/{notebook}.ipynb again (`make all` runs it)"

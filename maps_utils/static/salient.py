@@ -14,11 +14,12 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..core.deprecation import renamed_arguments
 from ..heads import HeadWeights
 from . import sources
-from .ranks import check_variant
 
 
+@renamed_arguments(variant="representation")
 @torch.no_grad()
 def top_mappings(
     weights: HeadWeights,
@@ -27,7 +28,7 @@ def top_mappings(
     token_ids: Sequence[int] | Tensor,
     k: int = 5,
     *,
-    variant: str = "first_mlp",
+    representation: str = "first_mlp",
     suppression: bool = False,
     chunk: int = 32768,
     prefix: Sequence[int] | None = None,
@@ -36,7 +37,7 @@ def top_mappings(
 
     The vocabulary is processed in chunks, so memory stays at n × chunk.
     """
-    x = sources.source_vectors(weights, token_ids, variant, layer, prefix=prefix)
+    x = sources.source_vectors(weights, token_ids, representation, layer, prefix=prefix)
     w = weights.ov(layer).head_write(head, x)  # [n, d]
     if suppression:
         w = -w
@@ -51,11 +52,12 @@ def top_mappings(
     return best_v, best_i
 
 
+@renamed_arguments(variant="representation")
 @torch.no_grad()
 def saliency(
     weights: HeadWeights,
     *,
-    variant: str = "first_mlp_all",
+    representation: str = "first_mlp_all",
     chunk: int = 8192,
     progress: bool = True,
     dtype: torch.dtype | None = None,
@@ -64,19 +66,19 @@ def saliency(
     """``[n_layers, n_heads, V]`` norm amplification ‖x_t W_VO‖ / ‖x_t‖ of every token for every head.
 
     Uses ‖y W_O‖² = y (W_O W_Oᵀ) yᵀ with y = x W_V, so W_VO (d×d) is never formed. The default
-    variant is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1). A forward-pass
+    representation is the paper's salient-operations choice (MLP0 for every layer, MAPS-SPEC §8.1). A forward-pass
     representation (``context_free``) runs one batched pass per chunk of the vocabulary.
     """
-    check_variant(variant)
+    sources.check(representation)
     dtype = dtype or weights.U.dtype
     L, H, V = weights.n_layers, weights.n_heads, weights.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)
     ovs = [weights.ov(layer).to(dtype) for layer in range(L)]
     gram = [ov.out_gram() for ov in ovs]  # [H, dh, dh] per layer
     device = weights.U.device
-    for start in tqdm(range(0, V, chunk), desc=f"saliency ({variant})", disable=not progress):
+    for start in tqdm(range(0, V, chunk), desc=f"saliency ({representation})", disable=not progress):
         ids = torch.arange(start, min(V, start + chunk), device=device)
-        xs = sources.SourceVectors(weights, ids, variant, prefix=prefix, dtype=dtype)
+        xs = sources.SourceVectors(weights, ids, representation, prefix=prefix, dtype=dtype)
         for layer in range(L):
             x = xs.layer(layer)
             y = ovs[layer].head_values(x)  # [H, n, dh]
@@ -86,6 +88,7 @@ def saliency(
     return out
 
 
+@renamed_arguments(variant="representation")
 @torch.no_grad()
 def salient_operations(
     weights: HeadWeights,
@@ -93,7 +96,7 @@ def salient_operations(
     *,
     n_tokens: int = 15,
     n_mappings: int = 5,
-    variant: str = "first_mlp_all",
+    representation: str = "first_mlp_all",
     heads_subset: Sequence[tuple[int, int]] | None = None,
     saliency_scores: Tensor | None = None,
     progress: bool = True,
@@ -103,15 +106,15 @@ def salient_operations(
 
     Returns a tidy DataFrame (layer, head, rank, token_id, token, saliency, mapping_ids, mappings).
     ``saliency_scores`` (from :func:`saliency`) is reused when given; tokens are decoded when a
-    tokenizer is given. The default variant is the paper's for this analysis (MLP0 for all layers).
+    tokenizer is given. The default representation is the paper's for this analysis (MLP0 for all layers).
     """
-    sal = saliency(weights, variant=variant, progress=progress) if saliency_scores is None else saliency_scores
+    sal = saliency(weights, representation=representation, progress=progress) if saliency_scores is None else saliency_scores
     pairs = heads_subset or [(la, h) for la in range(weights.n_layers) for h in range(weights.n_heads)]
     rows = []
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
     for layer, h in pairs:
         values, ids = torch.topk(sal[layer, h], n_tokens)
-        _, maps = top_mappings(weights, layer, h, ids.to(weights.U.device), n_mappings, variant=variant)
+        _, maps = top_mappings(weights, layer, h, ids.to(weights.U.device), n_mappings, representation=representation)
         for rank, (tid, value, mapped) in enumerate(zip(ids.tolist(), values.tolist(), maps.tolist(), strict=True)):
             rows.append({"layer": layer, "head": h, "rank": rank, "token_id": tid, "token": decode(tid),
                          "saliency": value, "mapping_ids": mapped, "mappings": [decode(m) for m in mapped]})

@@ -1,12 +1,15 @@
-"""Static relation scores as tidy tables: computed once per (model, variant, relations), cached and resumable.
+"""Static relation scores as tidy tables: computed once per (model, representation, relations), cached and resumable.
 
 ``static_scores(loaded)`` scores every usable relation in every head and returns a
 :class:`StaticScores`; its ``table()`` is the tidy result (one row per relation × layer × head) at any
-k up to the rank cap. Ranks are stored one slot per relation under ``results/<model>/static/<variant>/ranks/``
-(:class:`~maps_utils.core.store.Slots`), keyed by the weights' hash, the variant, the rank cap, the filter and the
-relation's pairs: a query reads every relation already stored and computes only the others, and ``scores.csv``
+k up to the rank cap. Ranks are stored one slot per relation under ``results/<model>/static/<representation>/ranks/``
+(:class:`~maps_utils.core.store.Slots`), keyed by the weights' hash, the representation, the rank cap, the filter and
+the relation's pairs: a query reads every relation already stored and computes only the others, and ``scores.csv``
 holds every relation stored for these weights, so a smaller query never shrinks it. An interrupted run resumes
 from its last finished layer.
+
+The tables, cache keys and manifests spell the representation ``variant`` (its name before 0.2), so results stored
+before the rename are read as they are and new ones are byte for byte the same.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import pandas as pd
 import torch
 
 from .. import relations as R
+from ..core.deprecation import renamed_arguments, renamed_attribute, renamed_function
 from ..core.hashing import content_key
 from ..core.io import StorageError, atomic_write_text
 from ..core.manifest import build_manifest, call_arguments, check_file, read_manifest, write_manifest
@@ -29,7 +33,7 @@ from ..core.params import check_parameters
 from ..core.store import RunOptions, Slots, check_results_dir
 from ..models.loading import LoadedModel
 from . import sources
-from .ranks import RankResult, check_variant, target_ranks
+from .ranks import RankResult, target_ranks
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ class StaticScores:
     """Target ranks of every usable relation in every head, and the tables derived from them."""
 
     model: str
-    variant: str
+    representation: str  # the sources' representation (:mod:`maps_utils.static.sources`)
     rank_cap: int
     relations: list[ScoredRelation]
     ranks: RankResult
@@ -74,6 +78,8 @@ class StaticScores:
     skipped: dict[str, int] = field(default_factory=dict)  # relation -> usable pairs (< min_pairs)
     manifest: dict = field(default_factory=dict)
     from_cache: bool = False
+
+    variant = renamed_attribute("variant", "representation")
 
     def relation(self, name: str) -> ScoredRelation:
         for rel in self.relations:
@@ -97,7 +103,8 @@ class StaticScores:
         return ((bottom if suppression else top) < k).float().mean(-1)
 
     def table(self, k: int | None = None, top_k: R.TopK | None = None) -> pd.DataFrame:
-        """Tidy scores: model, relation, category, layer, head, kv_group, score, suppression_score, k, n_pairs, variant.
+        """Tidy scores: model, relation, category, layer, head, kv_group, score, suppression_score, k, n_pairs, variant
+        (the column ``variant`` holds the representation, under the name stored tables have always used).
 
         ``k`` overrides every relation's k; otherwise each relation's k comes from ``top_k`` (default
         :class:`~maps_utils.relations.TopK`, the paper's 1 for copying relations and 10 for the others).
@@ -113,7 +120,7 @@ class StaticScores:
                 "kv_group": [self.kv_groups[h] for h in head],
                 "score": self.score_map(rel.name, kk).flatten().numpy(),
                 "suppression_score": self.score_map(rel.name, kk, suppression=True).flatten().numpy(),
-                "k": kk, "n_pairs": rel.n, "variant": self.variant,
+                "k": kk, "n_pairs": rel.n, "variant": self.representation,
             }))
         return pd.concat(frames, ignore_index=True)
 
@@ -134,13 +141,15 @@ def _usable(relations, tokenizer, leading_space: bool, min_pairs: int):
     return scored, skipped
 
 
-def _identity(loaded: LoadedModel, variant, rank_cap, leading_space, min_pairs) -> dict:
+def _identity(loaded: LoadedModel, representation: str, rank_cap, leading_space, min_pairs) -> dict:
     """What the ranks of every relation depend on besides its own pairs (the weights' hash included; the
-    context-free pass's prefix for the representations that run one)."""
+    context-free pass's prefix for the representations that run one). An unknown representation is one sentence.
+    The representation's key is ``variant``, as in every cache key stored before the rename."""
+    rep = sources.parse(representation)
     identity = {"engine_version": ENGINE_VERSION, "weights_sha256": loaded.weights_sha256,
-                "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": variant,
+                "architecture": loaded.weights.summary(), "dtype": str(loaded.dtype), "variant": rep.name,
                 "rank_cap": rank_cap, "leading_space": leading_space, "min_pairs": min_pairs}
-    if not sources.parse(variant).parameters_only:
+    if not rep.parameters_only:
         identity["source_prefix"] = list(sources.default_prefix(loaded.weights))
     return identity
 
@@ -155,11 +164,12 @@ def _slot_value(rel: ScoredRelation, identity_key: str, top: torch.Tensor, botto
     return {"identity": identity_key, "relation": meta, "top": top.clone(), "bottom": bottom.clone()}
 
 
-def _assemble(scored: list[ScoredRelation], values: dict[str, dict], L: int, H: int, rank_cap: int, variant: str):
+def _assemble(scored: list[ScoredRelation], values: dict[str, dict], L: int, H: int, rank_cap: int,
+              representation: str):
     """One :class:`RankResult` with every relation's ranks at its ``start`` (the order of ``scored``)."""
     n = sum(r.n for r in scored)
     ranks = RankResult(torch.full((L, H, n), rank_cap, dtype=torch.int16),
-                       torch.full((L, H, n), rank_cap, dtype=torch.int16), variant, rank_cap)
+                       torch.full((L, H, n), rank_cap, dtype=torch.int16), representation, rank_cap)
     for rel in scored:
         v = values[rel.name]
         ranks.top[..., rel.start:rel.start + rel.n] = v["top"]
@@ -167,7 +177,7 @@ def _assemble(scored: list[ScoredRelation], values: dict[str, dict], L: int, H: 
     return ranks
 
 
-def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, variant, rank_cap, compute_space,
+def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, representation, rank_cap, compute_space,
              memory_budget_mb, progress) -> RankResult:
     """Ranks of ``todo``'s pairs (concatenated), resuming from and checkpointing to the folder's ``partial`` slot
     (stored under ``key``, which names exactly these relations and inputs)."""
@@ -176,7 +186,7 @@ def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, vari
     tgt = [i for r in todo for i in r.target_ids]
     L, H = weights.n_layers, weights.n_heads
     ranks = RankResult(torch.full((L, H, len(src)), rank_cap, dtype=torch.int16),
-                       torch.full((L, H, len(src)), rank_cap, dtype=torch.int16), variant, rank_cap)
+                       torch.full((L, H, len(src)), rank_cap, dtype=torch.int16), representation, rank_cap)
     saved = slots.read(PARTIAL, key) or {}
     done: list[int] = list(saved.get("done", []))
     if done:  # resume an interrupted run
@@ -191,7 +201,7 @@ def _compute(loaded, todo: list[ScoredRelation], slots: Slots, key: str, *, vari
 
     todo_layers = [layer for layer in range(L) if layer not in done]
     try:
-        target_ranks(weights, src, tgt, variant=variant, rank_cap=rank_cap, compute_space=compute_space,
+        target_ranks(weights, src, tgt, representation=representation, rank_cap=rank_cap, compute_space=compute_space,
                      memory_budget_mb=memory_budget_mb, layers=todo_layers, progress=progress, out=ranks,
                      on_layer=checkpoint)
     except KeyboardInterrupt:  # Ctrl-C: keep the finished layers, so the next run resumes from them
@@ -216,14 +226,14 @@ def _stored(slots: Slots, identity_key: str, first: list[ScoredRelation]) -> lis
     return out
 
 
-def _write_table(out: Path, slots: Slots, loaded, identity_key: str, scored, kv_groups, variant, rank_cap,
+def _write_table(out: Path, slots: Slots, loaded, identity_key: str, scored, kv_groups, representation, rank_cap,
                  manifest: dict) -> None:
     """``scores.csv`` and ``manifest.json``: every relation stored for these weights (the union of runs)."""
     stored = _stored(slots, identity_key, scored)
     rels = [r for r, _ in stored]
     L, H = loaded.weights.n_layers, loaded.weights.n_heads
-    ranks = _assemble(rels, {r.name: v for r, v in stored}, L, H, rank_cap, variant)
-    union = StaticScores(loaded.name, variant, rank_cap, rels, ranks, kv_groups)
+    ranks = _assemble(rels, {r.name: v for r, v in stored}, L, H, rank_cap, representation)
+    union = StaticScores(loaded.name, representation, rank_cap, rels, ranks, kv_groups)
     table_manifest = {**manifest, "parameters": {**manifest["parameters"], "table_relations": [r.name for r in rels]}}
     atomic_write_text(out / "scores.csv", union.table().to_csv(index=False))
     write_manifest(out / "manifest.json", table_manifest, files=[out / "scores.csv"])
@@ -249,11 +259,12 @@ def _needs_table(out: Path) -> bool:
     return why is not None
 
 
+@renamed_arguments(variant="representation")
 def static_scores(
     loaded: LoadedModel,
     relations: Sequence[str | R.Relation] | None = None,
     *,
-    variant: str | None = None,
+    representation: str | None = None,
     rank_cap: int = RANK_CAP,
     leading_space: bool = True,
     min_pairs: int = R.MIN_PAIRS,
@@ -264,36 +275,37 @@ def static_scores(
 
     Args:
         relations: names, paths or :class:`~maps_utils.relations.Relation` objects (default: all shipped).
-        variant: source representation (default: the model's registered variant, ``loaded.variant``; the
-            paper's is ``first_mlp``).
+        representation: source representation (default: the model's registered one, ``loaded.representation``;
+            the paper's is ``first_mlp``).
         rank_cap: ranks are exact below it, so scores for every k <= rank_cap come from one run.
         leading_space, min_pairs: the single-token filter (paper: True, 30).
         compute_space: ``auto``, ``head`` or ``model`` (speed only; results are identical).
         run: where per-relation ranks, ``scores.csv`` and the manifest go (``results_dir``; None: no files),
             cache use, progress bars and the rank engine's memory budget (:class:`~maps_utils.core.store.RunOptions`).
     """
-    arguments = call_arguments(locals())
+    arguments = call_arguments(locals(), recorded_as={"representation": "variant"})  # the manifest's name of 0.1
     check_parameters(rank_cap=rank_cap, min_pairs=min_pairs)
     t0 = time.perf_counter()
-    variant = variant or loaded.variant
-    check_variant(variant)
+    representation = representation or loaded.representation
+    identity = _identity(loaded, representation, rank_cap, leading_space, min_pairs)  # checks the representation first
     relations = R.list_relations() if relations is None else relations
     scored, skipped = _usable(relations, loaded.tokenizer, leading_space, min_pairs)
     if not scored:
         raise R.RelationError(f"No relation has {min_pairs} usable single-token pairs for {loaded.name}.")
-    identity = _identity(loaded, variant, rank_cap, leading_space, min_pairs)
     identity_key = content_key(identity)
     keys = {r.name: _relation_key(identity_key, r) for r in scored}
-    out = run.folder(loaded.name, "static", variant, writable=False)  # stored results read from a read-only folder
+    out = run.folder(loaded.name, "static", representation, writable=False)  # stored results read from a read-only folder
     slots = Slots(out / "ranks" if out is not None else None, enabled=run.use_cache)
     values = {r.name: v for r in scored if (v := slots.read(r.name, keys[r.name])) is not None}
     todo = [r for r in scored if r.name not in values]
     if todo and out is not None:
         check_results_dir(run.results_dir, writable=True)  # before the work, not after it
     if todo:
-        values.update(_compute_values(loaded, todo, slots, identity_key, keys, variant, rank_cap, compute_space, run))
+        values.update(_compute_values(loaded, todo, slots, identity_key, keys, representation, rank_cap, compute_space,
+                                      run))
     L, H = loaded.weights.n_layers, loaded.weights.n_heads
-    result = StaticScores(loaded.name, variant, rank_cap, scored, _assemble(scored, values, L, H, rank_cap, variant),
+    result = StaticScores(loaded.name, representation, rank_cap, scored,
+                          _assemble(scored, values, L, H, rank_cap, representation),
                           loaded.weights.kv_groups.tolist(), skipped, from_cache=not todo)
     params = {**arguments, **identity, "key": content_key(keys), "relations": keys, "skipped_relations": skipped,
               "computed": [r.name for r in todo]}
@@ -314,14 +326,14 @@ def _store(out, slots, todo, keys, values, loaded, identity_key, scored, result)
         for rel in todo:
             slots.write(rel.name, keys[rel.name], values[rel.name])
         slots.remove(PARTIAL)
-        _write_table(out, slots, loaded, identity_key, scored, result.kv_groups, result.variant, result.rank_cap,
+        _write_table(out, slots, loaded, identity_key, scored, result.kv_groups, result.representation, result.rank_cap,
                      result.manifest)
 
 
 def _compute_values(loaded, todo: list[ScoredRelation], slots: Slots, identity_key: str, keys: dict[str, str],
-                    variant: str, rank_cap: int, compute_space: str, run: RunOptions) -> dict[str, dict]:
+                    representation: str, rank_cap: int, compute_space: str, run: RunOptions) -> dict[str, dict]:
     """The slot values of the relations not found in the store (their pairs ranked together in one pass)."""
-    ranks = _compute(loaded, todo, slots, content_key([keys[r.name] for r in todo]), variant=variant,
+    ranks = _compute(loaded, todo, slots, content_key([keys[r.name] for r in todo]), representation=representation,
                      rank_cap=rank_cap, compute_space=compute_space, memory_budget_mb=run.memory_budget_mb,
                      progress=run.progress)
     values, at = {}, 0
@@ -335,30 +347,34 @@ def _compute_values(loaded, todo: list[ScoredRelation], slots: Slots, identity_k
 _ONLY_CRITERION = object()
 
 
-def choose_variant(
+def choose_representation(
     loaded: LoadedModel,
     candidates: Sequence[str] = ("first_mlp", "raw"),
     relations: Sequence[str] = ("copying", "name_copying"),
     scoring_relations=_ONLY_CRITERION,
     **kwargs,
 ) -> tuple[str, pd.DataFrame]:
-    """The registry's criterion for a model's embedding variant: the variant under which the best head
+    """The static-only criterion for a model's source representation: the one under which the best head
     recovers the copying relations best (max over heads of the mean of the copying relations' scores
     at the paper's k = 1).
 
     ``scoring_relations`` are the relations actually scored (default: only ``relations``; None: every
     shipped relation, which shares its cache with a full :func:`static_scores` run); ``kwargs`` go to
-    :func:`static_scores`. Returns the chosen variant and a table of the criterion per candidate.
+    :func:`static_scores`. Returns the chosen representation and a table of the criterion per candidate.
     """
     scoring = list(relations) if scoring_relations is _ONLY_CRITERION else scoring_relations
     rows = []
-    for variant in candidates:
-        res = static_scores(loaded, scoring, variant=variant, **kwargs)
+    for representation in candidates:
+        res = static_scores(loaded, scoring, representation=representation, **kwargs)
         present = [r.name for r in res.relations if r.name in relations]
         if not present:
-            raise R.RelationError(f"The variant criterion needs one of {', '.join(relations)} among the scored relations.")
+            raise R.RelationError(f"The representation criterion needs one of {', '.join(relations)} among the "
+                                  "scored relations.")
         maps = torch.stack([res.score_map(name) for name in present]).mean(0)
-        rows.append({"variant": variant, "best_head_copying": round(maps.max().item(), 4),
-                     "heads_over_tau": int((maps >= TAU).sum()), "paper_choice": variant == "first_mlp"})
-    table = pd.DataFrame(rows).set_index("variant")
+        rows.append({"representation": representation, "best_head_copying": round(maps.max().item(), 4),
+                     "heads_over_tau": int((maps >= TAU).sum()), "paper_choice": representation == "first_mlp"})
+    table = pd.DataFrame(rows).set_index("representation")
     return str(table["best_head_copying"].idxmax()), table
+
+
+choose_variant = renamed_function(choose_representation, "choose_variant")

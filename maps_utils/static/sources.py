@@ -39,6 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.deprecation import renamed_function
 from ..core.errors import OptionError
 from ..heads import HeadWeights
 from ..heads.hooks import StopForward, run_until_stop
@@ -98,10 +99,13 @@ def parse(name: str) -> Representation:
     return Representation(name, "context_free", True, int(depth) if depth else None)
 
 
-def salient_variant(registered: str) -> str:
+def salient_representation(registered: str) -> str:
     """The source representation of salient operations for a model registered with ``registered``: the paper's
-    ``first_mlp_all`` where the registered one is a paper variant, else the registered one (e.g. ``context_free``)."""
+    ``first_mlp_all`` where the registered one is one of the paper's, else the registered one (e.g. ``context_free``)."""
     return "first_mlp_all" if registered in PAPER else registered
+
+
+salient_variant = renamed_function(salient_representation, "salient_variant")
 
 
 def names(depths: Sequence[int] = (), modifiers: Sequence[str] = ()) -> list[str]:

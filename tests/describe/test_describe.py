@@ -402,6 +402,9 @@ def test_failed_heads_still_give_shares_and_examples(scripted, tmp_path):
                             run=RunOptions(results_dir=tmp_path / "two", progress=False))
     shares = res.shares()
     assert shares.share_failed.tolist()[0] == 1.0 and shares.share_pattern.tolist()[2] == 1.0
+    params = res.manifest["parameters"]  # the manifest keeps the names of 0.1
+    assert params["variant"] == "first_mlp_all" and "representation" not in params
+    assert params["prompt_variant"] == "paper" and "prompt_style" not in params
     assert res.clearest().pattern.tolist() == ["Copies tokens."]
 
 

@@ -55,7 +55,7 @@ def _result(kinds: dict, llm: dict | None = None, n_salient: int = 15) -> DS.Des
                                evidence.reset_index(drop=True), describe_ops(ops))
 
 
-KINDS = {(0, 0): "copy", (1, 0): "random", (2, 0): "random", (3, 0): "random", (3, 1): "random"}
+HEAD_KINDS = {(0, 0): "copy", (1, 0): "random", (2, 0): "random", (3, 0): "random", (3, 1): "random"}
 
 
 def test_balanced_accuracy_auc_and_bootstrap_by_hand():
@@ -80,9 +80,9 @@ def test_judge_answers_parse_to_selections():
 
 
 def test_evidence_is_held_out_balanced_and_seeded():
-    res = _result(KINDS)
+    res = _result(HEAD_KINDS)
     rows = T.evidence_rows(res.evidence, res.ops, seed=0)
-    assert set(rows) == set(KINDS)
+    assert set(rows) == set(HEAD_KINDS)
     for head, rs in rows.items():
         pos = [r for r in rs if r["label"]]
         assert len(pos) == 25 and len(rs) == 50
@@ -100,7 +100,7 @@ def test_shuffled_partners_are_other_heads_with_a_pattern():
 
 
 def test_a_copy_head_is_verified_at_one_by_its_rule_and_random_heads_are_not():
-    res = _result(KINDS)
+    res = _result(HEAD_KINDS)
     rules = res.rules.set_index(["layer", "head"])
     assert json.loads(rules.loc[(0, 0), "predicates"])[0] == "copy" and "cop" in rules.loc[(0, 0), "pattern"]
     rows = T.evidence_rows(res.evidence, res.ops, seed=0)
@@ -111,13 +111,13 @@ def test_a_copy_head_is_verified_at_one_by_its_rule_and_random_heads_are_not():
         # the copy description picks none of a random head's own rows (only other heads' copy rows among negatives)
         assert s.loc[head, "control_score"] <= 0.5
     assert np.isnan(s.loc[(0, 0), "control_score"])  # no other head has a pattern to borrow
-    summary = TS.summary(s.reset_index())
+    summary = TS.detection_summary(s.reset_index())
     assert summary.share_verified.iloc[0] == pytest.approx(1 / 5)
 
 
 def test_the_llm_judge_through_a_scripted_server(scripted, tmp_path):  # noqa: F811
     llm = {(0, 0): "Copies the input word.", (1, 0): "Maps words to fruit names."}
-    res = _result(KINDS, llm=llm)
+    res = _result(HEAD_KINDS, llm=llm)
     srv = scripted(*[("judge",)] * 10)
     d = DR.Describer(DR.Endpoint("server", "scripted-model", srv.url), tmp_path / "cache.jsonl", concurrency=1)
     det = T.score_descriptions(res, d, run=RunOptions(seed=0, results_dir=tmp_path, progress=False))
@@ -157,7 +157,7 @@ def test_agreement_with_people():
 def test_the_local_judge_reads_yes_no_margins_and_reuses_the_rows(smollm2, model_cache):
     from maps_utils.describe.local_llm import LocalLLM
 
-    res = _result(KINDS)
+    res = _result(HEAD_KINDS)
     rows = T.evidence_rows(res.evidence, res.ops, seed=0)[(0, 0)]
     first = T.judge_prompt(rows, "words", "Copies the input word.", answer="lines")
     second = T.judge_prompt(rows, "words", "Maps words to colours.", answer="lines")

@@ -183,7 +183,7 @@ def test_a_constructed_copying_head_scores_one_without_context():
     assert without[0, 0] == 1.0
     assert without[0, 1] < 0.5  # the random head is no copying head
     assert rel.scores(1, "with")[0, 0, 0] < 1.0  # in context the head attends elsewhere too
-    static = target_ranks(weights, list(range(vocab)), list(range(vocab)), variant="raw", rank_cap=5, progress=False)
+    static = target_ranks(weights, list(range(vocab)), list(range(vocab)), representation="raw", rank_cap=5, progress=False)
     assert static.scores(1)[0, 0] == 1.0
 
 
@@ -291,7 +291,7 @@ def test_dynamic_scores_are_cached_resumable_and_correlated(smollm2, tmp_path, m
     d = dyn.relation("country_capital").scores(10, "without").flatten().numpy()
     assert row.r.item() == pytest.approx(np.corrcoef(s, d)[0, 1], rel=1e-9)
     assert row.n_points.item() == 2 * 270
-    assert set(C.summary(corr).context) == {"with", "without"}
+    assert set(C.correlation_summary(corr).context) == {"with", "without"}
 
 
 @pytest.mark.embedded
@@ -300,7 +300,7 @@ def test_gemma3_dynamic_and_multi_token_scores_run(gemma3, tmp_path):
                             run=RunOptions(results_dir=None, progress=False))
     rel = dyn.relation("country_capital")
     assert rel.ranks.shape == (1, 4, 30, 18, 4)
-    assert rel.agreement == [1.0]
+    assert rel.tokenization_agreement == [1.0]
     multi = DY.multi_token_scores(gemma3, ["country_capital"], max_pairs=30,
                                   run=RunOptions(results_dir=tmp_path, progress=False))
     assert multi.relation("country_capital").ranks.shape == (1, 4, 30, 18, 4)

@@ -55,7 +55,7 @@ def no_loading(monkeypatch):
     (["--device", "cuda"], "TORCH_SPEC"),
     (["--device", "gpu0"], "Unknown device 'gpu0'"),
     (["--dtype", "float64x"], "Unknown dtype 'float64x'"),
-    (["--variant", "first-mlp"], "Unknown source representation 'first-mlp'"),
+    (["--representation", "first-mlp"], "Unknown source representation 'first-mlp'"),
     (["--k", "0"], "--k 0 is out of range: the top-k of the score must be an integer of at least 1"),
     (["--k", "101"], "--k 101 is above --rank-cap 100"),
     (["--device", "cpu:7"], "does not exist: torch addresses the CPU as one device"),

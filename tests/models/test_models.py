@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 
 import pytest
@@ -178,3 +179,46 @@ def test_dtype_and_device_resolution():
     assert models.resolve_device("cpu") == torch.device("cpu")
     with pytest.raises(ValueError, match="Unknown dtype"):
         models.resolve_dtype("float8")
+
+
+def test_the_representation_note_takes_its_figures_from_notebook_02s_table(tmp_path):
+    """The registry's reasons are words; the measured r comes from the representations table notebook 02 writes
+    (dynamic.correlation.write_representations), or the note says notebook 02 measures it."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from maps_utils.core.store import RunOptions
+    from maps_utils.dynamic import correlation as C
+    from maps_utils.heads import HeadWeights
+    from maps_utils.report import paper as P
+
+    from ..conftest import make_tiny, word_tokenizer
+
+    for entry in EMBEDDED.values():  # no measured figure (an r such as 0.73) is written by hand
+        assert entry.representation_reason and not re.search(r"\d\.\d", entry.representation_reason)
+    reason = EMBEDDED["smollm2-135m"].representation_reason
+    assert models.representation_note("gpt2-xl", tmp_path) == ""  # the paper default needs no reason
+    assert models.representation_note("smollm2-135m") == (
+        f"{reason}. The figures behind it (mean static-dynamic r per representation) are measured by notebook 02.")
+    table_path = tmp_path / "smollm2-135m" / "dynamic" / "representations.csv"
+    assert models.representation_note("smollm2-135m", tmp_path).endswith(
+        f"measured by notebook 02, which has not written {table_path} yet.")
+
+    model = make_tiny("llama-gqa").to(torch.float32)
+    loaded = models.LoadedModel("smollm2-135m", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"),
+                                torch.float32, "test", 0.0)
+    by = pd.DataFrame({"first_mlp": [0.52, 0.73, 0.1, 0.2], "raw": [0.24, 0.23, 0.1, 0.1],
+                       "context_free_1": [0.3, 0.2, 0.0, 0.0], "raw_mlp+centre": [0.5, 0.76, 0.2, 0.2]},
+                      index=pd.MultiIndex.from_product([["relation", "suppression"], ["with", "without"]]))
+    reps = list(by.columns)
+    C.write_representations(C.representation_table(by, P.dynamic_summary()), loaded,
+                            SimpleNamespace(manifest={"parameters": {}}), reps, None, 1.0,
+                            RunOptions(results_dir=tmp_path))
+    note = models.representation_note("smollm2-135m", tmp_path)
+    assert note == (f"{reason}. Measured by notebook 02 ({table_path}), mean static-dynamic r of relation scores "
+                    "without / with context: first_mlp 0.73 / 0.52; raw 0.23 / 0.24; raw_mlp+centre 0.76 / 0.50 "
+                    "(the highest of the 4 measured).")
+    table_path.write_text(table_path.read_text().replace("0.73", "0.99"))  # edited by hand: said, never used
+    note = models.representation_note("smollm2-135m", tmp_path)
+    assert "was cut off or changed after it was written" in note and "0.99" not in note

@@ -12,7 +12,7 @@ from maps_utils.dynamic.capture import Prompt, pad_batch
 from maps_utils.heads import HeadWeights
 from maps_utils.qk import circuit as qk
 from maps_utils.qk import inference as QI
-from maps_utils.static.scan import scan_columns
+from maps_utils.static.ranks import scan_columns
 
 from ..conftest import make_tiny
 
@@ -55,7 +55,7 @@ def test_batched_static_logits_are_each_prompts_own(key):
             assert torch.isneginf(s[b, layer, :, n:]).all()
 
 
-def _naive_joint_ranks(weights: HeadWeights, qmap, prompts, targets, variant: str, oracle: bool = False) -> torch.Tensor:
+def _naive_joint_ranks(weights: HeadWeights, qmap, prompts, targets, representation: str, oracle: bool = False) -> torch.Tensor:
     """Per prompt, layer and head: softmax of the static logits (one prompt at a time; with ``oracle``, the model's
     own attention from the last position), the mixture of dense OV rows x_t W_V[g] W_O[h] U over the prompt's
     tokens, and the target's rank counted in full."""
@@ -69,7 +69,7 @@ def _naive_joint_ranks(weights: HeadWeights, qmap, prompts, targets, variant: st
                 att = weights.model(input_ids=torch.tensor([p.ids]), output_attentions=True).attentions
         for layer in range(weights.n_layers):
             a = att[layer][0, :, -1] if oracle else torch.softmax(qmap.prompt_logits(layer, p.ids), -1)  # [H, n]
-            x = source_vectors(weights, list(p.ids), variant, layer)  # [n, d]
+            x = source_vectors(weights, list(p.ids), representation, layer)  # [n, d]
             for h in range(weights.n_heads):
                 g = weights.kv_group(h)
                 rows = x @ weights.W_V_kv(layer)[g] @ weights.W_O(layer)[h] @ U  # [n, V] dense
@@ -79,19 +79,19 @@ def _naive_joint_ranks(weights: HeadWeights, qmap, prompts, targets, variant: st
 
 
 @pytest.mark.parametrize("key", FAMILIES)
-@pytest.mark.parametrize("variant", ["first_mlp", "raw+norm"])
-def test_joint_prediction_equals_a_dense_naive_computation(key, variant):
+@pytest.mark.parametrize("representation", ["first_mlp", "raw+norm"])
+def test_joint_prediction_equals_a_dense_naive_computation(key, representation):
     model = make_tiny(key)
     weights = HeadWeights(model)
     qmap = qk.QKMap(weights)
     prompts, targets, cap = _prompts(seed=3), [5, 17, 42], 30
     loaded = SimpleNamespace(model=model, weights=weights)
-    got = QI.run_prompts(loaded, qmap, prompts, targets, ov_representation=variant, columns=scan_columns(weights),
+    got = QI.run_prompts(loaded, qmap, prompts, targets, ov_representation=representation, columns=scan_columns(weights),
                          rank_cap=cap, batch_size=2)
-    naive = _naive_joint_ranks(weights, qmap, prompts, targets, variant).clamp(max=cap)
+    naive = _naive_joint_ranks(weights, qmap, prompts, targets, representation).clamp(max=cap)
     assert (naive < cap).any() and (naive == cap).any()  # ranks on both sides of the cap are compared
     assert torch.equal(got["joint_rank"].long(), naive)
-    oracle = _naive_joint_ranks(weights, qmap, prompts, targets, variant, oracle=True).clamp(max=cap)
+    oracle = _naive_joint_ranks(weights, qmap, prompts, targets, representation, oracle=True).clamp(max=cap)
     assert torch.equal(got["oracle_rank"].long(), oracle)
     assert set(got) == {"top1", "top1_no_first", "spearman", "static_on_source", "real_on_source", "joint_rank",
                         "oracle_rank"}

@@ -22,10 +22,10 @@ def test_gpu_ranks_equal_cpu_ranks(key, compute_space):
     g = torch.Generator().manual_seed(0)
     vocab = model.get_input_embeddings().weight.shape[0]
     src, tgt = torch.randint(0, vocab, (40,), generator=g), torch.randint(0, vocab, (40,), generator=g)
-    for variant in ("first_mlp", "raw_mlp+centre+norm", "context_free"):
-        cpu = S.target_ranks(HeadWeights(model), src, tgt, variant=variant, rank_cap=vocab,
+    for representation in ("first_mlp", "raw_mlp+centre+norm", "context_free"):
+        cpu = S.target_ranks(HeadWeights(model), src, tgt, representation=representation, rank_cap=vocab,
                              compute_space=compute_space, progress=False)
-        gpu = S.target_ranks(HeadWeights(model.to("cuda")), src, tgt, variant=variant, rank_cap=vocab,
+        gpu = S.target_ranks(HeadWeights(model.to("cuda")), src, tgt, representation=representation, rank_cap=vocab,
                              compute_space=compute_space, progress=False)
         model.to("cpu")
-        assert torch.equal(cpu.top, gpu.top) and torch.equal(cpu.bottom, gpu.bottom), variant
+        assert torch.equal(cpu.top, gpu.top) and torch.equal(cpu.bottom, gpu.bottom), representation

@@ -1,4 +1,4 @@
-"""Tidy static-score tables: contents, caching, resuming, and the variant criterion (tiny models)."""
+"""Tidy static-score tables: contents, caching, resuming, and the representation criterion (tiny models)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def _relation(tmp_path, name, pairs):
 def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     pairs = [[f"t{i}", f"t{(i * 7) % 100}"] for i in range(40)]
     rel = _relation(tmp_path, "mine", pairs)
-    res = SC.static_scores(tiny_loaded, [rel], variant="first_mlp",
+    res = SC.static_scores(tiny_loaded, [rel], representation="first_mlp",
                            run=RunOptions(results_dir=tmp_path / "results", progress=False))
     table = res.table()
     assert list(table.columns) == ["model", "relation", "category", "layer", "head", "kv_group", "score",
@@ -42,7 +42,7 @@ def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     assert len(table) == 2 * 4 and (table.k == 10).all() and (table.n_pairs == 40).all()
     assert table.kv_group.tolist() == [0, 0, 1, 1] * 2
     direct = S.target_ranks(tiny_loaded.weights, [i for i in range(40)], [(i * 7) % 100 for i in range(40)],
-                            variant="first_mlp", progress=False)
+                            representation="first_mlp", progress=False)
     assert torch.allclose(torch.tensor(table.score.values).view(2, 4), direct.scores(10))
     assert torch.allclose(torch.tensor(table.suppression_score.values).view(2, 4), direct.scores(10, True))
     assert (res.table(k=3).k == 3).all()
@@ -54,7 +54,8 @@ def test_table_is_tidy_and_matches_the_engine(tiny_loaded, tmp_path):
     assert {p.name for p in out.iterdir()} == {"ranks", "scores.csv", "manifest.json"}
     assert sorted(p.name for p in (out / "ranks").glob("*.pt")) == ["mine.pt"]  # one slot per relation
     manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["parameters"]["variant"] == "first_mlp" and manifest["wall_seconds"] >= 0
+    assert manifest["parameters"]["variant"] == "first_mlp" and manifest["wall_seconds"] >= 0  # its name of 0.1
+    assert "representation" not in manifest["parameters"]
     assert {"versions", "git_commit", "model"} <= manifest.keys()
 
 
@@ -104,7 +105,7 @@ def test_interrupted_run_resumes_from_finished_layers(tiny_loaded, tmp_path, mon
     assert not partial.exists()
 
 
-def test_choose_variant_picks_the_copying_variant(tmp_path):
+def test_choose_representation_picks_the_copying_one(tmp_path):
     import transformers
 
     cfg = transformers.LlamaConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
@@ -120,23 +121,30 @@ def test_choose_variant_picks_the_copying_variant(tmp_path):
     loaded = LoadedModel("tiny-copy", model, word_tokenizer(), HeadWeights(model), torch.device("cpu"), torch.float32,
                          "test", 0.0)
     rel = _relation(tmp_path, "copy", [[f"t{i}", f"t{i}"] for i in range(100)])
-    best, table = SC.choose_variant(loaded, relations=("copy",), scoring_relations=[rel],
-                                    run=RunOptions(results_dir=None, progress=False))
+    best, table = SC.choose_representation(loaded, relations=("copy",), scoring_relations=[rel],
+                                           run=RunOptions(results_dir=None, progress=False))
     assert best == "raw" and table.loc["raw", "best_head_copying"] == 1.0
     assert table.loc["first_mlp", "best_head_copying"] < 1.0
 
 
-def test_registry_variants():
-    from maps_utils.models.loading import EMBEDDED, PAPER_VARIANT, default_variant, variant_note
+def test_registry_representations():
+    from maps_utils.models.loading import (
+        EMBEDDED,
+        PAPER_REPRESENTATION,
+        default_representation,
+        representation_note,
+    )
     from maps_utils.static import sources
-    from maps_utils.static.sources import salient_variant
+    from maps_utils.static.sources import salient_representation
 
-    assert PAPER_VARIANT == "first_mlp" and default_variant("gpt2-xl") == "first_mlp" and variant_note("gpt2-xl") == ""
+    assert PAPER_REPRESENTATION == "first_mlp" and default_representation("gpt2-xl") == "first_mlp"
+    assert representation_note("gpt2-xl") == ""
     for name, entry in EMBEDDED.items():
-        sources.check(entry.embedding_variant)
-        assert default_variant(name) == entry.embedding_variant and variant_note(name) == entry.variant_note != ""
-    assert salient_variant("first_mlp") == salient_variant("raw") == "first_mlp_all"
-    assert salient_variant("context_free") == "context_free"
+        sources.check(entry.representation)
+        assert default_representation(name) == entry.representation and entry.representation_reason != ""
+        assert representation_note(name).startswith(entry.representation_reason)
+    assert salient_representation("first_mlp") == salient_representation("raw") == "first_mlp_all"
+    assert salient_representation("context_free") == "context_free"
 
 
 def _synthetic_table(profiles: torch.Tensor, kv_groups: list[int], categories: list[str]) -> pd.DataFrame:
@@ -199,7 +207,8 @@ def test_run_options_make_every_result_path_and_manifests_record_every_argument(
     rel = _relation(tmp_path, "mine", [[f"t{i}", f"t{i + 1}"] for i in range(35)])
     res = SC.static_scores(tiny_loaded, [rel], rank_cap=20, run=run)
     params = res.manifest["parameters"]
-    # a parameter added to the signature is recorded without anyone listing it
-    assert set(inspect.signature(SC.static_scores).parameters) - {"loaded"} <= set(params)
+    # a parameter added to the signature is recorded without anyone listing it (a renamed one under its old name)
+    recorded_as = {"representation": "variant"}
+    assert {recorded_as.get(p, p) for p in inspect.signature(SC.static_scores).parameters} - {"loaded"} <= set(params)
     assert params["run"]["memory_budget_mb"] == 64.0 and params["rank_cap"] == 20
-    assert (run.folder("tiny-llama", "static", res.variant) / "scores.csv").is_file()
+    assert (run.folder("tiny-llama", "static", res.representation) / "scores.csv").is_file()

@@ -221,14 +221,14 @@ def test_the_criterion_picks_the_representation_the_heads_read(tmp_path):
     rel.write_text(json.dumps([[f"t{i}", f"t{(i * 7 + 3) % 100}"] for i in range(60)]))
     run = RunOptions(results_dir=tmp_path / "results", progress=False)
     dyn = DY.dynamic_scores(loaded, [rel], ["<X>"], run=run)
-    by = C.compare_variants(loaded, dyn, ["first_mlp", "raw", "context_free"], relations=[rel], run=run)
+    by = C.compare_representations(loaded, dyn, ["first_mlp", "raw", "context_free"], relations=[rel], run=run)
     assert by.loc[("relation", "without"), "context_free"] > 0.999
-    assert C.best_variant(by) == "context_free"
+    assert C.best_representation(by) == "context_free"
     # a gain within the margin keeps the paper's representation; the plain maximum ignores it
     close = by.copy()
     close.loc[("relation", "without"), "raw"] = close.loc[("relation", "without"), "first_mlp"] + 0.04
     close.loc[("relation", "without"), "context_free"] = -1.0
-    assert C.best_variant(close) == "first_mlp" and C.best_variant(close, margin=0) == "raw"
+    assert C.best_representation(close) == "first_mlp" and C.best_representation(close, margin=0) == "raw"
     table = C.representation_table(by)
     assert table.index.tolist() == ["first_mlp", "raw", "context_free"]  # in the order asked
     assert table.columns.tolist() == ["relation r w/o", "relation r w/", "suppression r w/o", "suppression r w/"]

@@ -33,10 +33,10 @@ def dense_topk_hits(rows: torch.Tensor, targets: torch.Tensor, k: int, suppressi
     return (idx == targets[:, None]).any(1)
 
 
-def check_against_dense(weights, src, tgt, variant, cap, **kw):
-    res = S.target_ranks(weights, src, tgt, variant=variant, rank_cap=cap, progress=False, **kw)
+def check_against_dense(weights, src, tgt, representation, cap, **kw):
+    res = S.target_ranks(weights, src, tgt, representation=representation, rank_cap=cap, progress=False, **kw)
     for layer in range(weights.n_layers):
-        x = SRC.source_vectors(weights, src, variant, layer).to(weights.U.dtype)
+        x = SRC.source_vectors(weights, src, representation, layer).to(weights.U.dtype)
         for h in range(weights.n_heads):
             rows = dense_rows(weights, layer, h, x)
             top, bottom = dense_ranks(rows, torch.as_tensor(tgt), cap)
@@ -59,9 +59,9 @@ def test_factored_equals_dense_on_every_family(key, compute_space):
     """The paper's representations and a forward-pass one on every family."""
     weights = HeadWeights(make_tiny(key))
     src, tgt = _pairs(weights.vocab_size)
-    for variant in ("first_mlp", "raw", "first_mlp_all", "block0+norm", "context_free_1"):
-        check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
-        check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)  # capped ranks
+    for representation in ("first_mlp", "raw", "first_mlp_all", "block0+norm", "context_free_1"):
+        check_against_dense(weights, src, tgt, representation, cap=weights.vocab_size, compute_space=compute_space)  # full ranks
+        check_against_dense(weights, src, tgt, representation, cap=7, compute_space=compute_space)  # capped ranks
 
 
 @pytest.mark.parametrize("key", ["gpt2", "gpt_neox-parallel", "llama-gqa", "gemma3-mqa", "olmo2-gqa", "falcon-mqa"])
@@ -70,9 +70,9 @@ def test_factored_equals_dense_for_every_representation(key, compute_space):
     """Every named representation, on families that differ in their norms, fused weights and KV sharing."""
     weights = HeadWeights(make_tiny(key))
     src, tgt = _pairs(weights.vocab_size)
-    for variant in SRC.names(depths=(1,), modifiers=SRC.MODIFIERS):
-        check_against_dense(weights, src, tgt, variant, cap=weights.vocab_size, compute_space=compute_space)
-        check_against_dense(weights, src, tgt, variant, cap=7, compute_space=compute_space)
+    for representation in SRC.names(depths=(1,), modifiers=SRC.MODIFIERS):
+        check_against_dense(weights, src, tgt, representation, cap=weights.vocab_size, compute_space=compute_space)
+        check_against_dense(weights, src, tgt, representation, cap=7, compute_space=compute_space)
 
 
 def test_chunking_and_memory_budget_do_not_change_results():
@@ -172,21 +172,21 @@ def _identity_model(sign: float = 1.0):
 
 def test_identity_head_copies_and_negated_head_suppresses():
     ids = list(range(60))
-    res = S.target_ranks(_identity_model(+1), ids, ids, variant="raw", rank_cap=10, progress=False)
+    res = S.target_ranks(_identity_model(+1), ids, ids, representation="raw", rank_cap=10, progress=False)
     assert res.scores(1)[:, 0].tolist() == [1.0, 1.0]  # M = E E^T: every token is its own top-1
     assert res.scores(1, suppression=True)[:, 0].tolist() == [0.0, 0.0]
-    neg = S.target_ranks(_identity_model(-1), ids, ids, variant="raw", rank_cap=10, progress=False)
+    neg = S.target_ranks(_identity_model(-1), ids, ids, representation="raw", rank_cap=10, progress=False)
     assert neg.scores(1)[:, 0].tolist() == [0.0, 0.0]
     assert neg.scores(1, suppression=True)[:, 0].tolist() == [1.0, 1.0]
 
 
-def test_variant_and_k_change_results_as_expected():
+def test_representation_and_k_change_results_as_expected():
     weights = _identity_model(+1)
     ids = list(range(60))
-    raw = S.target_ranks(weights, ids, ids, variant="raw", rank_cap=60, progress=False)
-    mlp = S.target_ranks(weights, ids, ids, variant="first_mlp", rank_cap=60, progress=False)
-    mlp_all = S.target_ranks(weights, ids, ids, variant="first_mlp_all", rank_cap=60, progress=False)
-    assert torch.equal(mlp.top[0], raw.top[0])  # the paper's variant keeps raw E for layer 0 ...
+    raw = S.target_ranks(weights, ids, ids, representation="raw", rank_cap=60, progress=False)
+    mlp = S.target_ranks(weights, ids, ids, representation="first_mlp", rank_cap=60, progress=False)
+    mlp_all = S.target_ranks(weights, ids, ids, representation="first_mlp_all", rank_cap=60, progress=False)
+    assert torch.equal(mlp.top[0], raw.top[0])  # the paper's representation keeps raw E for layer 0 ...
     assert not torch.equal(mlp.top[1], raw.top[1])  # ... and reads MLP0(E) from layer 1 on
     assert torch.equal(mlp_all.top[1], mlp.top[1]) and not torch.equal(mlp_all.top[0], raw.top[0])
     scores = [mlp.scores(k)[1, 0].item() for k in (1, 5, 20, 60)]
@@ -194,7 +194,7 @@ def test_variant_and_k_change_results_as_expected():
     with pytest.raises(ValueError, match="exceeds rank_cap"):
         mlp.scores(61)
     with pytest.raises(ValueError, match="Unknown source representation"):
-        S.target_ranks(weights, ids, ids, variant="mlp", progress=False)
+        S.target_ranks(weights, ids, ids, representation="mlp", progress=False)
 
 
 # ---- top mappings and saliency -------------------------------------------------------------------------------
@@ -208,14 +208,14 @@ def test_top_mappings_equal_dense_topk():
         assert torch.equal(i, di) and torch.allclose(v, dv)
 
 
-@pytest.mark.parametrize("variant", ["first_mlp_all", "raw+norm", "context_free"])
+@pytest.mark.parametrize("representation", ["first_mlp_all", "raw+norm", "context_free"])
 @pytest.mark.parametrize("key", ["gpt2", "phi-gqa", "gemma3-mqa"])
-def test_saliency_is_norm_amplification(key, variant):
+def test_saliency_is_norm_amplification(key, representation):
     weights = HeadWeights(make_tiny(key))
-    sal = S.saliency(weights, variant=variant, chunk=17, progress=False, dtype=torch.float64)
+    sal = S.saliency(weights, representation=representation, chunk=17, progress=False, dtype=torch.float64)
     ids = torch.arange(weights.vocab_size)
     for layer in range(weights.n_layers):
-        x = SRC.source_vectors(weights, ids, variant, layer)
+        x = SRC.source_vectors(weights, ids, representation, layer)
         for h in range(weights.n_heads):
             w_vo = weights.W_V(layer)[h] @ weights.W_O(layer)[h]
             expected = (x @ w_vo).norm(dim=1) / x.norm(dim=1)
@@ -234,17 +234,17 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
     rel = R.filter_single_token(R.load("country_capital"), loaded.tokenizer)
     src, tgt = rel.source_ids[:30], rel.target_ids[:30]
     layers = [1, weights.n_layers - 1]
-    for variant in SRC.names(depths=(2,)) + ["raw_mlp+centre", "block0+nomassive+norm"]:
-        res = S.target_ranks(weights, src, tgt, variant=variant, rank_cap=50, layers=layers, dtype=torch.float64,
+    for representation in SRC.names(depths=(2,)) + ["raw_mlp+centre", "block0+nomassive+norm"]:
+        res = S.target_ranks(weights, src, tgt, representation=representation, rank_cap=50, layers=layers, dtype=torch.float64,
                              progress=False)
         for layer in layers:
             h = layer % weights.n_heads
-            x = SRC.source_vectors(weights, src, variant, layer).double()
+            x = SRC.source_vectors(weights, src, representation, layer).double()
             w_vo = weights.W_V(layer)[h].double() @ weights.W_O(layer)[h].double()
             rows = (x @ w_vo) @ weights.U.double()
             top, bottom = dense_ranks(rows, torch.tensor(tgt), 50)
-            assert torch.equal(res.top[layer, h].long(), top), (variant, layer, h)
-            assert torch.equal(res.bottom[layer, h].long(), bottom), (variant, layer, h)
+            assert torch.equal(res.top[layer, h].long(), top), (representation, layer, h)
+            assert torch.equal(res.bottom[layer, h].long(), bottom), (representation, layer, h)
 
 
 def test_salient_operations_match_dense():
@@ -279,7 +279,7 @@ def cpu_kind() -> str:
     return f"{vendor}/{torch.backends.cpu.get_cpu_capability()}"
 
 
-# (model fixture, variant, relation or "all", compute space) -> sha256 prefix of the int16 top and bottom ranks
+# (model fixture, representation, relation or "all", compute space) -> sha256 prefix of the int16 top and bottom ranks
 # [L, H, n], recorded with the engine at 6c3a150 (before issue 21's changes) on the shipped relation files, on an
 # Intel Xeon (AVX-512). A change to the relation data changes them; a change to the engine must not.
 RECORDED = {
@@ -307,7 +307,7 @@ def test_float32_ranks_are_bit_identical_to_the_recorded_ones(case, request):
     those the engine gave before (whole relation sets, every head, relation and suppression ranks)."""
     from maps_utils import relations as R
 
-    which, variant, relation, space = case
+    which, representation, relation, space = case
     kind = cpu_kind()
     if kind not in RECORDED_KINDS:
         pytest.skip(f"no ranks recorded on a {kind} CPU (float32 bits differ between CPU kinds): record this kind's "
@@ -317,6 +317,6 @@ def test_float32_ranks_are_bit_identical_to_the_recorded_ones(case, request):
     rels = [t for t in (R.filter_single_token(R.load(n), loaded.tokenizer) for n in names) if t.usable]
     src = [i for t in rels for i in t.source_ids]
     tgt = [i for t in rels for i in t.target_ids]
-    res = S.target_ranks(loaded.weights, src, tgt, variant=variant, compute_space=space, progress=False)
+    res = S.target_ranks(loaded.weights, src, tgt, representation=representation, compute_space=space, progress=False)
     assert res.top.dtype == torch.int16 and res.top.shape == (loaded.weights.n_layers, loaded.weights.n_heads, len(src))
     assert _digest(res) == RECORDED_ELSEWHERE.get(case, {}).get(kind, RECORDED[case])
