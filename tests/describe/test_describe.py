@@ -447,7 +447,7 @@ def test_salient_ops_table_on_a_tiny_model(tmp_path, monkeypatch):
     run = RunOptions(results_dir=tmp_path / "res", progress=False)
     ops = DS.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, run=run)
     assert (tmp_path / "res" / loaded.name / "saliency" / "first_mlp_all.pt").is_file()
-    monkeypatch.setattr("maps_utils.static.ranks.saliency", None)  # the stored saliency is read, not recomputed
+    monkeypatch.setattr("maps_utils.describe.pipeline.saliency", None)  # the stored saliency is read, not recomputed
     assert DS.salient_ops(loaded, [(0, 1), (1, 3)], n_salient=4, n_mappings=3, run=run).equals(ops)
     assert len(ops) == 8 and set(ops.quartile) == {0, 2}
     assert all(len(m) == 3 for m in ops.mappings)
