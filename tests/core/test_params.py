@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from maps_utils.core import params as P
+from maps_utils.core import params as PM
 from maps_utils.core.errors import OptionError
 from maps_utils.report.run_manifest import notebook_defaults
 
@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
 
 
-def _bad_values(rule: P.Range) -> list:
+def _bad_values(rule: PM.Range) -> list:
     bad = [True, "3", float("nan")]
     if rule.low is not None:
         bad.append(rule.low if rule.open_low else rule.low - 1)
@@ -28,28 +28,28 @@ def _bad_values(rule: P.Range) -> list:
     return bad
 
 
-@pytest.mark.parametrize("name", list(P.RANGES))
+@pytest.mark.parametrize("name", list(PM.RANGES))
 def test_every_range_refuses_its_bad_values_in_one_sentence(name):
-    rule = P.RANGES[name]
+    rule = PM.RANGES[name]
     good = rule.high if rule.high is not None else (rule.low or 0) + 1
-    assert P.check_parameters(**{name: good}) == {name: good}
+    assert PM.check_parameters(**{name: good}) == {name: good}
     for bad in _bad_values(rule):
         with pytest.raises(OptionError) as caught:
-            P.check_parameters(**{name: bad})
+            PM.check_parameters(**{name: bad})
         text = str(caught.value)
         assert text.startswith(f"{name} = {bad!r} is out of range: {rule.meaning} must be ") and "\n" not in text
 
 
 def test_orderings_and_cli_spelling():
     with pytest.raises(OptionError, match=r"^n_salient = 20 is above n_evidence = 10 \(the held-out rows"):
-        P.check_parameters(n_salient=20, n_evidence=10)
+        PM.check_parameters(n_salient=20, n_evidence=10)
     with pytest.raises(OptionError, match=r"^--k 101 is above --rank-cap 100 .*pass --k <= 100 or a larger --rank-cap"):
-        P.check_parameters("--", k=101, rank_cap=100)
+        PM.check_parameters("--", k=101, rank_cap=100)
     with pytest.raises(OptionError, match=r"^offsets = -1 is out of range"):
-        P.check_parameters(offsets=[1, -1])
+        PM.check_parameters(offsets=[1, -1])
     with pytest.raises(KeyError):
-        P.check_parameters(kk=3)  # a misspelt name is a programming error, never silently unchecked
-    assert P.check_parameters(k=None, max_pairs=None) == {"k": None, "max_pairs": None}
+        PM.check_parameters(kk=3)  # a misspelt name is a programming error, never silently unchecked
+    assert PM.check_parameters(k=None, max_pairs=None) == {"k": None, "max_pairs": None}
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
@@ -57,8 +57,8 @@ def test_every_numeric_notebook_parameter_has_a_range_and_its_default_passes(pat
     defaults = notebook_defaults(json.loads(path.read_text()))
     numeric = {n for n, v in defaults.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                or isinstance(v, list) and v and all(isinstance(x, int) for x in v)}
-    assert numeric <= set(P.RANGES), numeric - set(P.RANGES)
-    P.check_namespace(defaults)
+    assert numeric <= set(PM.RANGES), numeric - set(PM.RANGES)
+    PM.check_namespace(defaults)
     assert "check_namespace(globals())" in path.read_text()
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maps_utils.describe import exec_study as ES
-from maps_utils.describe import predicates as P
+from maps_utils.describe import predicates as PRED
 from maps_utils.describe.executable import Describer, ExecOptions, fit_and_verify, rows_of
 from maps_utils.describe.predicates import Row
 from maps_utils.relations import load_all
@@ -18,7 +18,7 @@ JUNK = [f"zq{a}{b}x" for a in "bcdfghjklm" for b in "npqrstvwxy"]  # 100 word pi
 
 @pytest.fixture(scope="module")
 def fixed():
-    return P.fixed_clauses(load_all())
+    return PRED.fixed_clauses(load_all())
 
 
 def clause(fixed, label):
@@ -60,11 +60,11 @@ def test_each_fixed_family_on_hand_made_rows(fixed, label, row, expected):
 
 def test_output_sets_are_fitted_on_the_shown_rows_and_capped():
     rows = [Row(f"s{i}", (" the", ",", f"u{i}", " a" if i % 2 else f"v{i}")) for i in range(10)]
-    sets = P.output_sets(rows, max_size=3)
+    sets = PRED.output_sets(rows, max_size=3)
     assert [c.n_params for c in sets] == [1, 2, 3]
     assert sets[1].holds(Row("x", (",",))) and not sets[1].holds(Row("x", ("u1",)))
     assert "u1" not in sets[-1].label  # a token seen in one row is no member
-    assert len(P.output_sets(rows, max_size=P.MAX_SET)) == 3  # only " the", ",", " a" occur in 2+ rows
+    assert len(PRED.output_sets(rows, max_size=PRED.MAX_SET)) == 3  # only " the", ",", " a" occur in 2+ rows
 
 
 def test_associates_and_centroid_use_the_embedding():
@@ -74,7 +74,7 @@ def test_associates_and_centroid_use_the_embedding():
     E[10:, 2] = np.linspace(0, 0.1, 10)
     tokens = [f"w{i}" for i in range(20)]
     tokens[19] = "W0"
-    emb = P.Embedding.of(E, tokens, k=5)
+    emb = PRED.Embedding.of(E, tokens, k=5)
     assoc = emb.associates_clause(tokens)
     assert assoc.holds(Row("w0", ("w1",), 0, (1,)))  # a near neighbour
     assert not assoc.holds(Row("w0", ("w15",), 0, (15,)))  # the other direction
@@ -146,7 +146,7 @@ def test_an_associates_head_is_verified_through_the_embedding():
     V = 400
     E = rng.normal(size=(V, 16)).astype(np.float32)
     tokens = [f"tok{i}" for i in range(V)]
-    emb = P.Embedding.of(E, tokens, k=5)
+    emb = PRED.Embedding.of(E, tokens, k=5)
     emb.prepare(range(V))
 
     def row(i, targets):

@@ -4,6 +4,7 @@ cached, resumable relation runs on the embedded models."""
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import numpy as np
@@ -13,7 +14,6 @@ import torch
 
 from maps_utils import relations as R
 from maps_utils.core.store import RunOptions
-from maps_utils.dynamic import capture as CA
 from maps_utils.dynamic import correlation as C
 from maps_utils.dynamic import scores as DY
 from maps_utils.heads import HeadWeights
@@ -21,6 +21,9 @@ from maps_utils.static import scores as SC
 from maps_utils.static.ranks import target_ranks
 
 from ..conftest import TINY_CONFIGS, make_tiny
+
+# the module: `from maps_utils.dynamic import capture` gives the package's function of that name
+CA = importlib.import_module("maps_utils.dynamic.capture")
 
 
 def random_prompts(vocab: int, lengths, seed: int = 0) -> list[CA.Prompt]:

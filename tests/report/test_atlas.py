@@ -16,7 +16,7 @@ import torch
 from maps_utils import HeadWeights, LoadedModel
 from maps_utils.core.store import RunOptions
 from maps_utils.qk import study as QS
-from maps_utils.report import atlas as AT
+from maps_utils.report import atlas as ATL
 from maps_utils.static import scores as SC
 
 from ..conftest import make_tiny, word_tokenizer
@@ -57,7 +57,7 @@ def test_atlas_data_matches_the_score_table(tiny_static):
     H = loaded.weights.n_heads
     ops, desc, heads, summary = _fake_tables(H)
     keys = QS.salient_keys(loaded, n_tokens=4, run=RunOptions(results_dir=None, progress=False))
-    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
+    data = ATL.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
                          qk_keys=keys)
     table = static.table()
     assert (data["n_layers"], data["n_heads"]) == (2, 4) and [r["name"] for r in data["relations"]] == ["same", "shift"]
@@ -76,7 +76,7 @@ def test_atlas_data_matches_the_score_table(tiny_static):
     head6 = keys[(keys["layer"] == 1) & (keys["head"] == 2)].sort_values("rank")
     assert [k for k, _ in data["qk"]["6"]] == head6.token.tolist() and len(data["qk"]) == 8
     assert [a for _, a in data["qk"]["6"]] == sorted((a for _, a in data["qk"]["6"]), reverse=True)
-    page = AT.render_atlas(data)
+    page = ATL.render_atlas(data)
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing loads from the network
     embedded = re.search(r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.S).group(1)
     assert json.loads(embedded.replace("<\\/", "</")) == json.loads(json.dumps(data))
@@ -86,7 +86,7 @@ def test_script_endings_in_data_cannot_break_the_page(tiny_static):
     _, static = tiny_static
     desc = pd.DataFrame([{"layer": 0, "head": 0, "pattern": "</script><script>alert(1)</script>", "inputs": "",
                           "parse": "json", "status": "ok", "has_pattern": True, "describer": "x", "raw": ""}])
-    page = AT.render_atlas(AT.atlas_data(static, descriptions=desc))
+    page = ATL.render_atlas(ATL.atlas_data(static, descriptions=desc))
     assert page.count("</script>") == 2  # the data block's and the code's own
 
 
@@ -107,12 +107,12 @@ def test_atlas_in_a_headless_browser(tiny_static, tmp_path):
     loaded, static = tiny_static
     ops, desc, heads, summary = _fake_tables(loaded.weights.n_heads)
     keys = QS.salient_keys(loaded, n_tokens=3, run=RunOptions(results_dir=None, progress=False))
-    data = AT.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
+    data = ATL.atlas_data(static, descriptions=desc, ops=ops, ablation_heads=heads, ablation_summary=summary,
                          qk_keys=keys, executable=_executable())
     assert data["executable"]["6"] == {"sentence": "The head writes tN+1 for tN.", "clauses": "successor",
                                        "score": 0.92, "control": None, "verified": True}
     page = tmp_path / "atlas.html"
-    page.write_text(AT.render_atlas(data))
+    page.write_text(ATL.render_atlas(data))
     # the grid renders: one cell per head, coloured
     dom = _dom(page, "")
     assert len(re.findall(r'class="cell[^"]*" data-head="\d+\.\d+"', dom)) == 8
@@ -154,9 +154,9 @@ def test_a_1440_head_atlas_renders_and_answers_in_a_headless_browser(tmp_path):
     path = tmp_path / "same.json"
     path.write_text(json.dumps([[f"t{i}", f"t{i}"] for i in range(40)]))
     static = SC.static_scores(loaded, [path], run=RunOptions(results_dir=None, progress=False))
-    data = AT.atlas_data(static)
+    data = ATL.atlas_data(static)
     page = tmp_path / "atlas.html"
-    page.write_text(AT.render_atlas(data))
+    page.write_text(ATL.render_atlas(data))
     dom = _dom(page, "head=47.29")
     assert len(re.findall(r'class="cell[^"]*" data-head="\d+\.\d+"', dom)) == 48 * 30
     assert '<h2 id="panel-title">Head 47.29</h2>' in dom
@@ -195,5 +195,5 @@ def test_qk_keys_with_control_characters_survive_the_csv_and_reach_the_atlas(tin
     keys = QS.salient_keys(odd, n_tokens=4, run=RunOptions(results_dir=tmp_path, progress=False))
     back = pd.read_csv(tmp_path / "tiny-llama" / "qk" / "salient_keys.csv", keep_default_na=False)
     assert len(back) == len(keys) == 2 * 4 * 4 and set(back.token) <= {"\\r", "a\\nb", "\\t", "x"}
-    data = AT.atlas_data(static, qk_keys=back)
+    data = ATL.atlas_data(static, qk_keys=back)
     assert len(data["qk"]) == 8

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from maps_utils import HeadWeights
-from maps_utils import static as S
+from maps_utils import static as ST
 from maps_utils.static import sources as SRC
 
 from ..conftest import TINY_CONFIGS, make_tiny
@@ -34,7 +34,7 @@ def dense_topk_hits(rows: torch.Tensor, targets: torch.Tensor, k: int, suppressi
 
 
 def check_against_dense(weights, src, tgt, representation, cap, **kw):
-    res = S.target_ranks(weights, src, tgt, representation=representation, rank_cap=cap, progress=False, **kw)
+    res = ST.target_ranks(weights, src, tgt, representation=representation, rank_cap=cap, progress=False, **kw)
     for layer in range(weights.n_layers):
         x = SRC.source_vectors(weights, src, representation, layer).to(weights.U.dtype)
         for h in range(weights.n_heads):
@@ -78,28 +78,28 @@ def test_factored_equals_dense_for_every_representation(key, compute_space):
 def test_chunking_and_memory_budget_do_not_change_results():
     weights = HeadWeights(make_tiny("llama-gqa"))
     src, tgt = _pairs(weights.vocab_size, n=60)
-    ref = S.target_ranks(weights, src, tgt, rank_cap=20, progress=False)
+    ref = ST.target_ranks(weights, src, tgt, rank_cap=20, progress=False)
     for budget in (1e-4, 0.01, 64):  # from a handful of entries per block to everything at once
         for compute_space in ("auto", "head", "model"):
-            res = S.target_ranks(weights, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
+            res = ST.target_ranks(weights, src, tgt, rank_cap=20, memory_budget_mb=budget, compute_space=compute_space, progress=False)
             assert torch.equal(res.top, ref.top) and torch.equal(res.bottom, ref.bottom)
-    order = S.Columns(weights.U, torch.arange(weights.vocab_size), torch.arange(weights.vocab_size))  # unshuffled order
-    w = S.head_rows(weights, 1, SRC.source_vectors(weights, src, "first_mlp", 1))[2]
-    top, bottom = S.ranks_of_targets(w, torch.tensor(tgt), order, rank_cap=20, first_chunk=3, growth=1.1)
+    order = ST.Columns(weights.U, torch.arange(weights.vocab_size), torch.arange(weights.vocab_size))  # unshuffled order
+    w = ST.head_rows(weights, 1, SRC.source_vectors(weights, src, "first_mlp", 1))[2]
+    top, bottom = ST.ranks_of_targets(w, torch.tensor(tgt), order, rank_cap=20, first_chunk=3, growth=1.1)
     assert torch.equal(top, ref.top[1, 2].long()) and torch.equal(bottom, ref.bottom[1, 2].long())
 
 
 def test_head_space_blocks_have_the_bits_of_the_whole_product():
     """Head space computes W_O[h] U block by block, only for the columns its rows still scan, with the bits of the
     whole product (a one-column block is computed two wide); the ranks equal model space's and the dense rows'."""
-    from maps_utils.static import scan
+    from maps_utils.static import ranks as S
 
     weights = HeadWeights(make_tiny("llama-gqa"))
     src, tgt = _pairs(weights.vocab_size, n=60)
     x = SRC.source_vectors(weights, src, "first_mlp", 1)
-    columns = S.scan_columns(weights)
-    head = scan.head_ranks(weights.ov(1), x, torch.tensor(tgt), columns, rank_cap=5, compute_space="head")
-    model = scan.head_ranks(weights.ov(1), x, torch.tensor(tgt), columns, rank_cap=5, compute_space="model")
+    columns = ST.scan_columns(weights)
+    head = S.head_ranks(weights.ov(1), x, torch.tensor(tgt), columns, rank_cap=5, compute_space="head")
+    model = S.head_ranks(weights.ov(1), x, torch.tensor(tgt), columns, rank_cap=5, compute_space="model")
     for h in range(weights.n_heads):
         top, bottom = dense_ranks(dense_rows(weights, 1, h, x), torch.tensor(tgt), 5)
         assert torch.equal(head[0][h], top) and torch.equal(head[1][h], bottom), h
@@ -107,14 +107,14 @@ def test_head_space_blocks_have_the_bits_of_the_whole_product():
     w_o = weights.ov(1).W_O[0]
     full = w_o @ columns.cols
     for block in (slice(7, 8), slice(7, 30)):
-        wide = scan._wide(w_o, columns.cols[:, block])
+        wide = S._wide(w_o, columns.cols[:, block])
         two = slice(block.start, max(block.stop, block.start + 2))
         if torch.equal(w_o @ columns.cols[:, two], full[:, two]):  # this BLAS keeps a column's bits in any width
             assert torch.equal(wide, full[:, block]), block
         else:  # it does not (MKL on the AMD EPYC here, 2026-12-01): the ranks above still agree
             torch.testing.assert_close(wide, full[:, block], rtol=1e-12, atol=1e-12)
-    assert scan.pick_space("auto", 576, 64, 1441) == "head" and scan.pick_space("auto", 576, 64, 1440) == "model"
-    assert scan.pick_space("auto", 640, 256, 10**6) == "model"  # d_head > d_model / 4: never
+    assert S.pick_space("auto", 576, 64, 1441) == "head" and S.pick_space("auto", 576, 64, 1440) == "model"
+    assert S.pick_space("auto", 640, 256, 10**6) == "model"  # d_head > d_model / 4: never
 
 
 def test_scan_columns_are_reused_and_rebuilt_after_an_in_place_edit():
@@ -122,13 +122,13 @@ def test_scan_columns_are_reused_and_rebuilt_after_an_in_place_edit():
     so the ranks follow the new weights (no stale copy)."""
     model = make_tiny("llama-mha-untied")
     weights = HeadWeights(model)
-    first = S.scan_columns(weights)
-    assert S.scan_columns(weights) is first
+    first = ST.scan_columns(weights)
+    assert ST.scan_columns(weights) is first
     assert torch.equal(first.cols, weights.U[:, first.perm])
     src, tgt = _pairs(weights.vocab_size)
     with torch.no_grad():
         model.lm_head.weight.mul_(-1.0)  # every entry of M flips sign: top and bottom ranks swap
-    rebuilt = S.scan_columns(weights)
+    rebuilt = ST.scan_columns(weights)
     assert rebuilt is not first and torch.equal(rebuilt.cols, -first.cols)
     check_against_dense(weights, src, tgt, "first_mlp", cap=7)
 
@@ -140,7 +140,7 @@ def test_gqa_heads_use_their_groups_value_projection():
     attn = model.model.layers[1].self_attn
     dh = weights.d_head
     src, tgt = _pairs(weights.vocab_size)
-    res = S.target_ranks(weights, src, tgt, rank_cap=weights.vocab_size, progress=False)
+    res = ST.target_ranks(weights, src, tgt, rank_cap=weights.vocab_size, progress=False)
     x = SRC.source_vectors(weights, src, "first_mlp", 1)
     for h in range(4):
         g = h // 2
@@ -172,10 +172,10 @@ def _identity_model(sign: float = 1.0):
 
 def test_identity_head_copies_and_negated_head_suppresses():
     ids = list(range(60))
-    res = S.target_ranks(_identity_model(+1), ids, ids, representation="raw", rank_cap=10, progress=False)
+    res = ST.target_ranks(_identity_model(+1), ids, ids, representation="raw", rank_cap=10, progress=False)
     assert res.scores(1)[:, 0].tolist() == [1.0, 1.0]  # M = E E^T: every token is its own top-1
     assert res.scores(1, suppression=True)[:, 0].tolist() == [0.0, 0.0]
-    neg = S.target_ranks(_identity_model(-1), ids, ids, representation="raw", rank_cap=10, progress=False)
+    neg = ST.target_ranks(_identity_model(-1), ids, ids, representation="raw", rank_cap=10, progress=False)
     assert neg.scores(1)[:, 0].tolist() == [0.0, 0.0]
     assert neg.scores(1, suppression=True)[:, 0].tolist() == [1.0, 1.0]
 
@@ -183,9 +183,9 @@ def test_identity_head_copies_and_negated_head_suppresses():
 def test_representation_and_k_change_results_as_expected():
     weights = _identity_model(+1)
     ids = list(range(60))
-    raw = S.target_ranks(weights, ids, ids, representation="raw", rank_cap=60, progress=False)
-    mlp = S.target_ranks(weights, ids, ids, representation="first_mlp", rank_cap=60, progress=False)
-    mlp_all = S.target_ranks(weights, ids, ids, representation="first_mlp_all", rank_cap=60, progress=False)
+    raw = ST.target_ranks(weights, ids, ids, representation="raw", rank_cap=60, progress=False)
+    mlp = ST.target_ranks(weights, ids, ids, representation="first_mlp", rank_cap=60, progress=False)
+    mlp_all = ST.target_ranks(weights, ids, ids, representation="first_mlp_all", rank_cap=60, progress=False)
     assert torch.equal(mlp.top[0], raw.top[0])  # the paper's representation keeps raw E for layer 0 ...
     assert not torch.equal(mlp.top[1], raw.top[1])  # ... and reads MLP0(E) from layer 1 on
     assert torch.equal(mlp_all.top[1], mlp.top[1]) and not torch.equal(mlp_all.top[0], raw.top[0])
@@ -194,7 +194,7 @@ def test_representation_and_k_change_results_as_expected():
     with pytest.raises(ValueError, match="exceeds rank_cap"):
         mlp.scores(61)
     with pytest.raises(ValueError, match="Unknown source representation"):
-        S.target_ranks(weights, ids, ids, representation="mlp", progress=False)
+        ST.target_ranks(weights, ids, ids, representation="mlp", progress=False)
 
 
 # ---- top mappings and saliency -------------------------------------------------------------------------------
@@ -202,7 +202,7 @@ def test_top_mappings_equal_dense_topk():
     weights = HeadWeights(make_tiny("gemma3-gqa"))
     src, _ = _pairs(weights.vocab_size, n=9)
     for suppression in (False, True):
-        v, i = S.top_mappings(weights, 1, 3, src, k=5, suppression=suppression, chunk=13)
+        v, i = ST.top_mappings(weights, 1, 3, src, k=5, suppression=suppression, chunk=13)
         rows = dense_rows(weights, 1, 3, SRC.source_vectors(weights, src, "first_mlp", 1))
         dv, di = torch.topk(-rows if suppression else rows, 5, dim=1)
         assert torch.equal(i, di) and torch.allclose(v, dv)
@@ -212,7 +212,7 @@ def test_top_mappings_equal_dense_topk():
 @pytest.mark.parametrize("key", ["gpt2", "phi-gqa", "gemma3-mqa"])
 def test_saliency_is_norm_amplification(key, representation):
     weights = HeadWeights(make_tiny(key))
-    sal = S.saliency(weights, representation=representation, chunk=17, progress=False, dtype=torch.float64)
+    sal = ST.saliency(weights, representation=representation, chunk=17, progress=False, dtype=torch.float64)
     ids = torch.arange(weights.vocab_size)
     for layer in range(weights.n_layers):
         x = SRC.source_vectors(weights, ids, representation, layer)
@@ -235,7 +235,7 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
     src, tgt = rel.source_ids[:30], rel.target_ids[:30]
     layers = [1, weights.n_layers - 1]
     for representation in SRC.names(depths=(2,)) + ["raw_mlp+centre", "block0+nomassive+norm"]:
-        res = S.target_ranks(weights, src, tgt, representation=representation, rank_cap=50, layers=layers, dtype=torch.float64,
+        res = ST.target_ranks(weights, src, tgt, representation=representation, rank_cap=50, layers=layers, dtype=torch.float64,
                              progress=False)
         for layer in layers:
             h = layer % weights.n_heads
@@ -249,7 +249,7 @@ def test_engine_equals_dense_on_embedded_sample(which, request):
 
 def test_salient_operations_match_dense():
     weights = HeadWeights(make_tiny("qwen2-gqa"))
-    ops = S.salient_operations(weights, n_tokens=4, n_mappings=3, heads_subset=[(1, 2)], progress=False)
+    ops = ST.salient_operations(weights, n_tokens=4, n_mappings=3, heads_subset=[(1, 2)], progress=False)
     ids = torch.arange(weights.vocab_size)
     x = SRC.source_vectors(weights, ids, "first_mlp_all", 1)
     w_vo = weights.W_V(1)[2] @ weights.W_O(1)[2]
@@ -317,6 +317,6 @@ def test_float32_ranks_are_bit_identical_to_the_recorded_ones(case, request):
     rels = [t for t in (R.filter_single_token(R.load(n), loaded.tokenizer) for n in names) if t.usable]
     src = [i for t in rels for i in t.source_ids]
     tgt = [i for t in rels for i in t.target_ids]
-    res = S.target_ranks(loaded.weights, src, tgt, representation=representation, compute_space=space, progress=False)
+    res = ST.target_ranks(loaded.weights, src, tgt, representation=representation, compute_space=space, progress=False)
     assert res.top.dtype == torch.int16 and res.top.shape == (loaded.weights.n_layers, loaded.weights.n_heads, len(src))
     assert _digest(res) == RECORDED_ELSEWHERE.get(case, {}).get(kind, RECORDED[case])
