@@ -7,6 +7,7 @@
 - :mod:`.hashing`: content keys and file hashes (weights included) that key every cache.
 - :mod:`.params`: every numeric MAPS parameter's range, checked in one place.
 - :mod:`.paths`: the model cache folder.
+- :mod:`.deprecation`: renamed public names, kept for one release with a DeprecationWarning naming the new one.
 
 Nothing here knows about models, heads or relations.
 """
