@@ -150,8 +150,8 @@ def representation_table(by_representation: pd.DataFrame, paper_models: pd.DataF
 @renamed_arguments(by_variant="by_representation")
 def depth_curve(by_representation: pd.DataFrame) -> pd.DataFrame:
     """Mean r of relation scores (without / with context) of ``context_free_N`` per N, and of the full
-    ``context_free`` (N = the layer itself) as the last row: how many blocks a token needs before it settles."""
-
+    ``context_free`` (N = the layer itself) as the last row: how many blocks a token needs before it settles. Empty
+    (the same columns, no rows) when no context-free representation was compared."""
     rows = []
     for name in by_representation.columns:
         rep = parse(name)
@@ -160,7 +160,7 @@ def depth_curve(by_representation: pd.DataFrame) -> pd.DataFrame:
                          "r w/o": by_representation.loc[("relation", "without"), name],
                          "r w/": by_representation.loc[("relation", "with"), name]})
     rows.sort(key=lambda r: (r["N"] == "all", r["N"] if r["N"] != "all" else 0))
-    return pd.DataFrame(rows).set_index("N")
+    return pd.DataFrame(rows, columns=["N", "representation", "r w/o", "r w/"]).set_index("N")
 
 
 def summary_row(rel_table: pd.DataFrame, label: str) -> pd.DataFrame:

@@ -237,8 +237,9 @@ def description_shares(shares, title: str = "") -> plt.Figure:
 
 def fidelity_figure(profile, depth=None, title: str = "") -> plt.Figure:
     """Left: the fidelity profile (a ``fidelity.profile`` table: mean cosine per layer, one line per
-    representation). Right, when ``depth`` (``correlation.depth_curve``) is given: mean static-dynamic r of
+    representation). Right, when ``depth`` (``correlation.depth_curve``) has rows: mean static-dynamic r of
     ``context_free_N`` against N."""
+    depth = depth if depth is not None and len(depth) else None
     fig, axes = plt.subplots(1, 2 if depth is not None else 1, figsize=(12 if depth is not None else 7, 4),
                              squeeze=False)
     ax = axes[0, 0]

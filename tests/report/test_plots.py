@@ -212,6 +212,10 @@ def test_fidelity_figure_labels_both_panels_and_draws_one_line_per_representatio
     assert [line.get_label() for line in left.lines] == list(profile.columns)
     assert tick_labels(right.xaxis)[:2] == ["1", "all"]
     assert len(PL.fidelity_figure(profile).axes) == 1 and labelled(PL.fidelity_figure(profile).axes[0])
+    # no context-free representation compared: an empty depth curve, and the figure has the profile alone
+    none = C.depth_curve(by_variant[["first_mlp"]])
+    assert none.empty and list(none.columns) == ["representation", "r w/o", "r w/"] and none.index.name == "N"
+    assert len(PL.fidelity_figure(profile, none).axes) == 1
 
 
 # ---- notebook 03 ---------------------------------------------------------------------------------------
