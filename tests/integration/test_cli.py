@@ -135,6 +135,8 @@ def test_a_notebook_stops_at_its_parameters_before_loading(tmp_path):
 
 def test_ctrl_c_is_one_line_and_exits_130(tmp_path):
     code = ("import os, signal, sys, time\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # Ctrl-C as at a terminal (a background job
+            # inherits SIGINT ignored, and Python then raises no KeyboardInterrupt)
             "from maps_utils import cli\n"
             "from maps_utils.static import scores\n"
             "def interrupted(*a, **k):\n"
