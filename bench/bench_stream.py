@@ -15,15 +15,17 @@ widths share shards by hard link. A WordLevel tokenizer of the words "w0".."w{V-
 
 Per checkpoint and path, in a fresh process with --threads torch threads (1 by default), page cache of the
 checkpoint dropped first (posix_fadvise DONTNEED: cold reads, as on a checkpoint larger than memory):
-  load      maps_utils.load(path, dtype="float32", stream=True | False)
+  load      maps_utils.load(path, dtype="float32", stream=True | False), the weights' SHA-256 already in the
+            file-hash index (hashed beforehand, once per checkpoint: hash_s)
   columns   the permuted float32 U the scan reads (maps_utils.static.ranks.scan_columns)
   sources   first_mlp source vectors of the pairs (one MLP0 pass)
   layers    maps_utils.static.ranks.target_ranks over the timed layers, --relations x --pairs random word pairs
             (fixed seed), representation first_mlp, float32; seconds per layer from its on_layer callback
   peak      VmHWM of the process (and the sampled peaks of RssAnon / RssFile); on CUDA also max_memory_allocated
-The in-memory path is run only where its estimated peak fits --max-gib (every tensor in float32, a permuted float32
-copy of U, the model-space rows of one layer, the working chunk, 0.5 GiB of process); otherwise its row says
-"does not fit". A watchdog kills a measurement when the machine's MemAvailable drops below --min-free-gib.
+A measurement is run only where its estimated peak (estimate_gib: the float32 weights it holds, U's float32 scan
+columns, the rank engine's working set, 0.5 GiB of process) fits --max-gib and the memory available now; otherwise
+its row says "does not fit: needs ~N GiB". The machine may be shared: a watchdog kills a measurement when
+MemAvailable drops below --min-free-gib, and each measurement sets its own oom_score_adj to 1000.
 
 Bound (issue 37): streamed peak RSS <= 1.5 x (E + U + one layer + working chunk), float32, where one layer is the
 attention tensors the static engine reads (q, k, v, o) and the working chunk is the rank engine's memory budget
@@ -255,17 +257,18 @@ def generate(folder: Path, shape: Shape, shard_gib: float, siblings: list[Path])
     return record
 
 
-# ---- sizes: the bound and the in-memory estimate -----------------------------------------------------------------
+# ---- sizes: the bound and the estimates -----------------------------------------------------------------------
 def sizes_gib(shape: Shape, pairs: int) -> dict[str, float]:
-    """float32 sizes (GiB) of what the bound and the estimate count."""
+    """float32 sizes (GiB) of what the bound and the estimates count."""
     d, kv = shape.hidden, shape.kv_heads * shape.d_head
     vocab_side = shape.vocab * d * 4 / GIB
     attention = (2 * d * d + 2 * kv * d) * 4 / GIB  # q, k, v, o
     mlp = 3 * d * shape.d_ff * 4 / GIB
     layer = attention + mlp + 2 * d * 4 / GIB
     rows = shape.heads * pairs * d * 4 / GIB  # one layer's model-space rows w = z W_O, [H·n, d]
-    return {"E": vocab_side, "U": vocab_side, "attention": attention, "mlp": mlp, "layer": layer, "rows": rows,
-            "chunk": WORKING_MB / 1024, "all": 2 * vocab_side + shape.layers * layer + d * 4 / GIB}
+    return {"E": vocab_side, "U": vocab_side, "attention": attention, "v_o": (d * d + kv * d) * 4 / GIB,
+            "mlp_proj": mlp / 3, "mlp": mlp, "layer": layer, "rows": rows, "chunk": WORKING_MB / 1024,
+            "all": 2 * vocab_side + shape.layers * layer + d * 4 / GIB}
 
 
 def bound_gib(shape: Shape, pairs: int) -> float:
@@ -273,11 +276,29 @@ def bound_gib(shape: Shape, pairs: int) -> float:
     return 1.5 * (s["E"] + s["U"] + s["attention"] + s["chunk"])
 
 
-def in_memory_estimate_gib(shape: Shape, pairs: int) -> float:
-    """Peak of the in-memory path: every tensor in float32, a permuted float32 copy of U, one layer's model-space
-    rows, the working chunk and the process itself."""
+def space_of(shape: Shape, pairs: int, compute_space: str) -> str:
+    """The engine's compute space for one call with ``pairs`` rows per head (its own rule)."""
+    from maps_utils.static.ranks import pick_space
+
+    return pick_space(compute_space, shape.hidden, shape.d_head, pairs)
+
+
+def working_gib(shape: Shape, pairs: int, compute_space: str) -> float:
+    """The rank engine's largest working set in one layer (besides U's scan columns): in model space the rows
+    ``w`` [H·n, d] and, while the targets' own entries are computed (ranks_of_targets), the gathered target columns
+    and their product with ``w``, each as large; in head space a head's values and products, taken as the chunk."""
     s = sizes_gib(shape, pairs)
-    return s["all"] + s["U"] + s["rows"] + s["chunk"] + PROCESS_GIB
+    return 3 * s["rows"] + s["chunk"] if space_of(shape, pairs, compute_space) == "model" else 2 * s["chunk"]
+
+
+def estimate_gib(shape: Shape, pairs: int, path: str, compute_space: str) -> float:
+    """Anonymous-memory peak of a measurement: the float32 weights it holds (in memory: every tensor; streamed: the
+    largest module loaded at once, block 0's MLP projection or a layer's v and o), U's float32 scan columns, the
+    engine's working set and 0.5 GiB of process. File pages of the memory-mapped shards are not counted (the
+    kernel reclaims them), although VmHWM includes the ones touched."""
+    s = sizes_gib(shape, pairs)
+    held = s["all"] if path == "in-memory" else max(s["mlp_proj"], s["v_o"])
+    return held + s["U"] + working_gib(shape, pairs, compute_space) + PROCESS_GIB
 
 
 def mem_available_gib() -> float:
@@ -307,6 +328,14 @@ def _status_kib(*keys: str) -> dict[str, int]:
     return out
 
 
+def _phase(name: str, seconds: float) -> int:
+    """Log a finished phase (the log says how far a killed measurement got); returns VmHWM in KiB."""
+    got = _status_kib("VmHWM", "RssAnon", "RssFile")
+    print(f"{name}: {seconds:.1f} s, VmHWM {got['VmHWM'] / 2**20:.2f} GiB, RssAnon {got['RssAnon'] / 2**20:.2f} GiB, "
+          f"RssFile {got['RssFile'] / 2**20:.2f} GiB", flush=True)
+    return got["VmHWM"]
+
+
 class RssSampler(threading.Thread):
     """Samples RssAnon and RssFile every 50 ms (VmHWM gives only their sum's peak)."""
 
@@ -325,6 +354,8 @@ def measure(spec: dict) -> dict:
     """Load ``spec["path"]`` one way and time the static engine on it (see the module docstring)."""
     import torch
 
+    with open("/proc/self/oom_score_adj", "w") as f:  # if memory runs out after all, the kernel ends this first
+        f.write("1000")
     torch.set_num_threads(spec["threads"])
     sampler = RssSampler()
     sampler.start()
@@ -346,7 +377,7 @@ def measure(spec: dict) -> dict:
     loaded = maps_utils.load(spec["path"], device=spec["device"], dtype="float32", **kw)
     load_s = time.perf_counter() - t0
     weights = loaded.weights
-    hwm["load"] = _status_kib("VmHWM")["VmHWM"]
+    hwm["load"] = _phase("load", load_s)
 
     # random relations of random words, through the tokenizer filter the study uses
     g = torch.Generator().manual_seed(spec["seed"])
@@ -369,26 +400,27 @@ def measure(spec: dict) -> dict:
     columns = S.scan_columns(weights, f32)
     sync()
     columns_s = time.perf_counter() - t0
-    hwm["columns"] = _status_kib("VmHWM")["VmHWM"]
+    hwm["columns"] = _phase("columns", columns_s)
     t0 = time.perf_counter()
     x = SourceVectors(weights, torch.as_tensor(src, device=weights.device), "first_mlp", layers=layers,
                       dtype=f32).layer(layers[0])
     sync()
     sources_s = time.perf_counter() - t0
     del x
-    hwm["sources"] = _status_kib("VmHWM")["VmHWM"]
+    hwm["sources"] = _phase("sources", sources_s)
 
     stamps = []
 
     def on_layer(layer, result):
         sync()
         stamps.append((layer, time.perf_counter()))
+        _phase(f"layer {layer}", stamps[-1][1] - (stamps[-2][1] if len(stamps) > 1 else t0))
 
     t0 = time.perf_counter()
     result = S.target_ranks(weights, src, tgt, representation="first_mlp", layers=layers, progress=False, dtype=f32,
-                            memory_budget_mb=WORKING_MB, on_layer=on_layer)
+                            memory_budget_mb=WORKING_MB, compute_space=spec["compute_space"], on_layer=on_layer)
     ranks_s = time.perf_counter() - t0
-    hwm["ranks"] = _status_kib("VmHWM")["VmHWM"]
+    hwm["ranks"] = _phase("ranks", ranks_s)
     sampler.stop.set()
     sampler.join()
     intervals = [stamps[0][1] - t0] + [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
@@ -405,6 +437,7 @@ def measure(spec: dict) -> dict:
         "layer_s": [round(v, 3) for v in intervals], "per_layer_s": per_layer,
         "per_layer_basis": "mean of layers after the first" if len(intervals) > 1 else "first layer minus sources",
         "columns_reused": cached is not None and cached[1] is columns,
+        "space": S.pick_space(spec["compute_space"], weights.d_model, weights.d_head, len(src)),
         "pairs": len(src), "pairs_drawn": spec["relations"] * spec["pairs"], "usable_pairs": usable,
         "score_at_10": float((result.top[layers] < 10).float().mean()), "ranks_sha256": digest.hexdigest()[:16],
         "peak_rss_gib": _status_kib("VmHWM")["VmHWM"] / 2**20,
@@ -442,8 +475,8 @@ def run_child(spec: dict, log: Path, min_free_gib: float, timeout_s: float) -> d
     if why is None and child.returncode == 0 and result_file.is_file():
         got = json.loads(result_file.read_text())
     else:
-        tail = log.read_text().strip().splitlines()[-1:] if log.is_file() else []
-        got = {"error": why or (tail[0] if tail else f"exit {child.returncode}")}
+        tail = log.read_text().strip().splitlines()[-3:] if log.is_file() else []
+        got = {"error": why or (tail[-1] if tail else f"exit {child.returncode}"), "log_tail": " | ".join(tail)}
     return {**got, "child_wall_s": wall, "min_mem_available_gib": lowest}
 
 
@@ -479,13 +512,15 @@ def main() -> None:
     parser.add_argument("--relations", type=int, default=20)
     parser.add_argument("--pairs", type=int, default=40)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in each measurement")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (measurements and generation)")
+    parser.add_argument("--compute-space", default="auto", choices=["auto", "head", "model"],
+                        help="the rank engine's compute space (speed and memory only; the ranks are identical)")
     parser.add_argument("--ckpt-dir", default="/work/bench-ckpt")
     parser.add_argument("--shard-gib", type=float, default=4.0, help="largest shard written")
     parser.add_argument("--skip-generate", action="store_true", help="only measure checkpoints already there")
     parser.add_argument("--generate-only", action="store_true")
     parser.add_argument("--max-gib", type=float, default=18.0,
-                        help="largest estimated peak of the in-memory path that is run (host memory)")
+                        help="largest estimated peak (host memory) of a measurement that is run")
     parser.add_argument("--min-free-gib", type=float, default=1.5, help="kill a measurement below this MemAvailable")
     parser.add_argument("--timeout-min", type=float, default=60.0, help="per measurement")
     parser.add_argument("--warm-cache", action="store_true", help="keep the checkpoint in the page cache")
@@ -497,6 +532,9 @@ def main() -> None:
         Path(args.result_file).write_text(json.dumps(measure(json.loads(args.child))))
         return
 
+    import torch
+
+    torch.set_num_threads(args.threads)  # the generation too: the machine may be shared
     t_all = time.perf_counter()
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
@@ -527,26 +565,34 @@ def main() -> None:
     if args.generate_only:
         return
 
+    from maps_utils.models.weights import weights_sha256
+
     rows = []
     for name in shapes:
         shape, folder = SHAPES[name], ckpt / name
         bound = bound_gib(shape, args.relations * args.pairs)
+        t0 = time.perf_counter()
+        weights_sha256("dir", folder)  # load() hashes the weight files once (file-hash index): not in its time here
+        hashed = time.perf_counter() - t0
+        print(f"{name}: weights hashed in {hashed:.1f} s (0 if the file-hash index had them)", flush=True)
         results = {}
         for path in paths:
-            row = {"shape": name, "path": path, "bound_gib": bound, "full_layers": shape.full_layers,
+            row = {"shape": name, "path": path, "bound_gib": bound, "full_layers": shape.full_layers, "hash_s": hashed,
                    "checkpoint_gib": sum(f.stat().st_size for f in folder.glob("*.safetensors")) / GIB}
-            need = in_memory_estimate_gib(shape, args.relations * args.pairs)
-            row["in_memory_estimate_gib"] = need
+            n = args.relations * args.pairs
+            need = estimate_gib(shape, n, path, args.compute_space)
+            row.update(estimate_gib=need, space=space_of(shape, n, args.compute_space))
             free = mem_available_gib()
-            if path == "in-memory" and need > args.max_gib:
+            if need > args.max_gib:
                 row["error"] = f"does not fit: needs ~{need:.0f} GiB (limit {args.max_gib:.0f})"
-            elif path == "in-memory" and need > free - args.min_free_gib:
+            elif need > free - args.min_free_gib:
                 row["error"] = f"does not fit now: needs ~{need:.0f} GiB, {free:.0f} GiB available"
             else:
                 if not args.warm_cache:
                     drop_page_cache(folder)
                 spec = {"path": str(folder), "stream": path == "streamed", "device": args.device, "layers": timed,
-                        "relations": args.relations, "pairs": args.pairs, "seed": args.seed, "threads": args.threads}
+                        "relations": args.relations, "pairs": args.pairs, "seed": args.seed, "threads": args.threads,
+                        "compute_space": args.compute_space}
                 print(f"{name} {path}: measuring (load average {os.getloadavg()[0]:.1f}, "
                       f"{free:.1f} GiB available)", flush=True)
                 row["load_avg_before"] = os.getloadavg()[0]
