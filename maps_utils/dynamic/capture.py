@@ -157,7 +157,7 @@ def prompt_ranks(
     bottom, without-context top, without-context bottom); a rank equal to ``rank_cap`` means ">= cap"."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    device = weights.U.device
+    device = weights.device
     columns = columns or model_columns(weights)
     L, H, n = weights.n_layers, weights.n_heads, len(prompts)
     out = torch.empty((4, n, L, H), dtype=torch.int16)

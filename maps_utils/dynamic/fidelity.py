@@ -72,7 +72,7 @@ def template_cosines(loaded: LoadedModel, prompts, vectors: dict[str, Tensor], b
     total = torch.zeros((len(vectors), weights.n_layers), dtype=torch.float64)
     pad = pad_id(loaded.tokenizer)
     for s in range(0, len(prompts), batch_size):
-        ids, _, src = pad_batch(prompts[s:s + batch_size], pad, weights.U.device)
+        ids, _, src = pad_batch(prompts[s:s + batch_size], pad, weights.device)
         real = real_sources(loaded.model, weights, ids, src)  # [B, L, d]
         for i, made in enumerate(vectors.values()):
             total[i] += _cosine(made[s:s + batch_size], real).sum(0).cpu()

@@ -86,6 +86,7 @@ GPT_NEOX = ArchSpec(
     v_module=lambda attn: attn.query_key_value,
     values_from_output=lambda out, d: out.unflatten(-1, (d.n_heads, 3, d.d_head))[..., 2, :],
     mlp0=lambda block, x: block.mlp(block.post_attention_layernorm(x)),
+    checkpoint_names=((r"^lm_head\.", "embed_out."),),  # GPT-NeoX checkpoints name the LM head embed_out
     q_weight=_neox_qk(0)[0], q_bias=_neox_qk(0)[1], k_weight=_neox_qk(1)[0], k_bias=_neox_qk(1)[1],
     rope=lambda model, layer, positions, like: cos_sin(model.gpt_neox.rotary_emb(like, positions[None])),
 )

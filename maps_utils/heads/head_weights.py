@@ -3,12 +3,14 @@ through its family's :class:`~maps_utils.heads.spec.ArchSpec`."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ..core.errors import UnsupportedArchitectureError
+from .offload import Offloaded, has_offload
 from .ov import OVCircuit
 from .parity import check_generic, not_reproduced, reading_raised
 from .registry import GENERIC, spec_for
@@ -33,7 +35,9 @@ class HeadWeights:
     """Per-head OV weights, embeddings, the first-MLP transform and hook points of one model.
 
     All tensors are views of (or computed from) the model's own parameters, on its device
-    and in its dtype; nothing is copied at construction.
+    and in its dtype; nothing is copied at construction. Where the model's weights are offloaded or streamed
+    (:mod:`.offload`), each accessor loads the one module it reads for the call, and the tensor it returns holds
+    that module's weights after the module is dropped again.
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
@@ -47,12 +51,43 @@ class HeadWeights:
                     f"{self.dims.n_heads} query heads cannot be split evenly over {self.dims.n_kv_heads} KV heads."
                 )
             self._blocks = self.spec.blocks(model)
+            self._offload = Offloaded(model) if has_offload(model) else None
         except Exception as err:
             if not unchecked:
                 raise
             raise not_reproduced(model, reading_raised(err)) from None
         if unchecked:
             check_generic(model, self)
+
+    # ---- where the weights are -----------------------------------------------------------------
+    def reading(self, *modules: nn.Module):
+        """A context in which ``modules``' parameters are loaded (a no-op for a model held whole in memory)."""
+        return self._offload.materialized(*modules) if self._offload is not None else contextlib.nullcontext()
+
+    def stored(self, module: nn.Module, name: str = "weight") -> Tensor:
+        """``module``'s parameter as stored: the parameter itself in memory; for a streamed or offloaded module, the
+        checkpoint's tensor (memory-mapped, in the checkpoint's dtype), read without loading the module."""
+        return self._offload.stored(module, name) if self._offload is not None else getattr(module, name)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether some of the model's weights are offloaded or streamed rather than held in memory."""
+        return self._offload is not None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The model's compute dtype (its unembedding's, as the model holds it)."""
+        return self.spec.unembed(self.model).weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device the model computes the unembedding on (its execution device where it is offloaded)."""
+        w = self.spec.unembed(self.model).weight
+        if w.is_meta and self._offload is not None:
+            owner = self._offload.owner.get(self.spec.unembed(self.model))
+            if owner is not None:
+                return torch.device(self._offload.hooked[owner[0]].execution_device)
+        return w.device
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -114,7 +149,9 @@ class HeadWeights:
 
     def W_V_kv(self, layer: int) -> Tensor:
         """``[n_kv_heads, d_model, d_head]`` value projection per KV head."""
-        return self.spec.v_weight(self.attn_module(layer), self.dims)
+        attn = self.attn_module(layer)
+        with self.reading(self.spec.v_module(attn)):
+            return self.spec.v_weight(attn, self.dims)
 
     def W_V(self, layer: int) -> Tensor:
         """``[n_heads, d_model, d_head]`` value projection per query head (its KV group's, under GQA)."""
@@ -122,16 +159,22 @@ class HeadWeights:
 
     def b_V(self, layer: int) -> Tensor | None:
         """``[n_heads, d_head]`` value bias per query head, or None where the architecture has none."""
-        b = self.spec.v_bias(self.attn_module(layer), self.dims)
+        attn = self.attn_module(layer)
+        with self.reading(self.spec.v_module(attn)):
+            b = self.spec.v_bias(attn, self.dims)
         return b if b is None or self.group_size == 1 else b[self.kv_groups.to(b.device)]
 
     def W_O(self, layer: int) -> Tensor:
         """``[n_heads, d_head, d_model]`` output projection per query head."""
-        return self.spec.o_weight(self.attn_module(layer), self.dims)
+        attn = self.attn_module(layer)
+        with self.reading(self.spec.out_proj(attn)):
+            return self.spec.o_weight(attn, self.dims)
 
     def b_O(self, layer: int) -> Tensor | None:
         """``[d_model]`` output-projection bias (shared by the layer's heads), or None."""
-        return bias(self.spec.out_proj(self.attn_module(layer)))
+        proj = self.spec.out_proj(self.attn_module(layer))
+        with self.reading(proj):
+            return bias(proj)
 
     def attn_out_gain(self, layer: int) -> Tensor | None:
         """``[d_model]`` per-channel gain applied to the attention output before the residual, or None.
@@ -139,24 +182,34 @@ class HeadWeights:
         Gemma-3 normalises the attention output (post_attention_layernorm); its gain is linear
         and per channel, while its 1/rms factor is a positive scalar per position.
         """
-        return self.spec.attn_out_gain(self._blocks[layer])
+        block = self._blocks[layer]
+        with self.reading(*self._norms(block)):
+            return self.spec.attn_out_gain(block)
+
+    def _norms(self, block: nn.Module) -> list[nn.Module]:
+        """The block's modules whose parameters are all vectors (its norms), without its attention and MLP."""
+        return [m for m in block.modules() if (ps := list(m.parameters(recurse=False))) and all(p.dim() == 1 for p in ps)]
 
     # ---- the QK side (read by maps_utils.qk.circuit) ---------------------------------------------------
     def W_Q(self, layer: int) -> Tensor:
         """``[n_heads, d_model, d_head]`` query projection per query head."""
-        return self.spec.q_weight(self.attn_module(layer), self.dims)
+        with self.reading(attn := self.attn_module(layer)):
+            return self.spec.q_weight(attn, self.dims)
 
     def b_Q(self, layer: int) -> Tensor | None:
         """``[n_heads, d_head]`` query bias, or None."""
-        return self.spec.q_bias(self.attn_module(layer), self.dims)
+        with self.reading(attn := self.attn_module(layer)):
+            return self.spec.q_bias(attn, self.dims)
 
     def W_K_kv(self, layer: int) -> Tensor:
         """``[n_kv_heads, d_model, d_head]`` key projection per KV head."""
-        return self.spec.k_weight(self.attn_module(layer), self.dims)
+        with self.reading(attn := self.attn_module(layer)):
+            return self.spec.k_weight(attn, self.dims)
 
     def b_K_kv(self, layer: int) -> Tensor | None:
         """``[n_kv_heads, d_head]`` key bias, or None."""
-        return self.spec.k_bias(self.attn_module(layer), self.dims)
+        with self.reading(attn := self.attn_module(layer)):
+            return self.spec.k_bias(attn, self.dims)
 
     def qk_norms(self, layer: int) -> tuple | None:
         """The layer's (query norm, key norm), each called on ``[n, heads, d_head]``, or None."""
@@ -170,7 +223,10 @@ class HeadWeights:
     def position_rows(self, positions: Tensor) -> Tensor | None:
         """``[n, d_model]`` learned absolute position embeddings at ``positions`` (GPT-2), or None."""
         emb = self.spec.position_embed(self.model)
-        return None if emb is None else emb.weight[positions.to(emb.weight.device)]
+        if emb is None:
+            return None
+        w = self.stored(emb)
+        return w[positions.to(w.device)].to(device=self.device, dtype=self.dtype)
 
     def attn_scale(self, layer: int) -> float:
         """The factor the layer puts on q·k before the softmax."""
@@ -194,31 +250,48 @@ class HeadWeights:
     def embed_scale(self) -> float:
         """The factor E's rows carry over the embedding weights (sqrt(d_model) for Gemma, Granite's multiplier,
         else 1)."""
-        emb = self.spec.embed(self.model)
-        return float(self._scaled(torch.ones((), dtype=emb.weight.dtype, device=emb.weight.device)))
+        return float(self._scaled(torch.ones((), dtype=self.dtype, device=self.device)))
 
     def embed(self, token_ids: Tensor | Sequence[int]) -> Tensor:
         """``[n, d_model]`` rows of E for ``token_ids``, exactly as the model's forward produces them."""
-        emb = self.spec.embed(self.model)
-        return self._scaled(emb.weight[torch.as_tensor(token_ids, device=emb.weight.device)])
+        w = self.stored(self.spec.embed(self.model))  # [vocab, d_model]; a streamed one stays on disk but these rows
+        rows = w[torch.as_tensor(token_ids, device=w.device)]
+        return self._scaled(rows.to(device=self.device, dtype=self.dtype))
 
     @property
     def E(self) -> Tensor:
         """``[vocab, d_model]`` token embedding (scaled as the architecture scales it)."""
-        return self._scaled(self.spec.embed(self.model).weight)
+        w = self.stored(self.spec.embed(self.model))
+        return self._scaled(w.to(device=self.device, dtype=self.dtype))
 
     @property
     def U(self) -> Tensor:
         """``[d_model, vocab]`` unembedding: a view of the LM head (tied or not), times the factor the model's
         forward puts on its logits where it has one (Granite, Cohere)."""
-        w = self.spec.unembed(self.model).weight.T
+        w = self.unembed_stored.to(device=self.device, dtype=self.dtype).T
         multiplier = self.spec.logit_multiplier(self.model)
         return w if multiplier is None else w * multiplier
+
+    def U_block(self, start: int, stop: int) -> Tensor:
+        """``[d_model, stop - start]``: columns ``start:stop`` of :attr:`U` (a view of it for a model held in memory;
+        for a streamed one, only those rows of the LM head are read and converted)."""
+        if self._offload is None:
+            return self.U[:, start:stop]
+        rows = self.unembed_stored[start:stop].to(device=self.device, dtype=self.dtype)
+        multiplier = self.spec.logit_multiplier(self.model)
+        return rows.T if multiplier is None else (rows * multiplier).T.contiguous()
+
+    @property
+    def unembed_stored(self) -> Tensor:
+        """``[vocab, d_model]`` LM-head weight as stored (for a streamed model: memory-mapped, the checkpoint's dtype;
+        no logit factor)."""
+        return self.stored(self.spec.unembed(self.model))
 
     @property
     def U_bias(self) -> Tensor | None:
         """``[vocab]`` LM-head bias (Phi, GPT-J), with the same logit factor, or None."""
-        b = bias(self.spec.unembed(self.model))
+        head = self.spec.unembed(self.model)
+        b = None if bias(head) is None else self.stored(head, "bias").to(device=self.device, dtype=self.dtype)
         multiplier = self.spec.logit_multiplier(self.model)
         return b if b is None or multiplier is None else b * multiplier
 

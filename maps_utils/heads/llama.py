@@ -3,6 +3,11 @@ before the MLP, or attention and MLP in parallel on one norm. What each family c
 
 from __future__ import annotations
 
+import itertools
+import re
+from collections.abc import Callable
+
+import torch
 from torch import Tensor, nn
 
 from .spec import Dims, fused_v, llama_like, split_kv
@@ -65,12 +70,35 @@ def _granite_gain(block: nn.Module) -> Tensor:
     return w.new_full(w.shape, block.residual_multiplier)  # [d_model]
 
 
+# --- Mixtral checkpoints keep each expert's w1 (gate), w3 (up) and w2 (down) under block_sparse_moe; the model stacks
+# them: gate_up_proj [experts, 2*d_ff, d] = each expert's [w1; w3], down_proj [experts, d, d_ff] = each one's w2.
+_MIXTRAL_EXPERTS = re.compile(r"^(?P<layer>.*\.layers\.\d+)\.mlp\.experts\.(?P<part>gate_up_proj|down_proj)$")
+
+
+def _mixtral_fused(name: str, read: Callable[[str], Tensor]) -> Tensor | None:
+    m = _MIXTRAL_EXPERTS.match(name)
+    if m is None:
+        return None
+    experts = f"{m['layer']}.block_sparse_moe.experts"
+    stacked = []
+    for e in itertools.count():
+        try:
+            if m["part"] == "down_proj":
+                stacked.append(read(f"{experts}.{e}.w2.weight"))
+            else:
+                stacked.append(torch.cat([read(f"{experts}.{e}.w1.weight"), read(f"{experts}.{e}.w3.weight")]))
+        except KeyError:
+            break
+    return torch.stack(stacked) if stacked else None
+
+
 LLAMA = llama_like("llama", ("llama",))
 QWEN2 = llama_like("qwen2", ("qwen2",))
 QWEN3 = llama_like("qwen3", ("qwen3",))  # per-head q_norm / k_norm: queries and keys only
 MISTRAL = llama_like("mistral", ("mistral",))
 MIXTRAL = llama_like("mixtral", ("mixtral",),  # block 0's "MLP" is the router and its experts
-                     mlp0=lambda block, x: _mlp_3d(block, block.post_attention_layernorm(x)))
+                     mlp0=lambda block, x: _mlp_3d(block, block.post_attention_layernorm(x)),
+                     checkpoint_names=((r"\.mlp\.gate\.", ".block_sparse_moe.gate."),), checkpoint_fused=_mixtral_fused)
 PHI3 = llama_like("phi3", ("phi3",), v_weight=_phi3_v, v_bias=_phi3_v_bias, v_module=lambda attn: attn.qkv_proj,
                   values_from_output=lambda out, d: split_kv(out[..., _phi3_v_start(d):], d),
                   q_weight=_phi3_q, k_weight=_phi3_k, q_bias=_phi3_q_bias, k_bias=_phi3_k_bias)

@@ -154,8 +154,8 @@ def mismatches(model, weights, input_ids: torch.Tensor | None = None,
     (default: two seeded random sequences of 8 tokens)."""
     if input_ids is None:
         g = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(0, weights.vocab_size, (2, 8), generator=g).to(weights.U.device)
-    tol = tol if tol is not None else TOLERANCE.get(weights.U.dtype, 1e-4)
+        input_ids = torch.randint(0, weights.vocab_size, (2, 8), generator=g).to(weights.device)
+    tol = tol if tol is not None else TOLERANCE.get(weights.dtype, 1e-4)
     was_training = model.training
     model.eval()
     try:

@@ -30,6 +30,10 @@ def _none(_) -> None:
     return None
 
 
+def _not_fused(name: str, read: Callable[[str], Tensor]) -> None:
+    return None
+
+
 # ---- the QK side's defaults (q_proj / k_proj, norms named q_norm / k_norm or q_layernorm / k_layernorm) -----------
 def _heads(weight: Tensor, n: int, d: Dims) -> Tensor:
     """``[n, d_model, d_head]`` from an [n*d_head, d_model] Linear weight."""
@@ -117,6 +121,10 @@ class ArchSpec:
     attn_scale: Callable[[nn.Module], float] = lambda attn: attn.scaling  # attn -> factor on q·k
     attn_softcap: Callable[[nn.Module], float | None] = lambda attn: getattr(attn, "attn_logit_softcapping", None)
     alibi: Callable[[nn.Module], bool] = lambda model: False  # model -> whether it uses ALiBi (the QK map refuses it)
+    # ---- the checkpoint (maps_utils.models.checkpoint): where a checkpoint spells a parameter otherwise than the model
+    checkpoint_names: tuple[tuple[str, str], ...] = ()  # (regex on a parameter's name, replacement) tried in order
+    # (parameter name, read(checkpoint key) -> tensor) -> the parameter built from several stored tensors, or None
+    checkpoint_fused: Callable[[str, Callable[[str], Tensor]], Tensor | None] = _not_fused
 
 
 # ---- accessors shared by several families -------------------------------------------------------------

@@ -28,7 +28,8 @@ from ..core.io import file_in_the_way
 from ..core.paths import CACHE_ENV, default_cache_dir
 from ..core.store import read_table, result_folder
 from ..heads import HeadWeights
-from .weights import check_gguf, ensure_converted, gemma3_gguf, smollm2_gguf, weights_sha256
+from .streaming import should_stream, streamed_model
+from .weights import check_gguf, ensure_converted, gemma3_gguf, hub_folder, smollm2_gguf, weights_sha256
 
 log = logging.getLogger(__name__)
 
@@ -342,6 +343,31 @@ def _from_hub(name: str, loader):
         raise _not_found(name, f"the Hugging Face hub could not provide it ({str(err).splitlines()[0]})") from err
 
 
+def _stream_folder(name, kind, path, cache, device, dtype, stream) -> Path | None:
+    """The checkpoint folder to stream from, or None to load the model in memory (``stream`` None: when it does not
+    fit the device's free memory, said in one line)."""
+    if stream is False:
+        return None
+    if kind in ("embedded", "gguf"):
+        if not stream:
+            return None  # the embedded models fit anywhere; streaming them is asked for, never chosen
+        gguf = EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
+        return ensure_converted(gguf, cache)[0]
+    folder = path if kind == "dir" else hub_folder(str(name))
+    if folder is None:
+        if stream:
+            raise ModelNotFoundError(f"Model '{name}' is not in the local Hugging Face cache, so it cannot be streamed; "
+                                     f"download it first (`hf download {name}`), or pass its local folder.")
+        return None
+    if stream:
+        return folder
+    big, why = should_stream(folder, device, dtype)
+    if big:
+        log.warning("streaming %s: %s, so each step reads one module at a time from its safetensors shards "
+                    "(pass stream=False / --no-stream to load it whole)", name, why)
+    return folder if big else None
+
+
 # ---- public API ----------------------------------------------------------------------------------
 def available_models() -> dict[str, str]:
     """Embedded model names and descriptions (any HF id or local path also works with :func:`load`)."""
@@ -370,6 +396,7 @@ def load(
     attn_implementation: str | None = "eager",
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
+    stream: bool | None = None,
 ) -> LoadedModel:
     """Load a causal LM by name and return it with its tokenizer and head-weight adapter.
 
@@ -383,6 +410,10 @@ def load(
             patch attention patterns), ``"sdpa"``, or None for the transformers default.
         cache_dir: where converted GGUF weights are kept (default :func:`default_cache_dir`).
         use_cache: False forces the slow GGUF dequantisation and skips the cache.
+        stream: read the weights from the checkpoint's safetensors shards one module at a time instead of loading
+            the model (:mod:`maps_utils.models.streaming`): every step works, and the static ones never hold more
+            than E's used rows, U and one layer. None (default) streams when the checkpoint is larger than the
+            device's free memory, and says so in one line.
     """
     t0 = time.perf_counter()
     device_ = resolve_device(device)
@@ -391,7 +422,14 @@ def load(
     cache = check_cache_dir(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
     from_cache = False
 
-    if kind in ("embedded", "gguf"):
+    folder = _stream_folder(name, kind, path, cache, device_, dtype_, stream)
+    if folder is not None:
+        from transformers import AutoTokenizer
+
+        model, tokenizer = streamed_model(folder, dtype_, device_, attn_implementation), AutoTokenizer.from_pretrained(folder)
+        source = f"{EMBEDDED[name].package}: {folder}" if kind == "embedded" else str(folder)
+        kind, path = "dir", folder
+    elif kind in ("embedded", "gguf"):
         path = EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
         model, tokenizer, from_cache = _load_gguf(path, dtype_, attn_implementation, cache, use_cache)
         source = f"{EMBEDDED[name].package}: {path.name}" if kind == "embedded" else str(path)
@@ -404,7 +442,7 @@ def load(
         source = f"huggingface: {name}"
     sha = weights_sha256(kind, path if kind != "hub" else str(name), model)
 
-    model = _finish(model, device_, dtype_)
+    model = _finish(model, device_, dtype_) if folder is None else model
     head_weights = HeadWeights(model)  # raises UnsupportedArchitectureError with the supported list
     seconds = time.perf_counter() - t0
     log.info("loaded %s on %s/%s in %.1f s (cache hit: %s)", name, device_, dtype_, seconds, from_cache)
@@ -418,6 +456,6 @@ def load(
         source=source,
         load_seconds=seconds,
         from_cache=from_cache,
-        info={"attn_implementation": attn_implementation, "weights_sha256": sha},
+        info={"attn_implementation": attn_implementation, "weights_sha256": sha, "streamed": folder is not None},
         representation=default_representation(str(name)),
     )

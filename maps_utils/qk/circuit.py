@@ -136,10 +136,10 @@ def generic_mismatch(weights: HeadWeights, tol: float | None = None) -> str | No
     default by dtype and at least 1e-5, since many models take the softmax in float32), else one sentence. The OV
     parity checks (:mod:`maps_utils.heads.parity`) do not cover queries and keys."""
 
-    tol = tol if tol is not None else max(1e-5, TOLERANCE.get(weights.U.dtype, 1e-4))
+    tol = tol if tol is not None else max(1e-5, TOLERANCE.get(weights.dtype, 1e-4))
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, weights.vocab_size, (1, 8), generator=g).to(weights.U.device)
+    ids = torch.randint(0, weights.vocab_size, (1, 8), generator=g).to(weights.device)
     try:
         with torch.no_grad():
             store = capture_attention(weights.model, weights, ids)
@@ -167,8 +167,8 @@ class QKMap:
     def __init__(self, weights: HeadWeights, options: QKOptions = QKOptions()):
         options.check(weights)
         self.weights, self.options = weights, options
-        self.dtype = weights.U.dtype  # the model's own: its norm modules run in it
-        self.device = weights.U.device
+        self.dtype = weights.dtype  # the model's own: its norm modules run in it
+        self.device = weights.device
 
     def vectors(self, token_ids, layers: Sequence[int] | None = None) -> sources.SourceVectors:
         """The tokens' representations (before any norm) for ``layers``."""

@@ -159,14 +159,14 @@ def run_prompts(loaded, qmap: QKMap, prompts: Sequence[Prompt], targets: Sequenc
     out: dict[str, list[Tensor]] = {}
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
-        ids, last, source = pad_batch(batch, pad, w.U.device)
+        ids, last, source = pad_batch(batch, pad, w.device)
         real = real_attention(loaded.model, w, ids, last)
         s, v = static_batch(qmap, ids, last, ov_representation)
         for name, value in compare_attention(s.float(), real, last, source).items():
             out.setdefault(name, []).append(value.cpu())
         if targets is None:
             continue
-        tgt = torch.as_tensor(targets[start:start + batch_size], device=w.U.device)
+        tgt = torch.as_tensor(targets[start:start + batch_size], device=w.device)
         tgt = tgt[:, None].expand(len(batch), w.n_layers * w.n_heads).reshape(-1)
         for name, weights_ in (("joint_rank", None), ("oracle_rank", real)):  # static weights; the real ones
             rows = joint_writes(w, s, v, weights_).reshape(-1, w.d_model)

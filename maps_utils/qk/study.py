@@ -218,7 +218,7 @@ def key_profile(loaded, layer: int, head: int, relation: str, template: str, *, 
     tr = R.filter_single_token(R.load(relation), loaded.tokenizer, leading_space=True, min_pairs=1)
     _, src, _, _ = relation_prompts(loaded.tokenizer, tr, [template], max_pairs, seed)
     prompts = build_prompts(loaded.tokenizer, template, src)
-    ids, last, source = pad_batch(prompts, pad_id(loaded.tokenizer), loaded.weights.U.device)
+    ids, last, source = pad_batch(prompts, pad_id(loaded.tokenizer), loaded.weights.device)
     s, _ = static_batch(QKMap(loaded.weights, options), ids, last, options.representation)
     static_share = torch.softmax(s[:, layer, head], -1).mean(0)  # [T]
     real_share = real_attention(loaded.model, loaded.weights, ids, last)[:, layer, head].mean(0)

@@ -46,6 +46,7 @@ from . import sources
 SEED = 0  # the scan order's seed; results never depend on it, only the speed does
 SPACES = ("auto", "head", "model")
 BYTES_PER_ENTRY = 6  # a score (4 B) and two boolean masks
+COLUMN_BLOCK = 8192  # rows of U converted at a time when the scan columns are built
 
 
 def scan_permutation(vocab_size: int, device: torch.device | str = "cpu") -> Tensor:
@@ -72,19 +73,24 @@ def inverse(perm: Tensor) -> Tensor:
 def scan_columns(weights, dtype: torch.dtype | None = None) -> Columns:
     """The unembedding U ``[d_model, V]`` in scan order, shared by every row of every call.
 
-    Built by a row gather of Uᵀ and one transposition (a column gather of U's transposed view is 3× slower), and
-    kept on ``weights`` for the next call while the unembedding's storage, version counter, dtype and device are
-    unchanged (an in-place edit of the weights bumps the version and rebuilds it). Same values, same layout as
-    ``U[:, perm].contiguous()``, so every product over it is unchanged.
+    Built from the LM head's rows as stored (memory-mapped for a streamed model), a block of rows at a time, so no
+    second whole copy of U is ever held; the same values and layout as ``U[:, perm].contiguous()``, so every product
+    over it is unchanged. Kept on ``weights`` for the next call while the unembedding's storage, version counter,
+    dtype and device are unchanged (an in-place edit of the weights bumps the version and rebuilds it).
     """
-    dtype = dtype or weights.U.dtype
-    w = weights.spec.unembed(weights.model).weight
-    key = (w.data_ptr(), w._version, dtype, w.device, weights.spec.logit_multiplier(weights.model))
+    dtype = dtype or weights.dtype
+    w = weights.unembed_stored  # [V, d_model], as stored
+    multiplier = weights.spec.logit_multiplier(weights.model)
+    key = (w.data_ptr(), w._version, dtype, weights.device, multiplier)
     cached = getattr(weights, "_scan_columns", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    perm = scan_permutation(w.shape[0], w.device)
-    cols = weights.U.to(dtype).T.index_select(0, perm).T.contiguous()  # [d, V] in scan order
+    weights._scan_columns = None  # the old columns go before the new ones are built
+    perm = scan_permutation(w.shape[0], weights.device)
+    cols = torch.empty((w.shape[1], w.shape[0]), dtype=dtype, device=weights.device)  # [d, V] in scan order
+    for start in range(0, w.shape[0], COLUMN_BLOCK):
+        rows = w[perm[start:start + COLUMN_BLOCK].to(w.device)].to(device=weights.device, dtype=weights.dtype)
+        cols[:, start:start + COLUMN_BLOCK] = (rows if multiplier is None else rows * multiplier).to(dtype).T
     columns = Columns(cols, perm, inverse(perm))
     weights._scan_columns = (key, columns)
     return columns
@@ -326,8 +332,8 @@ def target_ranks(
         on_layer: called as ``on_layer(layer, result)`` after each layer (checkpointing).
     """
     sources.check(representation)
-    device = weights.U.device
-    dtype = dtype or weights.U.dtype
+    device = weights.device
+    dtype = dtype or weights.dtype
     src = torch.as_tensor(source_ids, device=device)
     tgt = torch.as_tensor(target_ids, device=device)
     L, H, n = weights.n_layers, weights.n_heads, src.numel()

@@ -43,9 +43,8 @@ def top_mappings(
         w = -w
     best_v = w.new_full((w.shape[0], 0), float("-inf"))
     best_i = torch.zeros((w.shape[0], 0), dtype=torch.long, device=w.device)
-    U = weights.U
-    for start in range(0, U.shape[1], chunk):
-        s = w @ U[:, start : start + chunk]
+    for start in range(0, weights.vocab_size, chunk):
+        s = w @ weights.U_block(start, start + chunk)
         v, i = torch.topk(s, min(k, s.shape[1]), dim=1)
         best_v, idx = torch.topk(torch.cat([best_v, v], 1), min(k, best_v.shape[1] + v.shape[1]), dim=1)
         best_i = torch.gather(torch.cat([best_i, i + start], 1), 1, idx)
@@ -70,12 +69,12 @@ def saliency(
     representation (``context_free``) runs one batched pass per chunk of the vocabulary.
     """
     sources.check(representation)
-    dtype = dtype or weights.U.dtype
+    dtype = dtype or weights.dtype
     L, H, V = weights.n_layers, weights.n_heads, weights.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)
     ovs = [weights.ov(layer).to(dtype) for layer in range(L)]
     gram = [ov.out_gram() for ov in ovs]  # [H, dh, dh] per layer
-    device = weights.U.device
+    device = weights.device
     for start in tqdm(range(0, V, chunk), desc=f"saliency ({representation})", disable=not progress):
         ids = torch.arange(start, min(V, start + chunk), device=device)
         xs = sources.SourceVectors(weights, ids, representation, prefix=prefix, dtype=dtype)
@@ -114,7 +113,7 @@ def salient_operations(
     decode = (lambda i: tokenizer.decode([i])) if tokenizer is not None else str
     for layer, h in pairs:
         values, ids = torch.topk(sal[layer, h], n_tokens)
-        _, maps = top_mappings(weights, layer, h, ids.to(weights.U.device), n_mappings, representation=representation)
+        _, maps = top_mappings(weights, layer, h, ids.to(weights.device), n_mappings, representation=representation)
         for rank, (tid, value, mapped) in enumerate(zip(ids.tolist(), values.tolist(), maps.tolist(), strict=True)):
             rows.append({"layer": layer, "head": h, "rank": rank, "token_id": tid, "token": decode(tid),
                          "saliency": value, "mapping_ids": mapped, "mappings": [decode(m) for m in mapped]})

@@ -138,7 +138,7 @@ def residuals(weights: HeadWeights, token_ids: Tensor | Sequence[int], prefix: S
     """
     if not 0 <= depth < weights.n_layers:
         raise ValueError(f"depth {depth} must be in 0..{weights.n_layers - 1}")
-    device = weights.U.device
+    device = weights.device
     ids = torch.as_tensor(token_ids, device=device).reshape(-1)
     cache = None
     if prefix:
@@ -180,10 +180,10 @@ class SourceVectors:
                  dtype: torch.dtype | None = None):
         self.weights = weights
         self.rep = parse(representation)
-        self.ids = torch.as_tensor(token_ids, device=weights.U.device)
+        self.ids = torch.as_tensor(token_ids, device=weights.device)
         self.layers = list(range(weights.n_layers)) if layers is None else list(layers)
         self.prefix = default_prefix(weights) if prefix is None else tuple(int(i) for i in prefix)
-        self.dtype = dtype or weights.U.dtype
+        self.dtype = dtype or weights.dtype
         self._cache: dict[str, Tensor] = {}
 
     def _raw(self) -> Tensor:
