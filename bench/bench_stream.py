@@ -34,7 +34,7 @@ time = load + columns + sources + per-layer x layers.
 
   python bench/bench_stream.py                       # this machine: generate (once), measure, print the table
   python bench/bench_stream.py --device cuda --shapes 70b
-Writes <out>/stream-<device>.csv and stream-<device>.manifest.json (default results/bench) and prints the table.
+Writes <out>/stream-<device>[-<compute space>].csv and its manifest (default results/bench) and prints the table.
 """
 
 from __future__ import annotations
@@ -444,7 +444,7 @@ def measure(spec: dict) -> dict:
         "peak_anon_gib": sampler.peak["RssAnon"] / 2**20, "peak_file_gib": sampler.peak["RssFile"] / 2**20,
         "hwm_gib": {k: round(v / 2**20, 2) for k, v in hwm.items()},
         "cuda_peak_gib": torch.cuda.max_memory_allocated() / GIB if cuda else None,
-        "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start,
+        "threads": torch.get_num_threads(), "wall_s": time.perf_counter() - t_start, "maps_utils": maps_utils.__file__,
     }
 
 
@@ -542,6 +542,8 @@ def main() -> None:
         raise SystemExit(f"Unknown shape or path {', '.join(bad)}; shapes: {', '.join(SHAPES)}; paths: "
                          f"{', '.join(PATHS)}.")
     timed = [int(v) for v in args.layers.split(",")] if args.layers else None
+    device = args.device.split(":")[0]
+    stem = f"stream-{device}" + ("" if args.compute_space == "auto" else f"-{args.compute_space}")
     ckpt = Path(args.ckpt_dir).expanduser()
     ckpt.mkdir(parents=True, exist_ok=True)
     out = ROOT / args.out
@@ -596,8 +598,7 @@ def main() -> None:
                 print(f"{name} {path}: measuring (load average {os.getloadavg()[0]:.1f}, "
                       f"{free:.1f} GiB available)", flush=True)
                 row["load_avg_before"] = os.getloadavg()[0]
-                row.update(run_child(spec, logs / f"{name}-{path}-{args.device.split(':')[0]}.log", args.min_free_gib,
-                                     args.timeout_min * 60))
+                row.update(run_child(spec, logs / f"{name}-{path}-{stem}.log", args.min_free_gib, args.timeout_min * 60))
                 row["load_avg_after"] = os.getloadavg()[0]
             if not row.get("error"):
                 row["full_min"] = (row["load_s"] + row["columns_s"] + row["sources_s"]
@@ -613,14 +614,14 @@ def main() -> None:
 
     import pandas as pd
 
-    from maps_utils.core.manifest import build_manifest, write_manifest
+    import maps_utils
+    from maps_utils.core.manifest import build_manifest, git_commit, write_manifest
 
-    device = args.device.split(":")[0]
     table = pd.DataFrame(rows)
     for col in ("layer_s", "layers_timed", "hwm_gib"):
         if col in table:
             table[col] = table[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    table.round(4).to_csv(out / f"stream-{device}.csv", index=False)
+    table.round(4).to_csv(out / f"{stem}.csv", index=False)
     manifest = build_manifest(parameters={**{k: v for k, v in vars(args).items() if k not in ("child", "result_file")},
                                           "shapes_used": {n: dataclasses.asdict(SHAPES[n]) for n in shapes},
                                           "checkpoints": generated, "representation": "first_mlp",
@@ -628,10 +629,17 @@ def main() -> None:
                               wall_seconds=time.perf_counter() - t_all)
     manifest.update(cpu=platform.processor() or _cpu_name(), cpu_count=os.cpu_count(),
                     mem_total_gib=round(_mem_total_gib(), 1), threads=args.threads)
-    write_manifest(out / f"stream-{device}.manifest.json", manifest, files=[out / f"stream-{device}.csv"])
+    manifest["maps_utils"] = {"file": maps_utils.__file__, "commit": git_commit(ROOT) or _source_commit()}
+    write_manifest(out / f"{stem}.manifest.json", manifest, files=[out / f"{stem}.csv"])
     print()
     print(markdown(rows, args.device))
-    print(f"\nwall {time.perf_counter() - t_all:.0f} s; {out / f'stream-{device}.csv'}")
+    print(f"\nwall {time.perf_counter() - t_all:.0f} s; {out / f'{stem}.csv'}")
+
+
+def _source_commit() -> str | None:
+    """The commit an exported copy of the repository (git archive) was made from, where it says so."""
+    marker = ROOT / ".source-commit"
+    return marker.read_text().strip() if marker.is_file() else None
 
 
 def _cpu_name() -> str:
