@@ -20,7 +20,8 @@ checkpoint dropped first (posix_fadvise DONTNEED: cold reads, as on a checkpoint
   columns   the permuted float32 U the scan reads (maps_utils.static.ranks.scan_columns)
   sources   first_mlp source vectors of the pairs (one MLP0 pass)
   layers    maps_utils.static.ranks.target_ranks over the timed layers, --relations x --pairs random word pairs
-            (fixed seed), representation first_mlp, float32; seconds per layer from its on_layer callback
+            (fixed seed), representation first_mlp, float32; seconds per layer from its on_layer callback, less
+            the time its first layer spends in block 0's MLP (it builds its own sources): their mean is s/layer
   peak      VmHWM of the process (and the sampled peaks of RssAnon / RssFile); on CUDA also max_memory_allocated
 A measurement is run only where its estimated peak (estimate_gib: the float32 weights it holds, U's float32 scan
 columns, the rank engine's working set, 0.5 GiB of process) fits --max-gib and the memory available now; otherwise
@@ -34,7 +35,7 @@ time = load + columns + sources + per-layer x layers.
 
   python bench/bench_stream.py                       # this machine: generate (once), measure, print the table
   python bench/bench_stream.py --device cuda --shapes 70b
-Writes <out>/stream-<device>[-<compute space>].csv and its manifest (default results/bench) and prints the table.
+Writes <out>/stream-<device>[-<compute space>][-<tag>].csv and its manifest (default results/bench) and prints the table.
 """
 
 from __future__ import annotations
@@ -373,6 +374,11 @@ def measure(spec: dict) -> dict:
     elif spec["stream"]:
         return {"error": "maps_utils.load has no stream= argument yet"}
     cuda = spec["device"].startswith("cuda")
+    from maps_utils.models.weights import weights_sha256
+
+    t0 = time.perf_counter()
+    weights_sha256("dir", spec["path"])  # ~0 s: the parent hashed them, unless the file-hash index lost the entries
+    rehash_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     loaded = maps_utils.load(spec["path"], device=spec["device"], dtype="float32", **kw)
     load_s = time.perf_counter() - t0
@@ -409,11 +415,22 @@ def measure(spec: dict) -> dict:
     del x
     hwm["sources"] = _phase("sources", sources_s)
 
-    stamps = []
+    # target_ranks builds its own sources in its first layer: the time spent in block 0's MLP is taken out of it
+    in_mlp0, stamps = [0.0], []
+    first_mlp = weights.first_mlp
+
+    def timed_first_mlp(x):
+        t = time.perf_counter()
+        out = first_mlp(x)
+        sync()
+        in_mlp0[0] += time.perf_counter() - t
+        return out
+
+    weights.first_mlp = timed_first_mlp  # this object only; the library is unchanged
 
     def on_layer(layer, result):
         sync()
-        stamps.append((layer, time.perf_counter()))
+        stamps.append((layer, time.perf_counter(), in_mlp0[0]))
         _phase(f"layer {layer}", stamps[-1][1] - (stamps[-2][1] if len(stamps) > 1 else t0))
 
     t0 = time.perf_counter()
@@ -423,19 +440,20 @@ def measure(spec: dict) -> dict:
     hwm["ranks"] = _phase("ranks", ranks_s)
     sampler.stop.set()
     sampler.join()
-    intervals = [stamps[0][1] - t0] + [b[1] - a[1] for a, b in zip(stamps, stamps[1:], strict=False)]
-    # the first interval also builds the sources again (target_ranks makes its own); the later ones are layers only
-    per_layer = (sum(intervals[1:]) / len(intervals[1:]) if len(intervals) > 1
-                 else max(0.0, intervals[0] - sources_s))
+    before = [(None, t0, 0.0), *stamps[:-1]]
+    intervals = [b[1] - a[1] for a, b in zip(before, stamps, strict=True)]
+    net = [(b[1] - a[1]) - (b[2] - a[2]) for a, b in zip(before, stamps, strict=True)]  # without block 0's MLP
+    per_layer = sum(net) / len(net)
     digest = hashlib.sha256()
     for t in (result.top[layers], result.bottom[layers]):
         digest.update(t.contiguous().numpy().tobytes())
     cached = getattr(weights, "_scan_columns", None)
     return {
-        "streamed_weights": bool(getattr(weights, "streamed", False)), "load_s": load_s, "columns_s": columns_s,
+        "streamed_weights": bool(getattr(weights, "streamed", False)), "rehash_s": rehash_s, "load_s": load_s,
+        "columns_s": columns_s,
         "sources_s": sources_s, "ranks_s": ranks_s, "layers_timed": layers,
-        "layer_s": [round(v, 3) for v in intervals], "per_layer_s": per_layer,
-        "per_layer_basis": "mean of layers after the first" if len(intervals) > 1 else "first layer minus sources",
+        "layer_s": [round(v, 3) for v in intervals], "layer_net_s": [round(v, 3) for v in net],
+        "mlp0_in_ranks_s": in_mlp0[0], "per_layer_s": per_layer,
         "columns_reused": cached is not None and cached[1] is columns,
         "space": S.pick_space(spec["compute_space"], weights.d_model, weights.d_head, len(src)),
         "pairs": len(src), "pairs_drawn": spec["relations"] * spec["pairs"], "usable_pairs": usable,
@@ -525,6 +543,7 @@ def main() -> None:
     parser.add_argument("--timeout-min", type=float, default=60.0, help="per measurement")
     parser.add_argument("--warm-cache", action="store_true", help="keep the checkpoint in the page cache")
     parser.add_argument("--out", default="results/bench")
+    parser.add_argument("--tag", default="", help="added to the result files' names")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result-file", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -543,7 +562,8 @@ def main() -> None:
                          f"{', '.join(PATHS)}.")
     timed = [int(v) for v in args.layers.split(",")] if args.layers else None
     device = args.device.split(":")[0]
-    stem = f"stream-{device}" + ("" if args.compute_space == "auto" else f"-{args.compute_space}")
+    stem = "-".join(["stream", device] + ([args.compute_space] if args.compute_space != "auto" else [])
+                    + ([args.tag] if args.tag else []))
     ckpt = Path(args.ckpt_dir).expanduser()
     ckpt.mkdir(parents=True, exist_ok=True)
     out = ROOT / args.out
@@ -618,7 +638,7 @@ def main() -> None:
     from maps_utils.core.manifest import build_manifest, git_commit, write_manifest
 
     table = pd.DataFrame(rows)
-    for col in ("layer_s", "layers_timed", "hwm_gib"):
+    for col in ("layer_s", "layer_net_s", "layers_timed", "hwm_gib"):
         if col in table:
             table[col] = table[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
     table.round(4).to_csv(out / f"{stem}.csv", index=False)

@@ -279,7 +279,7 @@ class HeadWeights:
             return self.U[:, start:stop]
         rows = self.unembed_stored[start:stop].to(device=self.device, dtype=self.dtype)
         multiplier = self.spec.logit_multiplier(self.model)
-        return rows.T if multiplier is None else (rows * multiplier).T.contiguous()
+        return (rows if multiplier is None else rows * multiplier).T  # the layout of U[:, start:stop]
 
     @property
     def unembed_stored(self) -> Tensor:
