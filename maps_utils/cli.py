@@ -9,6 +9,8 @@
     maps check-options [MODEL] [--device D] [--dtype T]
                                       check options without loading anything (`make all` runs it first)
     maps atlas [MODEL] [--out PATH]   write the self-contained HTML head atlas (default reports/MODEL/atlas.html)
+    maps convert FOLDER [--out OUT]   a safetensors copy of a .bin checkpoint, one shard at a time (to stream it)
+    score and atlas take --stream / --no-stream (default: stream when the checkpoint exceeds the device's free memory)
     maps run-manifest MODEL --step S --seconds T [--notebook NB]
                                       record a step in results/MODEL/manifest.json (`make all` calls it)
 
@@ -29,6 +31,7 @@ from . import relations as R
 from .core.errors import MapsError
 from .core.params import check_parameters
 from .core.store import RunOptions, check_results_dir
+from .models.checkpoint import convert_bin
 from .models.loading import DEFAULT_MODEL, available_models, check_options, load, load_tokenizer
 from .report.atlas import build_atlas
 from .report.run_manifest import record_step
@@ -93,7 +96,7 @@ def _score(args: argparse.Namespace) -> int:
     _check(args)
     copying = True if args.copying else None
     relations = [R.load(r, copying=copying) for r in args.relation] if args.relation else None
-    loaded = load(args.model, device=args.device, dtype=args.dtype)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream)
     res = SC.static_scores(loaded, relations, representation=args.representation or loaded.representation,
                            rank_cap=args.rank_cap, run=RunOptions(results_dir=args.results_dir))
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
@@ -108,7 +111,7 @@ def _score(args: argparse.Namespace) -> int:
 def _atlas(args: argparse.Namespace) -> int:
 
     _check(args)
-    loaded = load(args.model, device=args.device, dtype=args.dtype)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream)
     path = build_atlas(loaded, args.results_dir, args.out, representation=args.representation)
     print(f"atlas: {path}")
     return 0
@@ -134,6 +137,12 @@ class _RenamedOption(argparse.Action):
         warnings.warn(text, DeprecationWarning, stacklevel=2)
         print(f"note: {text}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    out = convert_bin(args.folder, args.out)
+    print(f"wrote {out}: stream it with `maps score {out} --stream`")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -171,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--variant", dest="representation", action=_RenamedOption, new="--representation",
                          help=argparse.SUPPRESS)
         cmd.add_argument("--results-dir", default="results", help="where result tables and caches live")
+        cmd.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                         help="read the weights from the safetensors shards one module at a time (default: when the "
+                              "checkpoint is larger than the device's free memory)")
         cmd.set_defaults(func=func)
         if name == "score":
             cmd.add_argument("--relation", nargs="+", help="relation names or files (default: every shipped relation)")
@@ -185,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                                   "'copying' already are")
         else:
             cmd.add_argument("--out", default=None, help="the HTML file (default reports/<model>/atlas.html)")
+    conv = sub.add_parser("convert", help="write a safetensors copy of a checkpoint stored as PyTorch .bin shards "
+                                          "(one shard in memory at a time), so it can be streamed")
+    conv.add_argument("folder")
+    conv.add_argument("--out", default=None, help="the new folder (default <folder>-safetensors)")
+    conv.set_defaults(func=_convert)
     chk = sub.add_parser("check-options", help="check a model, device and dtype without loading anything (make all)")
     chk.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     chk.add_argument("--device", default="auto")

@@ -41,8 +41,8 @@ class Checkpoint:
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self.weight_map = self._weight_map()  # checkpoint key -> shard file name
         self._open: dict[str, object] = {}
+        self.weight_map = self._weight_map()  # checkpoint key -> shard file name
         for shard in sorted(set(self.weight_map.values())):
             self._handle(shard)  # every shard opens whole, before any work
 
@@ -67,7 +67,7 @@ class Checkpoint:
                                       f"safetensors; convert it once with `{convert_command(self.folder)}`.")
             raise CheckpointError(f"{self.folder} has no safetensors weights to stream; pass a checkpoint folder "
                                   "written by save_pretrained.")
-        return {key: shard for shard in shards for key in self._handle(shard).keys()}
+        return {key: shard for shard in shards for key in self._handle(shard).keys()}  # noqa: SIM118 (a safe_open handle)
 
     def _handle(self, shard: str):
         if shard not in self._open:
@@ -122,17 +122,21 @@ class ModuleTensors(Mapping):
         self.names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
         self.names += [n for n, _ in model.named_buffers()]
         self.prefix = f"{getattr(model, 'base_model_prefix', '')}."
-        self.tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # tied name -> the name it repeats
+        tied = dict(getattr(model, "all_tied_weights_keys", None) or {})  # tied name -> the name it repeats
+        self.tied = {**{v: k for k, v in tied.items()}, **tied}  # either may be the one stored (GGUF: the LM head)
 
-    def key(self, name: str) -> str | None:
-        """The checkpoint key holding ``name``, or None."""
+    def _spellings(self, name: str) -> list[str]:
         candidates = [name]
         for pattern, replacement in self.spec.checkpoint_names:
             candidates.append(re.sub(pattern, replacement, name))
-        candidates += [c[len(self.prefix):] for c in list(candidates) if c.startswith(self.prefix)]
-        found = next((c for c in candidates if c in self.checkpoint), None)
+        return candidates + [c[len(self.prefix):] for c in list(candidates) if c.startswith(self.prefix)]
+
+    def key(self, name: str) -> str | None:
+        """The checkpoint key holding ``name``, or None."""
+        found = next((c for c in self._spellings(name) if c in self.checkpoint), None)
         if found is None and name in self.tied:
-            return self.key(self.tied[name])
+            other = self.tied[name]
+            return next((c for c in self._spellings(other) if c in self.checkpoint), None)
         return found
 
     def __getitem__(self, name: str) -> Tensor:

@@ -101,6 +101,18 @@ def _checked(tensors: ModuleTensors, model: nn.Module, folder: Path) -> None:
                 f"makes it {tuple(param.shape)}; the config and the weights are of different models.")
 
 
+@torch.no_grad()
+def _init_buffers(model: nn.Module) -> None:
+    """The computed buffers (rotary tables, embedding scales) as ``from_pretrained`` leaves them: it initialises them
+    again after building the model, outside the dtype it builds in, which changes their last bits (GPT-J's table)."""
+    init = getattr(model, "_init_weights", None)
+    if init is None:
+        return
+    for module in model.modules():
+        if any(b is not None and not b.is_meta for b in module._buffers.values()):
+            init(module)  # its meta parameters, if any, are left as they are (nothing to write)
+
+
 def streamed_model(folder: str | Path, dtype: torch.dtype, device: torch.device,
                    attn_implementation: str | None = "eager") -> nn.Module:
     """The checkpoint's model with every module's weights streamed from its shards (see the module docstring)."""
@@ -122,10 +134,11 @@ def streamed_model(folder: str | Path, dtype: torch.dtype, device: torch.device,
         if tensors.key(name) is not None:
             module, _, leaf = name.rpartition(".")
             model.get_submodule(module).register_buffer(leaf, tensors[name].to(device=device, dtype=buf.dtype))
-    for module in model.modules():  # rotary tables and other computed buffers, on the execution device
+    _init_buffers(model)
+    for module in model.modules():  # rotary tables and other computed buffers, where and as load()'s _finish puts them
         for key, buf in module._buffers.items():
             if buf is not None and not buf.is_meta:
-                module._buffers[key] = buf.to(device)
+                module._buffers[key] = buf.to(device=device, dtype=dtype if buf.is_floating_point() else buf.dtype)
     attach_align_device_hook(model, execution_device=device, offload=True, weights_map=tensors)
     model.maps_checkpoint = checkpoint
     return model

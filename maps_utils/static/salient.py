@@ -7,6 +7,7 @@ the vocabulary so nothing of size V×V is formed).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import pandas as pd
@@ -72,8 +73,11 @@ def saliency(
     dtype = dtype or weights.dtype
     L, H, V = weights.n_layers, weights.n_heads, weights.vocab_size
     out = torch.empty((L, H, V), dtype=torch.float32)
-    ovs = [weights.ov(layer).to(dtype) for layer in range(L)]
-    gram = [ov.out_gram() for ov in ovs]  # [H, dh, dh] per layer
+    ovs, gram = [], []  # per layer W_V and the Gram matrix W_O W_Oᵀ [H, dh, dh]; W_O itself is not kept (streaming)
+    for layer in range(L):
+        ov = weights.ov(layer).to(dtype)
+        gram.append(ov.out_gram())
+        ovs.append(dataclasses.replace(ov, W_O=ov.W_O.new_empty(0)))
     device = weights.device
     for start in tqdm(range(0, V, chunk), desc=f"saliency ({representation})", disable=not progress):
         ids = torch.arange(start, min(V, start + chunk), device=device)
