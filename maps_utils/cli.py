@@ -11,6 +11,8 @@
     maps atlas [MODEL] [--out PATH]   write the self-contained HTML head atlas (default reports/MODEL/atlas.html)
     maps convert FOLDER [--out OUT]   a safetensors copy of a .bin checkpoint, one shard at a time (to stream it)
     score and atlas take --stream / --no-stream (default: stream when the checkpoint exceeds the device's free memory)
+    info, score, atlas and check-options take --device-map auto|balanced|JSON [--max-memory 0:70GiB,cpu:200GiB]
+    [--offload-folder DIR]: the model spread over GPUs, CPU memory and disk by accelerate
     maps run-manifest MODEL --step S --seconds T [--notebook NB]
                                       record a step in results/MODEL/manifest.json (`make all` calls it)
 
@@ -43,13 +45,29 @@ from .static.tables import top_heads
 def _check(args: argparse.Namespace) -> None:
     """Every option is checked before anything is loaded (each failure is one sentence)."""
 
-    check_options(args.model, args.device, args.dtype)
+    check_options(args.model, args.device, args.dtype, stream=getattr(args, "stream", None), **_placement(args))
     if getattr(args, "representation", None):
         sources.check(args.representation)
     if getattr(args, "results_dir", None):
         check_results_dir(args.results_dir)  # a read-only one still serves stored results; writers check before work
     ranged = {name: getattr(args, name) for name in ("k", "rank_cap", "top", "min_pairs") if hasattr(args, name)}
     check_parameters("--", **ranged)
+
+
+def _placement(args: argparse.Namespace) -> dict[str, object]:
+    """``load``'s device_map, max_memory and offload_folder from the command line (None where not given)."""
+    return {name: getattr(args, name, None) for name in ("device_map", "max_memory", "offload_folder")}
+
+
+def _placement_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--device-map", default=None,
+                     help="spread the model over GPUs, CPU memory and disk with accelerate: auto, balanced, "
+                          "balanced_low_0, sequential, or a JSON {module: device} (or a .json file)")
+    cmd.add_argument("--max-memory", default=None, help="with --device-map: the most each device may hold, e.g. "
+                                                        "0:70GiB,1:70GiB,cpu:200GiB")
+    cmd.add_argument("--offload-folder", default=None,
+                     help="with --device-map: where weights sent to disk are written, if the checkpoint cannot serve "
+                          "them (.bin checkpoints)")
 
 
 def _check_options(args: argparse.Namespace) -> int:
@@ -59,7 +77,7 @@ def _check_options(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     _check(args)
-    loaded = load(args.model, device=args.device, dtype=args.dtype)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, **_placement(args))
     print(json.dumps({**loaded.manifest(), "load_seconds": round(loaded.load_seconds, 2),
                       "from_cache": loaded.from_cache}, indent=2))
     return 0
@@ -96,7 +114,7 @@ def _score(args: argparse.Namespace) -> int:
     _check(args)
     copying = True if args.copying else None
     relations = [R.load(r, copying=copying) for r in args.relation] if args.relation else None
-    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream, **_placement(args))
     res = SC.static_scores(loaded, relations, representation=args.representation or loaded.representation,
                            rank_cap=args.rank_cap, run=RunOptions(results_dir=args.results_dir))
     with pd.option_context("display.width", 200, "display.max_colwidth", 120):
@@ -111,7 +129,7 @@ def _score(args: argparse.Namespace) -> int:
 def _atlas(args: argparse.Namespace) -> int:
 
     _check(args)
-    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream)
+    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream, **_placement(args))
     path = build_atlas(loaded, args.results_dir, args.out, representation=args.representation)
     print(f"atlas: {path}")
     return 0
@@ -160,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     info.add_argument("--device", default="auto")
     info.add_argument("--dtype", default="float32")
+    _placement_options(info)
     info.set_defaults(func=_info)
     rel = sub.add_parser("relations", help="usable single-token pairs per relation and model")
     rel.add_argument("files", nargs="*", help="relation files, .json, .csv or .tsv (default: every shipped relation)")
@@ -183,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                          help="read the weights from the safetensors shards one module at a time (default: when the "
                               "checkpoint is larger than the device's free memory)")
+        _placement_options(cmd)
         cmd.set_defaults(func=func)
         if name == "score":
             cmd.add_argument("--relation", nargs="+", help="relation names or files (default: every shipped relation)")
@@ -206,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     chk.add_argument("--device", default="auto")
     chk.add_argument("--dtype", default="float32")
+    _placement_options(chk)
     chk.add_argument("--results-dir", default=None)
     chk.set_defaults(func=_check_options)
     man = sub.add_parser("run-manifest", help="record one executed notebook in results/MODEL/manifest.json (make all)")

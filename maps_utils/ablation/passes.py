@@ -188,9 +188,10 @@ class _Prefix:
         return logits
 
     def _replayable(self) -> bool:
-        """Blocks can be skipped: there are some, none has its own ``forward`` already (a wrapper we must not
-        shadow), and the cache is per layer, one part per block, each able to say its length and crop."""
-        if not self.blocks or any("forward" in vars(b) for b in self.blocks):
+        """Blocks can be skipped: there are some, none has its own ``forward`` already other than accelerate's (a
+        wrapper we must not shadow; accelerate's, under a device map or offload, is shadowed for the step and put
+        back), and the cache is per layer, one part per block, each able to say its length and crop."""
+        if not self.blocks or any("forward" in vars(b) and not _accelerate_forward(b) for b in self.blocks):
             return False
         if self.cache is None or self._copy:
             return True
@@ -203,13 +204,17 @@ class _Prefix:
         (when :meth:`clean_step` recorded them; else every block runs)."""
         start = start if self._clean is not None else 0
         self.skipped += start * self.last.shape[0]
+        own = [vars(self.blocks[i]).get("forward") for i in range(start)]  # accelerate's hook, where it has one
         try:
             for i in range(start):
                 self.blocks[i].forward = lambda *args, _out=self._clean[i], **kwargs: _out
             return self._step(start)
         finally:
             for i in range(start):
-                vars(self.blocks[i]).pop("forward", None)
+                if own[i] is None:
+                    vars(self.blocks[i]).pop("forward", None)
+                else:
+                    self.blocks[i].forward = own[i]
 
     def _step(self, start: int) -> Tensor:
         if self.cache is None:
@@ -222,6 +227,12 @@ class _Prefix:
             else:
                 cache.crop(-1)
         return logits
+
+
+def _accelerate_forward(block) -> bool:
+    """Whether ``block``'s own ``forward`` is accelerate's hook wrapper (a dispatched or offloaded model): the recorded
+    output is what it returned (on the block's device), so the step may stand in for it."""
+    return "_hf_hook" in vars(block) and "_old_forward" in vars(block)
 
 
 def _copy_out(out):

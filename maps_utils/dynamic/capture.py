@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .. import relations as R
 from ..heads import HeadWeights
-from ..heads.hooks import StopForward, run_until_stop
+from ..heads.hooks import StopForward, pick, run_until_stop
 from ..static.ranks import Columns, ranks_of_targets, scan_columns
 
 log = logging.getLogger(__name__)
@@ -97,23 +97,24 @@ def pad_batch(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[Tensor, T
 def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
     """Run ``model`` once on right-padded ``input_ids`` (see :func:`pad_batch`); return ``z_last`` ``[B, L, n_heads, d_head]`` (every head's mixed value at each
     prompt's last position: its real, in-context output before W_O) and ``v_source`` ``[B, L, n_kv, d_head]``
-    (the value vectors at each prompt's source position, bias included)."""
+    (the value vectors at each prompt's source position, bias included), both on ``input_ids``' device (each layer's
+    are read where the layer runs, under a device map)."""
     L, B = weights.n_layers, input_ids.shape[0]
-    rows = torch.arange(B, device=input_ids.device)
+    home, rows = input_ids.device, torch.arange(B, device=input_ids.device)
     z_last: list[Tensor | None] = [None] * L
     v_src: list[Tensor | None] = [None] * L
     handles = []
 
     def z_hook(layer):
         def hook(mod, args):
-            z_last[layer] = weights.split_z(args[0][rows, last])
+            z_last[layer] = weights.split_z(pick(args[0], rows, last, to=home))
             if layer == L - 1:
                 raise StopForward  # nothing after the last layer's attention is needed
         return hook
 
     def v_hook(layer):
         def hook(mod, args, out):
-            v_src[layer] = weights.values_from_output(out[rows, source])
+            v_src[layer] = weights.values_from_output(pick(out, rows, source, to=home))
         return hook
 
     for layer in range(L):
@@ -127,7 +128,7 @@ def head_writes(weights: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple
     """``(with_context, without_context)`` head writes ``[B, L, n_heads, d_model]`` (no b_O):
     ``z_h W_O[h]`` and ``v_source[g(h)] W_O[h]``."""
     groups = weights.kv_groups.to(v_source.device)
-    w_o = torch.stack([weights.W_O(layer) for layer in range(weights.n_layers)]).to(z_last.dtype)  # [L, H, dh, d]
+    w_o = torch.stack([weights.W_O(layer) for layer in range(weights.n_layers)]).to(z_last)  # [L, H, dh, d]
     with_ctx = torch.einsum("blhe,lhem->blhm", z_last, w_o)
     without = torch.einsum("blhe,lhem->blhm", v_source[:, :, groups], w_o)
     return with_ctx, without

@@ -23,7 +23,7 @@ from ..core.hashing import content_key
 from ..core.manifest import build_manifest, call_arguments
 from ..core.store import RunOptions, Slots, write_table
 from ..heads import HeadWeights
-from ..heads.hooks import StopForward, run_until_stop
+from ..heads.hooks import StopForward, pick, run_until_stop
 from ..models.loading import LoadedModel
 from ..static import sources
 from .capture import build_prompts, pad_batch
@@ -35,12 +35,13 @@ ENGINE_VERSION = 1
 @torch.inference_mode()
 def real_sources(model, weights: HeadWeights, input_ids: Tensor, source: Tensor) -> Tensor:
     """``[B, n_layers, d_model]``: the input of every layer's value projection at each prompt's source position
-    (right-padded ``input_ids``, :func:`~maps_utils.dynamic.capture.pad_batch`): the normalised residual the heads read."""
+    (right-padded ``input_ids``, :func:`~maps_utils.dynamic.capture.pad_batch`): the normalised residual the heads read,
+    on ``input_ids``' device."""
     L, rows = weights.n_layers, torch.arange(input_ids.shape[0], device=input_ids.device)
     seen: list[Tensor] = []
 
     def hook(module, args):
-        seen.append(args[0][rows, source])
+        seen.append(pick(args[0], rows, source, to=input_ids.device))
         if len(seen) == L:
             raise StopForward
 

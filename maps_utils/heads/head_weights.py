@@ -37,7 +37,9 @@ class HeadWeights:
     All tensors are views of (or computed from) the model's own parameters, on its device
     and in its dtype; nothing is copied at construction. Where the model's weights are offloaded or streamed
     (:mod:`.offload`), each accessor loads the one module it reads for the call, and the tensor it returns holds
-    that module's weights after the module is dropped again.
+    that module's weights after the module is dropped again. Where accelerate spread the model over several devices
+    (``load(device_map=...)``), every tensor comes back on :attr:`device`, the LM head's, where the static steps
+    compute (a layer's weights are copied there; on one device nothing moves).
     """
 
     def __init__(self, model: nn.Module, spec: ArchSpec | None = None):
@@ -88,6 +90,29 @@ class HeadWeights:
             if owner is not None:
                 return torch.device(self._offload.hooked[owner[0]].execution_device)
         return w.device
+
+    @property
+    def input_device(self) -> torch.device:
+        """The device the model's embedding runs on: where a forward pass's input ids belong (:attr:`device` too on a
+        model held on one device)."""
+        return self.device_of(self.spec.embed(self.model))
+
+    def device_of(self, module: nn.Module) -> torch.device:
+        """Where ``module`` runs: the execution device of its accelerate hook (a dispatched, offloaded or streamed
+        model), else the device of its first parameter or buffer that is not on ``meta``, else :attr:`device`."""
+        hook = getattr(module, "_hf_hook", None)
+        for h in (getattr(hook, "hooks", None) or (hook,)) if hook is not None else ():
+            dev = getattr(h, "execution_device", None)
+            if dev is not None:
+                return torch.device("cuda", dev) if isinstance(dev, int) else torch.device(dev)
+        for t in (*module.parameters(), *module.buffers()):
+            if not t.is_meta:
+                return t.device
+        return self.device
+
+    def _here(self, t: Tensor | None) -> Tensor | None:
+        """``t`` on :attr:`device` (itself where it is there already)."""
+        return None if t is None else t.to(self.device)
 
     # ---- geometry ---------------------------------------------------------------------------
     @property
@@ -151,7 +176,7 @@ class HeadWeights:
         """``[n_kv_heads, d_model, d_head]`` value projection per KV head."""
         attn = self.attn_module(layer)
         with self.reading(self.spec.v_module(attn)):
-            return self.spec.v_weight(attn, self.dims)
+            return self._here(self.spec.v_weight(attn, self.dims))
 
     def W_V(self, layer: int) -> Tensor:
         """``[n_heads, d_model, d_head]`` value projection per query head (its KV group's, under GQA)."""
@@ -161,20 +186,20 @@ class HeadWeights:
         """``[n_heads, d_head]`` value bias per query head, or None where the architecture has none."""
         attn = self.attn_module(layer)
         with self.reading(self.spec.v_module(attn)):
-            b = self.spec.v_bias(attn, self.dims)
+            b = self._here(self.spec.v_bias(attn, self.dims))
         return b if b is None or self.group_size == 1 else b[self.kv_groups.to(b.device)]
 
     def W_O(self, layer: int) -> Tensor:
         """``[n_heads, d_head, d_model]`` output projection per query head."""
         attn = self.attn_module(layer)
         with self.reading(self.spec.out_proj(attn)):
-            return self.spec.o_weight(attn, self.dims)
+            return self._here(self.spec.o_weight(attn, self.dims))
 
     def b_O(self, layer: int) -> Tensor | None:
         """``[d_model]`` output-projection bias (shared by the layer's heads), or None."""
         proj = self.spec.out_proj(self.attn_module(layer))
         with self.reading(proj):
-            return bias(proj)
+            return self._here(bias(proj))
 
     def attn_out_gain(self, layer: int) -> Tensor | None:
         """``[d_model]`` per-channel gain applied to the attention output before the residual, or None.
@@ -184,7 +209,7 @@ class HeadWeights:
         """
         block = self._blocks[layer]
         with self.reading(*self._norms(block)):
-            return self.spec.attn_out_gain(block)
+            return self._here(self.spec.attn_out_gain(block))
 
     def _norms(self, block: nn.Module) -> list[nn.Module]:
         """The block's modules whose parameters are all vectors (its norms), without its attention and MLP."""
@@ -194,31 +219,41 @@ class HeadWeights:
     def W_Q(self, layer: int) -> Tensor:
         """``[n_heads, d_model, d_head]`` query projection per query head."""
         with self.reading(attn := self.attn_module(layer)):
-            return self.spec.q_weight(attn, self.dims)
+            return self._here(self.spec.q_weight(attn, self.dims))
 
     def b_Q(self, layer: int) -> Tensor | None:
         """``[n_heads, d_head]`` query bias, or None."""
         with self.reading(attn := self.attn_module(layer)):
-            return self.spec.q_bias(attn, self.dims)
+            return self._here(self.spec.q_bias(attn, self.dims))
 
     def W_K_kv(self, layer: int) -> Tensor:
         """``[n_kv_heads, d_model, d_head]`` key projection per KV head."""
         with self.reading(attn := self.attn_module(layer)):
-            return self.spec.k_weight(attn, self.dims)
+            return self._here(self.spec.k_weight(attn, self.dims))
 
     def b_K_kv(self, layer: int) -> Tensor | None:
         """``[n_kv_heads, d_head]`` key bias, or None."""
         with self.reading(attn := self.attn_module(layer)):
-            return self.spec.k_bias(attn, self.dims)
+            return self._here(self.spec.k_bias(attn, self.dims))
 
     def qk_norms(self, layer: int) -> tuple | None:
-        """The layer's (query norm, key norm), each called on ``[n, heads, d_head]``, or None."""
-        return self.spec.qk_norms(self.attn_module(layer))
+        """The layer's (query norm, key norm), each called on ``[n, heads, d_head]`` (returning on the input's
+        device), or None."""
+        norms = self.spec.qk_norms(self.attn_module(layer))
+        if norms is None:
+            return None
+        # a norm on another device runs there (its accelerate hook moves the input) and its output comes back
+        return tuple((lambda y, n=n: n(y).to(y.device)) for n in norms)
+
+    def norm_input(self, layer: int, x: Tensor) -> Tensor:
+        """``x`` ``[.., d_model]`` through the layer's attention input norm (:meth:`input_norm`), on ``x``'s device."""
+        return self.input_norm(layer)(x).to(x.device)
 
     def rope(self, layer: int, positions: Tensor, like: Tensor) -> tuple[Tensor, Tensor] | None:
         """``(cos, sin)`` ``[n, r]`` of the layer's rotary embedding at ``positions`` (on the first r dims of a head;
-        pairs interleaved where ``spec.rope_interleaved``), or None without rotary positions."""
-        return self.spec.rope(self.model, layer, positions, like)
+        pairs interleaved where ``spec.rope_interleaved``), on ``like``'s device, or None without rotary positions."""
+        rope = self.spec.rope(self.model, layer, positions, like)
+        return None if rope is None else tuple(t.to(like.device) for t in rope)
 
     def position_rows(self, positions: Tensor) -> Tensor | None:
         """``[n, d_model]`` learned absolute position embeddings at ``positions`` (GPT-2), or None."""
@@ -304,9 +339,10 @@ class HeadWeights:
     def first_mlp(self, x: Tensor) -> Tensor:
         """Block 0's MLP branch as the architecture computes it (its norms included), without the residual.
 
-        MAPS uses ``first_mlp(E)`` as the source representation for heads in layers >= 1.
+        MAPS uses ``first_mlp(E)`` as the source representation for heads in layers >= 1. Computed where block 0
+        runs (its hooks move ``x`` there), returned on ``x``'s device.
         """
-        return self.spec.mlp0(self._blocks[0], x)
+        return self.spec.mlp0(self._blocks[0], x).to(x.device)
 
     # ---- hook points -----------------------------------------------------------------------
     def out_proj_module(self, layer: int) -> nn.Module:

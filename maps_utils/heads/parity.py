@@ -47,26 +47,27 @@ def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def capture_attention(model, weights, input_ids: torch.Tensor) -> dict[int, dict[str, torch.Tensor]]:
     """Per layer: attention input x, attention weights A (None unless the implementation returns them), z (input
-    of the output projection), the attention output, and the raw output of the value module."""
+    of the output projection), the attention output, and the raw output of the value module; all on the adapter's
+    device (where a device map runs the layer elsewhere, its tensors are copied there)."""
     store: dict[int, dict[str, torch.Tensor]] = {layer: {} for layer in range(weights.n_layers)}
-    handles = []
+    handles, dev = [], weights.device
     for layer in range(weights.n_layers):
         rec = store[layer]
 
         def attn_pre(mod, args, kwargs, rec=rec):
-            rec["x"] = _hidden(args, kwargs)
+            rec["x"] = _hidden(args, kwargs).to(dev)
 
         def attn_post(mod, args, kwargs, out, rec=rec):
-            rec["attn_out"] = out[0].detach()
-            rec["A"] = out[1].detach() if len(out) > 1 and isinstance(out[1], torch.Tensor) else None
+            rec["attn_out"] = out[0].detach().to(dev)
+            rec["A"] = out[1].detach().to(dev) if len(out) > 1 and isinstance(out[1], torch.Tensor) else None
 
         handles += [
             weights.attn_module(layer).register_forward_pre_hook(attn_pre, with_kwargs=True),
             weights.attn_module(layer).register_forward_hook(attn_post, with_kwargs=True),
             weights.out_proj_module(layer).register_forward_pre_hook(
-                lambda mod, args, rec=rec: rec.__setitem__("z", args[0].detach())),
+                lambda mod, args, rec=rec: rec.__setitem__("z", args[0].detach().to(dev))),
             weights.v_module(layer).register_forward_hook(
-                lambda mod, args, out, rec=rec: rec.__setitem__("v_out", out.detach())),
+                lambda mod, args, out, rec=rec: rec.__setitem__("v_out", out.detach().to(dev))),
         ]
     _run_hooked(model, handles, input_ids)
     return store
@@ -88,9 +89,10 @@ def values_and_z(model, weights, input_ids, tol: float) -> str | None:
     for layer, rec in capture_attention(model, weights, input_ids).items():
         x = rec["x"]  # [b, s, d_model]
         v_kv = torch.einsum("bsd,gde->bsge", x, weights.W_V_kv(layer))
-        b = weights.spec.v_bias(weights.attn_module(layer), weights.dims)
+        with weights.reading(weights.v_module(layer)):  # an offloaded value projection is loaded for the read
+            b = weights.spec.v_bias(weights.attn_module(layer), weights.dims)
         if b is not None:
-            v_kv = v_kv + b
+            v_kv = v_kv + b.to(v_kv.device)
         if (err := max_err(v_kv, weights.values_from_output(rec["v_out"]))) >= tol:
             return f"W_V does not reproduce the value projection at layer {layer} (relative error {err:.2g})"
         if rec["A"] is None:
@@ -110,10 +112,11 @@ def first_mlp(model, weights, input_ids, tol: float) -> str | None:
     handles = [
         weights.attn_module(0).register_forward_hook(
             lambda mod, args, kwargs, out: (torch.zeros_like(out[0]), *out[1:]), with_kwargs=True),
-        block.register_forward_pre_hook(lambda mod, args, kwargs: rec.__setitem__("x", _hidden(args, kwargs)),
-                                        with_kwargs=True),
-        block.register_forward_hook(lambda mod, args, kwargs, out: rec.__setitem__("y", _first(out).detach()),
-                                    with_kwargs=True),
+        block.register_forward_pre_hook(
+            lambda mod, args, kwargs: rec.__setitem__("x", _hidden(args, kwargs).to(weights.device)), with_kwargs=True),
+        block.register_forward_hook(
+            lambda mod, args, kwargs, out: rec.__setitem__("y", _first(out).detach().to(weights.device)),
+            with_kwargs=True),
     ]
     _run_hooked(model, handles, input_ids)
     with torch.no_grad():

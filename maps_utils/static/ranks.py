@@ -81,7 +81,8 @@ def scan_columns(weights, dtype: torch.dtype | None = None) -> Columns:
     dtype = dtype or weights.dtype
     w = weights.unembed_stored  # [V, d_model], as stored
     multiplier = weights.spec.logit_multiplier(weights.model)
-    key = (w.data_ptr(), w._version, dtype, weights.device, multiplier)
+    version = -1 if w.is_inference() else w._version  # read from an offload under inference_mode: none kept
+    key = (w.data_ptr(), version, dtype, weights.device, multiplier)
     cached = getattr(weights, "_scan_columns", None)
     if cached is not None and cached[0] == key:
         return cached[1]

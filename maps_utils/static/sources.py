@@ -155,11 +155,12 @@ def residuals(weights: HeadWeights, token_ids: Tensor | Sequence[int], prefix: S
 
 
 def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int, past) -> Tensor:
+    """``[depth + 1, n, d_model]`` on ``batch``'s device (each block's input is read where the block runs)."""
     seen: list[Tensor] = []
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]  # the residual entering the block
-        seen.append(hidden[:, -1].clone())  # [n, d]: at the token's position
+        seen.append(hidden[:, -1].to(batch.device, copy=True))  # [n, d]: at the token's position
         if len(seen) > depth:
             raise StopForward
 
@@ -243,7 +244,7 @@ class SourceVectors:
         """``[n, d_model]`` source vectors for heads of ``layer``, in the compute dtype."""
         x = self.unnormed(layer)
         if self.rep.norm:
-            x = self.weights.input_norm(layer)(x)
+            x = self.weights.norm_input(layer, x)
         return x.to(self.dtype)
 
 
