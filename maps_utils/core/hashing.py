@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import MapsError
-from .io import atomic_file, atomic_write_text, check_writable
+from .io import atomic_file, atomic_write_text, check_writable, file_lock
 from .paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,9 @@ def hash_file(path: Path) -> str:
     return h.hexdigest()
 
 
+INDEX_LOCK_SECONDS = 60.0  # a writer of the hash index waits this long for another
+
+
 def _index_path(cache_dir: str | Path | None) -> Path:
     return Path(cache_dir or default_cache_dir()) / _INDEX
 
@@ -56,13 +59,15 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 
 def _update_index(index_path: Path, path: Path, entry: list | None) -> None:
-    index = _read_index(index_path)  # re-read: another process may have added entries meanwhile
-    if entry is None:
-        index.pop(str(path), None)
-    else:
-        index[str(path)] = entry
-    with contextlib.suppress(OSError):  # a read-only cache only costs speed
-        atomic_write_text(index_path, json.dumps(index, indent=0))
+    """Add (or drop) one entry; processes hashing at once take turns, so none loses another's entries."""
+    with contextlib.suppress(MapsError, OSError):  # a read-only or busy cache only costs speed
+        with file_lock(index_path.with_name(index_path.name + ".lock"), INDEX_LOCK_SECONDS, MapsError("busy")):
+            index = _read_index(index_path)  # re-read under the lock: another process may have added entries
+            if entry is None:
+                index.pop(str(path), None)
+            else:
+                index[str(path)] = entry
+            atomic_write_text(index_path, json.dumps(index, indent=0))
 
 
 def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:

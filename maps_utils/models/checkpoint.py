@@ -11,6 +11,7 @@ spells them otherwise. :func:`convert_bin` writes safetensors shards from PyTorc
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -37,16 +38,19 @@ def convert_command(folder: Path) -> str:
 
 
 class Checkpoint:
-    """The safetensors shards of one checkpoint folder, opened memory-mapped."""
+    """The safetensors shards of one checkpoint folder. Each shard's header is read (and the shard checked whole) once;
+    a tensor is then read from a mapping of its shard opened for that read, so once the tensor is dropped its pages
+    leave the process (a shard kept open would keep every page it ever served resident)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
-        self._open: dict[str, object] = {}
+        self.stored: dict[str, tuple[tuple[int, ...], str]] = {}  # checkpoint key -> (shape, safetensors dtype)
         self.weight_map = self._weight_map()  # checkpoint key -> shard file name
-        for shard in sorted(set(self.weight_map.values())):
-            self._handle(shard)  # every shard opens whole, before any work
+        for shard in sorted(set(self.weight_map.values()) - self._read):
+            self._header(shard)  # every shard opens whole, before any work
 
     def _weight_map(self) -> dict[str, str]:
+        self._read: set[str] = set()
         index = self.folder / INDEX
         if index.is_file():
             try:
@@ -67,17 +71,25 @@ class Checkpoint:
                                       f"safetensors; convert it once with `{convert_command(self.folder)}`.")
             raise CheckpointError(f"{self.folder} has no safetensors weights to stream; pass a checkpoint folder "
                                   "written by save_pretrained.")
-        return {key: shard for shard in shards for key in self._handle(shard).keys()}  # noqa: SIM118 (a safe_open handle)
+        return {key: shard for shard in shards for key in self._header(shard)}
 
-    def _handle(self, shard: str):
-        if shard not in self._open:
-            path = self.folder / shard
-            try:
-                self._open[shard] = safe_open(str(path), framework="pt")
-            except (SafetensorError, OSError) as err:
-                raise CheckpointError(f"Shard {path} cannot be read ({str(err).splitlines()[0]}): it is cut off or "
-                                      "damaged; download it again.") from None
-        return self._open[shard]
+    def _opened(self, shard: str):
+        path = self.folder / shard
+        try:
+            return safe_open(str(path), framework="pt")
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"Shard {path} cannot be read ({str(err).splitlines()[0]}): it is cut off or "
+                                  "damaged; download it again.") from None
+
+    def _header(self, shard: str) -> list[str]:
+        """The keys of ``shard``, with each tensor's shape and dtype kept in :attr:`stored`."""
+        with self._opened(shard) as f:
+            keys = list(f.keys())
+            for key in keys:
+                sl = f.get_slice(key)
+                self.stored[key] = (tuple(sl.get_shape()), sl.get_dtype())
+        self._read.add(shard)
+        return keys
 
     def __contains__(self, key: str) -> bool:
         return key in self.weight_map
@@ -86,21 +98,21 @@ class Checkpoint:
         return list(self.weight_map)
 
     def tensor(self, key: str) -> Tensor:
-        """The tensor stored under ``key``, memory-mapped in its stored dtype (no copy)."""
-        return self._handle(self.weight_map[key]).get_tensor(key)
+        """The tensor stored under ``key``, memory-mapped in its stored dtype (no copy; valid after the read)."""
+        with self._opened(self.weight_map[key]) as f:
+            return f.get_tensor(key)
 
     def meta(self, key: str) -> Tensor:
         """A tensor on the meta device with the stored tensor's shape and dtype (nothing read)."""
-        sl = self._handle(self.weight_map[key]).get_slice(key)
-        return torch.empty(sl.get_shape(), dtype=DTYPES.get(sl.get_dtype(), torch.float32), device="meta")
+        shape, dtype = self.stored[key]
+        return torch.empty(shape, dtype=DTYPES.get(dtype, torch.float32), device="meta")
 
     def dtype(self) -> torch.dtype:
         """The dtype most of the checkpoint's floating-point bytes are stored in."""
         sizes: dict[str, int] = {}
-        for key, shard in list(self.weight_map.items())[:64]:
-            sl = self._handle(shard).get_slice(key)
-            sizes[sl.get_dtype()] = sizes.get(sl.get_dtype(), 0) + int(torch.tensor(sl.get_shape()).prod())
-        return DTYPES.get(max(sizes, key=sizes.get), torch.float32)
+        for shape, dtype in self.stored.values():
+            sizes[dtype] = sizes.get(dtype, 0) + math.prod(shape)
+        return DTYPES.get(max(sizes, key=sizes.get), torch.float32) if sizes else torch.float32
 
     @property
     def nbytes(self) -> int:

@@ -82,7 +82,8 @@ def scan_columns(weights, dtype: torch.dtype | None = None) -> Columns:
     w = weights.unembed_stored  # [V, d_model], as stored
     multiplier = weights.spec.logit_multiplier(weights.model)
     version = -1 if w.is_inference() else w._version  # read from an offload under inference_mode: none kept
-    key = (w.data_ptr(), version, dtype, weights.device, multiplier)
+    # a streamed LM head is read afresh (a new mapping) each time, and never edited in place: the model names it
+    key = (id(weights.model) if weights.streamed else w.data_ptr(), version, dtype, weights.device, multiplier)
     cached = getattr(weights, "_scan_columns", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -179,7 +180,9 @@ def ranks_of_targets(
         ``(top, bottom)``, each ``[R]`` int64 in ``[0, rank_cap]``.
     """
     pos = columns.position[targets.to(columns.position.device)]  # scan position of each target
-    t = (rows * columns.cols[:, pos].T).sum(1)  # [R] the target's own entry
+    step = max(1, int(memory_budget_mb * 2**20 // (4 * rows.shape[1])))  # rows whose target columns fit the budget
+    t = torch.cat([(rows[a:a + step] * columns.cols[:, pos[a:a + step]].T).sum(1)  # [R] the target's own entry
+                   for a in range(0, rows.shape[0], step)]) if rows.shape[0] else rows.new_empty(0)
 
     def scorer(active: Tensor, start: int, stop: int):
         return rows[active] @ columns.cols[:, start:stop]  # [A, C]
@@ -225,9 +228,16 @@ def head_ranks(
     H, d_head, d_model = ov.W_O.shape
     n = targets.numel()
     if pick_space(compute_space, d_model, d_head, n) == "model":
-        w = ov.writes(x).reshape(H * n, d_model)  # [H·n, d]
-        top, bottom = ranks_of_targets(w, targets.repeat(H), columns, rank_cap, memory_budget_mb)
-        return top.view(H, n), bottom.view(H, n)
+        y = ov.head_values(x)  # [H, n, dh]
+        per = max(1, int(memory_budget_mb * 2**20 // (4 * max(n, 1) * d_model)))  # heads whose writes fit the budget
+        tops, bottoms = [], []
+        for h0 in range(0, H, per):  # [h, n, d] writes of a few heads at a time: memory stays within the budget
+            w = torch.einsum("hne,hem->hnm", y[h0:h0 + per], ov.W_O[h0:h0 + per]).reshape(-1, d_model)
+            top, bottom = ranks_of_targets(w, targets.repeat(w.shape[0] // max(n, 1)), columns, rank_cap,
+                                           memory_budget_mb)
+            tops.append(top)
+            bottoms.append(bottom)
+        return torch.cat(tops).view(H, n), torch.cat(bottoms).view(H, n)
     z = ov.values(x)  # [G, n, dh], shared per KV group
     pos = columns.position[targets.to(columns.position.device)]
     tops, bottoms = [], []

@@ -26,6 +26,8 @@ from maps_utils.static.scores import static_scores
 from ..conftest import TINY_CONFIGS, make_tiny, one_sentence, relation_file, word_tokenizer
 
 REPRESENTATIONS = SRC.names(depths=[1], modifiers=SRC.MODIFIERS)  # every base, modifier and +norm, context_free(_1)
+EMBEDDED_REPRESENTATIONS = ["first_mlp", "raw+norm", "first_mlp_all+centre", "raw_mlp+nomassive+norm", "block0",
+                            "context_free", "context_free_2"]
 
 
 def sharded(folder: Path, key: str, dtype=torch.float32) -> Path:
@@ -211,14 +213,16 @@ def test_the_cli_says_a_bad_checkpoint_in_one_line(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_streamed_embedded_models_rank_like_the_in_memory_ones(request, model_cache, name):
-    """The registered representation and raw, every layer, float32: the ranks of the 40 pairs of a shipped relation
+    """Every base, modifier and +norm at least once (on Gemma-3, with its 262k vocabulary: its registered
+    context_free, raw and the paper's first_mlp), every layer, float32: the ranks of 40 pairs of a shipped relation
     (the paper's country_capital) equal the in-memory engine's; the streamed model keeps nothing resident."""
     memory = request.getfixturevalue("smollm2" if name.startswith("smollm2") else "gemma3")
     streamed = maps_utils.load(name, device="cpu", cache_dir=model_cache, stream=True)
     assert streamed.weights.streamed and streamed.weights_sha256 and not memory.weights.streamed
     rel = R.filter_single_token(R.load("country_capital"), memory.tokenizer)
     src, tgt = rel.source_ids[:40], rel.target_ids[:40]
-    for rep in dict.fromkeys([memory.representation, "raw"]):
+    reps = EMBEDDED_REPRESENTATIONS if name.startswith("smollm2") else ["context_free", "raw", "first_mlp"]
+    for rep in reps:
         a = RK.target_ranks(memory.weights, src, tgt, representation=rep, progress=False)
         b = RK.target_ranks(streamed.weights, src, tgt, representation=rep, progress=False)
         assert torch.equal(a.top, b.top) and torch.equal(a.bottom, b.bottom), rep
