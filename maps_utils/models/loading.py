@@ -458,7 +458,10 @@ def load(
 
         model, tokenizer = streamed_model(folder, dtype_, device_, attn_implementation), AutoTokenizer.from_pretrained(folder)
         source = f"{EMBEDDED[name].package}: {folder}" if kind == "embedded" else str(folder)
-        kind, path = "dir", folder
+        if kind in ("embedded", "gguf"):  # the GGUF's own hash, as in memory: the same results share one cache
+            kind, path = "gguf", EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
+        else:
+            kind, path = "dir", folder
     elif kind in ("embedded", "gguf"):
         path = EMBEDDED[name].locate_gguf(cache) if kind == "embedded" else path
         model, tokenizer, from_cache = _load_gguf(path, dtype_, attn_implementation, cache, use_cache, placed)
