@@ -8,6 +8,11 @@ TORCH_SPEC   ?= torch==2.13.0
 MODEL        ?= smollm2-135m
 DEVICE       ?= auto
 DTYPE        ?= float32
+# a model past one device: accelerate's device map ("auto", "balanced", or a JSON {module: device}), the most each
+# device may hold (MAX_MEMORY=0:70GiB,1:70GiB,cpu:200GiB) and where weights sent to disk are written if needed
+DEVICE_MAP   ?=
+MAX_MEMORY   ?=
+OFFLOAD_FOLDER ?=
 PAPERMILL_ARGS ?=
 PYTEST_ARGS  ?=
 SMOKE        ?=
@@ -61,6 +66,14 @@ ATLAS        := $(REPORT_DIR)/atlas.html
 # reruns the notebooks and a repeated `make all` does not. FORCE=1 reruns every notebook. `make -n` and `make -q`
 # write nothing: there a changed parameter only plans the reruns.
 PARAMS       := MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) SMOKE=$(SMOKE) PAPERMILL_ARGS=$(PAPERMILL_ARGS)
+ifneq ($(DEVICE_MAP)$(MAX_MEMORY)$(OFFLOAD_FOLDER),)
+PARAMS       += DEVICE_MAP=$(DEVICE_MAP) MAX_MEMORY=$(MAX_MEMORY) OFFLOAD_FOLDER=$(OFFLOAD_FOLDER)
+endif
+# the placement, as the maps command and papermill take it (only what is set)
+PLACE_ARGS   := $(if $(DEVICE_MAP),--device-map '$(DEVICE_MAP)') $(if $(MAX_MEMORY),--max-memory '$(MAX_MEMORY)') \
+                $(if $(OFFLOAD_FOLDER),--offload-folder '$(abspath $(OFFLOAD_FOLDER))')
+PLACE_PARAMS := $(if $(DEVICE_MAP),-p device_map '$(DEVICE_MAP)') $(if $(MAX_MEMORY),-p max_memory '$(MAX_MEMORY)') \
+                $(if $(OFFLOAD_FOLDER),-p offload_folder '$(abspath $(OFFLOAD_FOLDER))')
 PARAMS_STAMP := $(REPORT_DIR)/.params
 RERUN        := $(if $(filter 1,$(FORCE)),FORCE)
 DRY_RUN      := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
@@ -83,7 +96,8 @@ endif
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "  variables: MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) TORCH_SPEC='$(TORCH_SPEC)' VENV=$(VENV)"
-	@echo "  a changed MODEL, DEVICE, DTYPE or PAPERMILL_ARGS reruns the notebooks; FORCE=1 reruns every notebook"
+	@echo "  past one device: DEVICE_MAP=auto (or balanced, or a JSON {module: device}) MAX_MEMORY=0:70GiB,cpu:200GiB OFFLOAD_FOLDER=..."
+	@echo "  a changed MODEL, DEVICE, DTYPE, DEVICE_MAP or PAPERMILL_ARGS reruns the notebooks; FORCE=1 reruns every notebook"
 
 setup: $(STAMP) ## build or reuse the virtual environment in .venv
 
@@ -132,7 +146,7 @@ all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every n
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
 
 $(ATLAS): $(HTML) $(PACKAGE) | check-options
-	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" --results-dir $(RESULTS_DIR) --out $@
+	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" $(PLACE_ARGS) --results-dir $(RESULTS_DIR) --out $@
 
 browser: ## a headless chromium for the atlas test (installed with apt-get if missing)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -151,14 +165,14 @@ $(PARAMS_STAMP):
 
 $(EXECUTED): $(PARAMS_STAMP) $(RERUN) | check-options
 
-check-options: $(STAMP) ## check MODEL, DEVICE and DTYPE before anything runs (one sentence when one cannot work)
-	@$(BIN)/maps check-options "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)"
+check-options: $(STAMP) ## check MODEL, DEVICE, DTYPE and DEVICE_MAP before anything runs (one sentence when one cannot work)
+	@$(BIN)/maps check-options "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" $(PLACE_ARGS)
 
 $(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(PACKAGE)
 	@mkdir -p $(REPORT_DIR)
 	@start=$$(date +%s); \
 	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" \
-	  -p dtype "$(DTYPE)" $(SMOKE_ARGS) $(PAPERMILL_ARGS) || { echo "make: notebook $< FAILED; the partial run is $@.partial.ipynb" >&2; exit 1; }; \
+	  -p dtype "$(DTYPE)" $(PLACE_PARAMS) $(SMOKE_ARGS) $(PAPERMILL_ARGS) || { echo "make: notebook $< FAILED; the partial run is $@.partial.ipynb" >&2; exit 1; }; \
 	mv $@.partial.ipynb $@; \
 	$(BIN)/maps run-manifest "$(MODEL)" --step $* --notebook $@ --seconds $$(( $$(date +%s) - start )) --results-dir $(RESULTS_DIR)
 

@@ -94,6 +94,16 @@ def test_make_checks_options_before_running_anything(tmp_path):
     assert run.returncode != 0
     lines = [ln for ln in run.stderr.splitlines() if ln.strip() and not ln.startswith("make")]
     assert len(lines) == 1 and "TORCH_SPEC" in lines[0] and "Traceback" not in run.stderr, run.stderr
+    for placement, says in ((['DEVICE_MAP={"model.layers.0": 5}'], "'5', which does not exist"),
+                            (["MAX_MEMORY=cpu:lots"], "only apply with a device_map"),
+                            (["DEVICE_MAP=auto", "MAX_MEMORY=cpu:lots"], "the size 'lots'")):
+        run = subprocess.run(["make", "-s", "check-options", *placement], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+        lines = [ln for ln in run.stderr.splitlines() if ln.strip() and not ln.startswith("make")]
+        assert run.returncode != 0 and len(lines) == 1 and says in lines[0], run.stderr
+    run = subprocess.run(["make", "-s", "check-options", "DEVICE_MAP=auto", "MAX_MEMORY=cpu:2GiB,disk:50GiB"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0 and not run.stderr.strip(), run.stderr
 
 
 def test_k_above_the_rank_cap_gives_no_score(tmp_path, cache, capsys):
