@@ -11,6 +11,9 @@ DTYPE        ?= float32
 # a model past one device: accelerate's device map ("auto", "balanced", or a JSON {module: device}), the most each
 # device may hold (MAX_MEMORY=0:70GiB,1:70GiB,cpu:200GiB) and where weights sent to disk are written if needed
 DEVICE_MAP   ?=
+# STREAM=1 reads the weights from the safetensors shards one module at a time (the static study of a model larger
+# than the device's memory); STREAM=0 never streams; unset: stream when the checkpoint exceeds the free memory
+STREAM       ?=
 MAX_MEMORY   ?=
 OFFLOAD_FOLDER ?=
 PAPERMILL_ARGS ?=
@@ -69,11 +72,16 @@ PARAMS       := MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) SMOKE=$(SMOKE) PA
 ifneq ($(DEVICE_MAP)$(MAX_MEMORY)$(OFFLOAD_FOLDER),)
 PARAMS       += DEVICE_MAP=$(DEVICE_MAP) MAX_MEMORY=$(MAX_MEMORY) OFFLOAD_FOLDER=$(OFFLOAD_FOLDER)
 endif
+ifneq ($(STREAM),)
+PARAMS       += STREAM=$(STREAM)
+endif
 # the placement, as the maps command and papermill take it (only what is set)
 PLACE_ARGS   := $(if $(DEVICE_MAP),--device-map '$(DEVICE_MAP)') $(if $(MAX_MEMORY),--max-memory '$(MAX_MEMORY)') \
-                $(if $(OFFLOAD_FOLDER),--offload-folder '$(abspath $(OFFLOAD_FOLDER))')
+                $(if $(OFFLOAD_FOLDER),--offload-folder '$(abspath $(OFFLOAD_FOLDER))') \
+                $(if $(filter 1,$(STREAM)),--stream) $(if $(filter 0,$(STREAM)),--no-stream)
 PLACE_PARAMS := $(if $(DEVICE_MAP),-p device_map '$(DEVICE_MAP)') $(if $(MAX_MEMORY),-p max_memory '$(MAX_MEMORY)') \
-                $(if $(OFFLOAD_FOLDER),-p offload_folder '$(abspath $(OFFLOAD_FOLDER))')
+                $(if $(OFFLOAD_FOLDER),-p offload_folder '$(abspath $(OFFLOAD_FOLDER))') \
+                $(if $(filter 1,$(STREAM)),-p stream True) $(if $(filter 0,$(STREAM)),-p stream False)
 PARAMS_STAMP := $(REPORT_DIR)/.params
 RERUN        := $(if $(filter 1,$(FORCE)),FORCE)
 DRY_RUN      := $(findstring n,$(firstword -$(MAKEFLAGS)))$(findstring q,$(firstword -$(MAKEFLAGS)))
@@ -97,6 +105,7 @@ help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  %-12s %s\n", $$1, $$2}'
 	@echo "  variables: MODEL=$(MODEL) DEVICE=$(DEVICE) DTYPE=$(DTYPE) TORCH_SPEC='$(TORCH_SPEC)' VENV=$(VENV)"
 	@echo "  past one device: DEVICE_MAP=auto (or balanced, or a JSON {module: device}) MAX_MEMORY=0:70GiB,cpu:200GiB OFFLOAD_FOLDER=..."
+	@echo "  STREAM=1: read the weights from the safetensors shards one module at a time (default: when they exceed free memory)"
 	@echo "  a changed MODEL, DEVICE, DTYPE, DEVICE_MAP or PAPERMILL_ARGS reruns the notebooks; FORCE=1 reruns every notebook"
 
 setup: $(STAMP) ## build or reuse the virtual environment in .venv

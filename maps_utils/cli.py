@@ -10,7 +10,8 @@
                                       check options without loading anything (`make all` runs it first)
     maps atlas [MODEL] [--out PATH]   write the self-contained HTML head atlas (default reports/MODEL/atlas.html)
     maps convert FOLDER [--out OUT]   a safetensors copy of a .bin checkpoint, one shard at a time (to stream it)
-    score and atlas take --stream / --no-stream (default: stream when the checkpoint exceeds the device's free memory)
+    info, score, atlas and check-options take --stream / --no-stream (default: stream when the checkpoint exceeds
+                                      the free memory of the device)
     info, score, atlas and check-options take --device-map auto|balanced|JSON [--max-memory 0:70GiB,cpu:200GiB]
     [--offload-folder DIR]: the model spread over GPUs, CPU memory and disk by accelerate
     maps run-manifest MODEL --step S --seconds T [--notebook NB]
@@ -60,6 +61,9 @@ def _placement(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _placement_options(cmd: argparse.ArgumentParser) -> None:
+    cmd.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                     help="read the weights from the safetensors shards one module at a time (default: when the "
+                          "checkpoint is larger than the device's free memory)")
     cmd.add_argument("--device-map", default=None,
                      help="spread the model over GPUs, CPU memory and disk with accelerate: auto, balanced, "
                           "balanced_low_0, sequential, or a JSON {module: device} (or a .json file)")
@@ -77,7 +81,7 @@ def _check_options(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     _check(args)
-    loaded = load(args.model, device=args.device, dtype=args.dtype, **_placement(args))
+    loaded = load(args.model, device=args.device, dtype=args.dtype, stream=args.stream, **_placement(args))
     print(json.dumps({**loaded.manifest(), "load_seconds": round(loaded.load_seconds, 2),
                       "from_cache": loaded.from_cache}, indent=2))
     return 0
@@ -199,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--variant", dest="representation", action=_RenamedOption, new="--representation",
                          help=argparse.SUPPRESS)
         cmd.add_argument("--results-dir", default="results", help="where result tables and caches live")
-        cmd.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                         help="read the weights from the safetensors shards one module at a time (default: when the "
-                              "checkpoint is larger than the device's free memory)")
         _placement_options(cmd)
         cmd.set_defaults(func=func)
         if name == "score":

@@ -60,14 +60,14 @@ def _stamp(st: os.stat_result) -> list[int]:
 
 def _update_index(index_path: Path, path: Path, entry: list | None) -> None:
     """Add (or drop) one entry; processes hashing at once take turns, so none loses another's entries."""
-    with contextlib.suppress(MapsError, OSError):  # a read-only or busy cache only costs speed
-        with file_lock(index_path.with_name(index_path.name + ".lock"), INDEX_LOCK_SECONDS, MapsError("busy")):
-            index = _read_index(index_path)  # re-read under the lock: another process may have added entries
-            if entry is None:
-                index.pop(str(path), None)
-            else:
-                index[str(path)] = entry
-            atomic_write_text(index_path, json.dumps(index, indent=0))
+    lock = index_path.with_name(index_path.name + ".lock")
+    with contextlib.suppress(MapsError, OSError), file_lock(lock, INDEX_LOCK_SECONDS, MapsError("busy")):
+        index = _read_index(index_path)  # re-read under the lock: another process may have added entries
+        if entry is None:
+            index.pop(str(path), None)
+        else:
+            index[str(path)] = entry
+        atomic_write_text(index_path, json.dumps(index, indent=0))  # a read-only or busy cache only costs speed
 
 
 def file_sha256(path: str | Path, cache_dir: str | Path | None = None) -> str:

@@ -163,6 +163,9 @@ def random_head_ops(loaded, heads: Sequence[tuple[int, int]], *, n_salient: int 
     tensor's own standard deviation; seeded). The model's parameters are restored before returning."""
 
     w = loaded.weights
+    if w.streamed:  # its parameters live on disk or another device: an edit in place would be silently lost
+        raise OptionError(f"The random-weight control edits {loaded.name}'s W_V and W_O in memory, and this model's "
+                          "weights are streamed or offloaded; run notebook 04 with stream=False and no device_map.")
     g = torch.Generator().manual_seed(seed)
     params = {id(p): p for layer in range(w.n_layers)
               for module in (w.v_module(layer), w.out_proj_module(layer)) for p in module.parameters()}

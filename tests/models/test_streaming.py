@@ -228,3 +228,15 @@ def test_streamed_embedded_models_rank_like_the_in_memory_ones(request, model_ca
         b = RK.target_ranks(streamed.weights, src, tgt, representation=rep, progress=False)
         assert torch.equal(a.top, b.top) and torch.equal(a.bottom, b.bottom), rep
     assert resident(streamed.weights) == []
+
+
+def test_the_random_weight_control_refuses_a_streamed_model(tmp_path):
+    """Notebook 04's control edits W_V and W_O in place, which a streamed model would silently undo."""
+    from maps_utils.core.errors import OptionError
+    from maps_utils.describe.exec_study import random_head_ops
+
+    loaded = maps_utils.load(str(sharded(tmp_path, "llama-gqa")), device="cpu", stream=True)
+    with pytest.raises(OptionError) as err:
+        random_head_ops(loaded, [(1, 0)])
+    one_sentence(f"error: {err.value}")
+    assert "stream=False" in str(err.value)
