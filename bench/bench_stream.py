@@ -21,12 +21,16 @@ checkpoint dropped first (posix_fadvise DONTNEED: cold reads, as on a checkpoint
   sources   first_mlp source vectors of the pairs (one MLP0 pass)
   layers    maps_utils.static.ranks.target_ranks over the timed layers, --relations x --pairs random word pairs
             (fixed seed), representation first_mlp, float32; seconds per layer from its on_layer callback, less
-            the time its first layer spends in block 0's MLP (it builds its own sources): their mean is s/layer
-  peak      VmHWM of the process (and the sampled peaks of RssAnon / RssFile); on CUDA also max_memory_allocated
-A measurement is run only where its estimated peak (estimate_gib: the float32 weights it holds, U's float32 scan
-columns, the rank engine's working set, 0.5 GiB of process) fits --max-gib and the memory available now; otherwise
-its row says "does not fit: needs ~N GiB". The machine may be shared: a watchdog kills a measurement when
-MemAvailable drops below --min-free-gib, and each measurement sets its own oom_score_adj to 1000.
+            the time its first layer spends in block 0's MLP (it builds its own sources): their mean is s/layer;
+            layer_cpu_s, the process's CPU seconds per layer (below the wall time where the machine is shared)
+  peak      VmHWM of the process (anonymous + file-mapped pages), the sampled peaks of RssAnon and RssFile (every
+            50 ms) and VmHWM after each phase; on CUDA also max_memory_allocated
+A measurement is run only where its estimated peak (estimate_gib: U's float32 scan columns, 0.5 GiB of process
+and the largest of what each phase holds besides: the weights, the tensor being read with its mapped pages, the rank
+engine's working set, bounded by its memory budget since a214126) fits --max-gib and the memory available now;
+otherwise its row says "does not fit: needs ~N GiB". The machine may be shared: a watchdog kills a measurement when
+MemAvailable drops below --min-free-gib, and each measurement sets its own oom_score_adj to 1000. Each row names the
+maps_utils commit it measured and any uncommitted files under maps_utils/ at its start (source, source_dirty).
 
 Bound (issue 37): streamed peak RSS <= 1.5 x (E + U + one layer + working chunk), float32, where one layer is the
 attention tensors the static engine reads (q, k, v, o) and the working chunk is the rank engine's memory budget
@@ -285,21 +289,48 @@ def space_of(shape: Shape, pairs: int, compute_space: str) -> str:
 
 
 def working_gib(shape: Shape, pairs: int, compute_space: str) -> float:
-    """The rank engine's largest working set in one layer (besides U's scan columns): in model space the rows
-    ``w`` [H·n, d] and, while the targets' own entries are computed (ranks_of_targets), the gathered target columns
-    and their product with ``w``, each as large; in head space a head's values and products, taken as the chunk."""
+    """The rank engine's largest working set in one layer, besides U's scan columns and the layer's v and o (engine of
+    a214126). Model space: the writes ``w = z W_O`` of as many heads as fit memory_budget_mb (at least one head),
+    ``[h·n, d]``; beside them either the targets' own entries (gathered target columns and their product with ``w``,
+    row blocks of at most the budget each) or the scan's copy of the active rows and its block of scores and masks
+    (about the budget): max(3 w, 2 w + budget). Head space: a head's values, its ``W_O[h] U`` block and the block of
+    scores, taken as 2 chunks."""
     s = sizes_gib(shape, pairs)
-    return 3 * s["rows"] + s["chunk"] if space_of(shape, pairs, compute_space) == "model" else 2 * s["chunk"]
+    if space_of(shape, pairs, compute_space) != "model":
+        return 2 * s["chunk"]
+    head = pairs * shape.hidden * 4  # one head's writes, bytes
+    per = max(1, int(WORKING_MB * 2**20 // max(head, 1)))
+    w = min(shape.heads, per) * head / GIB
+    return max(3 * w, 2 * w + s["chunk"])
 
 
 def estimate_gib(shape: Shape, pairs: int, path: str, compute_space: str) -> float:
-    """Anonymous-memory peak of a measurement: the float32 weights it holds (in memory: every tensor; streamed: the
-    largest module loaded at once, block 0's MLP projection or a layer's v and o), U's float32 scan columns, the
-    engine's working set and 0.5 GiB of process. File pages of the memory-mapped shards are not counted (the
-    kernel reclaims them), although VmHWM includes the ones touched."""
+    """Peak (VmHWM: anonymous and file-mapped pages) of a measurement: 0.5 GiB of process, U's float32 scan columns,
+    and the largest of what the phases hold besides them.
+
+    Streamed (each tensor maps its shard for that read only, so mapped pages leave with the tensor): building the
+    scan columns, the LM head's bf16 pages; block 0's MLP, one projection in float32 with its bf16 pages; a layer, its
+    v and o in float32 with their bf16 pages and the engine's working set.
+    In memory: every weight in float32; while loading, one layer more (its float32 and bf16 copies, as the in-memory
+    runs of the v32k checkpoint showed: about 4.3 GiB over the loaded weights) instead of the scan columns; then the
+    scan columns and the working set."""
     s = sizes_gib(shape, pairs)
-    held = s["all"] if path == "in-memory" else max(s["mlp_proj"], s["v_o"])
-    return held + s["U"] + working_gib(shape, pairs, compute_space) + PROCESS_GIB
+    work = working_gib(shape, pairs, compute_space)
+    if path == "in-memory":
+        return PROCESS_GIB + s["all"] + max(1.5 * s["layer"], s["U"] + work)
+    return PROCESS_GIB + s["U"] + max(s["U"] / 2, 1.5 * s["mlp_proj"], 1.5 * s["v_o"] + work)
+
+
+def maps_utils_state(root: Path) -> tuple[str | None, list[str]]:
+    """(HEAD commit, or the exported copy's; uncommitted files under maps_utils/ of the tree measured)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "maps_utils"], cwd=root, capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):  # not a repository: an exported copy (git archive)
+        commit = _source_commit()
+        return (f"{commit} (exported copy)" if commit else None), []
+    return head.stdout.strip(), [line[3:] for line in dirty.stdout.splitlines() if line.strip()]
 
 
 def mem_available_gib() -> float:
@@ -430,20 +461,21 @@ def measure(spec: dict) -> dict:
 
     def on_layer(layer, result):
         sync()
-        stamps.append((layer, time.perf_counter(), in_mlp0[0]))
+        stamps.append((layer, time.perf_counter(), in_mlp0[0], time.process_time()))
         _phase(f"layer {layer}", stamps[-1][1] - (stamps[-2][1] if len(stamps) > 1 else t0))
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = S.target_ranks(weights, src, tgt, representation="first_mlp", layers=layers, progress=False, dtype=f32,
                             memory_budget_mb=WORKING_MB, compute_space=spec["compute_space"], on_layer=on_layer)
     ranks_s = time.perf_counter() - t0
     hwm["ranks"] = _phase("ranks", ranks_s)
     sampler.stop.set()
     sampler.join()
-    before = [(None, t0, 0.0), *stamps[:-1]]
+    before = [(None, t0, 0.0, c0), *stamps[:-1]]
     intervals = [b[1] - a[1] for a, b in zip(before, stamps, strict=True)]
     net = [(b[1] - a[1]) - (b[2] - a[2]) for a, b in zip(before, stamps, strict=True)]  # without block 0's MLP
     per_layer = sum(net) / len(net)
+    cpu = [b[3] - a[3] for a, b in zip(before, stamps, strict=True)]  # CPU seconds of the process per layer
     digest = hashlib.sha256()
     for t in (result.top[layers], result.bottom[layers]):
         digest.update(t.contiguous().numpy().tobytes())
@@ -453,7 +485,8 @@ def measure(spec: dict) -> dict:
         "columns_s": columns_s,
         "sources_s": sources_s, "ranks_s": ranks_s, "layers_timed": layers,
         "layer_s": [round(v, 3) for v in intervals], "layer_net_s": [round(v, 3) for v in net],
-        "mlp0_in_ranks_s": in_mlp0[0], "per_layer_s": per_layer,
+        "mlp0_in_ranks_s": in_mlp0[0], "per_layer_s": per_layer, "layer_cpu_s": [round(v, 3) for v in cpu],
+        "cpu_s": time.process_time(),  # with wall_s: how much of the run the process had a core (a shared machine)
         "columns_reused": cached is not None and cached[1] is columns,
         "space": S.pick_space(spec["compute_space"], weights.d_model, weights.d_head, len(src)),
         "pairs": len(src), "pairs_drawn": spec["relations"] * spec["pairs"], "usable_pairs": usable,
@@ -504,18 +537,24 @@ def _fmt(v, digits=2):
 
 
 def markdown(rows: list[dict], device: str) -> str:
-    head = ["shape", "path", "peak RSS GiB", "bound GiB", "s/layer", "full depth min", "streamed / in-memory"]
+    head = ["shape", "path", "space", "peak RSS GiB (sampled peak anon, file)", "estimate GiB", "bound GiB",
+            "load / columns / sources s", "s/layer", "full depth min", "streamed / in-memory"]
     if device.startswith("cuda"):
-        head.insert(3, "peak CUDA GiB")
+        head.insert(4, "peak CUDA GiB")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         if r.get("error"):
-            cells = [r["shape"], r["path"], r["error"], _fmt(r.get("bound_gib")), "", "", ""]
+            cells = [r["shape"], r["path"], r.get("space", ""), r["error"], _fmt(r.get("estimate_gib"), 1),
+                     _fmt(r.get("bound_gib")), "", "", "", ""]
         else:
-            cells = [r["shape"], r["path"], _fmt(r["peak_rss_gib"]), _fmt(r["bound_gib"]), _fmt(r["per_layer_s"]),
-                     f"{_fmt(r['full_min'], 1)} ({r['full_layers']} layers)", _fmt(r.get("ratio"))]
+            cells = [r["shape"], r["path"], r.get("space", ""),
+                     f"{_fmt(r['peak_rss_gib'])} ({_fmt(r['peak_anon_gib'])}, {_fmt(r['peak_file_gib'])})",
+                     _fmt(r.get("estimate_gib"), 1), _fmt(r["bound_gib"]),
+                     f"{_fmt(r['load_s'], 1)} / {_fmt(r['columns_s'], 1)} / {_fmt(r['sources_s'], 1)}",
+                     _fmt(r["per_layer_s"], 1), f"{_fmt(r['full_min'], 1)} ({r['full_layers']} layers)",
+                     _fmt(r.get("ratio"))]
         if device.startswith("cuda"):
-            cells.insert(3, _fmt(r.get("cuda_peak_gib")))
+            cells.insert(4, _fmt(r.get("cuda_peak_gib")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -618,6 +657,8 @@ def main() -> None:
                 print(f"{name} {path}: measuring (load average {os.getloadavg()[0]:.1f}, "
                       f"{free:.1f} GiB available)", flush=True)
                 row["load_avg_before"] = os.getloadavg()[0]
+                row["source"], dirty = maps_utils_state(ROOT)
+                row["source_dirty"] = " ".join(dirty)
                 row.update(run_child(spec, logs / f"{name}-{path}-{stem}.log", args.min_free_gib, args.timeout_min * 60))
                 row["load_avg_after"] = os.getloadavg()[0]
             if not row.get("error"):
@@ -631,17 +672,11 @@ def main() -> None:
             s["ratio"] = s["per_layer_s"] / m["per_layer_s"]
             s["same_ranks"] = s["ranks_sha256"] == m["ranks_sha256"]
         rows += list(results.values())
-
-    import pandas as pd
+        write_csv(rows, out / f"{stem}.csv")  # after every shape: a run stopped later keeps the rows it has
 
     import maps_utils
     from maps_utils.core.manifest import build_manifest, git_commit, write_manifest
 
-    table = pd.DataFrame(rows)
-    for col in ("layer_s", "layer_net_s", "layers_timed", "hwm_gib"):
-        if col in table:
-            table[col] = table[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
-    table.round(4).to_csv(out / f"{stem}.csv", index=False)
     manifest = build_manifest(parameters={**{k: v for k, v in vars(args).items() if k not in ("child", "result_file")},
                                           "shapes_used": {n: dataclasses.asdict(SHAPES[n]) for n in shapes},
                                           "checkpoints": generated, "representation": "first_mlp",
@@ -654,6 +689,16 @@ def main() -> None:
     print()
     print(markdown(rows, args.device))
     print(f"\nwall {time.perf_counter() - t_all:.0f} s; {out / f'{stem}.csv'}")
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import pandas as pd
+
+    table = pd.DataFrame(rows)
+    for col in ("layer_s", "layer_net_s", "layer_cpu_s", "layers_timed", "hwm_gib"):
+        if col in table:
+            table[col] = table[col].map(lambda v: json.dumps(v) if isinstance(v, (list, dict)) else v)
+    table.round(4).to_csv(path, index=False)
 
 
 def _source_commit() -> str | None:
