@@ -93,35 +93,75 @@ def pad_batch(prompts: Sequence[Prompt], pad_id: int, device) -> tuple[Tensor, T
 
 
 # ---- one forward pass: each head's z at the last position and its value at the source position --------
+READOUTS = ("source_inputs", "attention")
+"""What the same pass can also read for later steps: ``source_inputs`` ``[B, L, d_model]``, the input of every layer's
+value projection at the source position (the normalised residual the heads read: the fidelity profile's real source,
+:func:`maps_utils.dynamic.fidelity.real_sources`), and ``attention`` ``[B, L, H, T]``, every head's attention weights
+from the last position (:func:`maps_utils.qk.inference.real_attention`; None where the model does not return them)."""
+
+
 @torch.inference_mode()
 def capture(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor) -> tuple[Tensor, Tensor]:
     """Run ``model`` once on right-padded ``input_ids`` (see :func:`pad_batch`); return ``z_last`` ``[B, L, n_heads, d_head]`` (every head's mixed value at each
     prompt's last position: its real, in-context output before W_O) and ``v_source`` ``[B, L, n_kv, d_head]``
     (the value vectors at each prompt's source position, bias included), both on ``input_ids``' device (each layer's
     are read where the layer runs, under a device map)."""
+    out = capture_readouts(model, weights, input_ids, last, source)
+    return out["z_last"], out["v_source"]
+
+
+@torch.inference_mode()
+def capture_readouts(model, weights: HeadWeights, input_ids: Tensor, last: Tensor, source: Tensor,
+                     readouts: Sequence[str] = ()) -> dict[str, Tensor | None]:
+    """:func:`capture`'s ``z_last`` and ``v_source``, and each of ``readouts`` (:data:`READOUTS`), from one forward pass
+    of right-padded ``input_ids``. The pass stops after the last layer's attention; every readout is read from the
+    same tensors a pass that reads only it would compute, so it is bit-identical to that pass's."""
+    unknown = set(readouts) - set(READOUTS)
+    if unknown:
+        raise ValueError(f"unknown readouts {sorted(unknown)}; use some of {', '.join(READOUTS)}")
     L, B = weights.n_layers, input_ids.shape[0]
     home, rows = input_ids.device, torch.arange(B, device=input_ids.device)
-    z_last: list[Tensor | None] = [None] * L
-    v_src: list[Tensor | None] = [None] * L
-    handles = []
+    seen: dict[str, list] = {name: [None] * L for name in ("z_last", "v_source", *readouts)}
+    stop_after_attention = "attention" in readouts  # the last layer's attention weights come after its W_O
 
     def z_hook(layer):
         def hook(mod, args):
-            z_last[layer] = weights.split_z(pick(args[0], rows, last, to=home))
-            if layer == L - 1:
+            seen["z_last"][layer] = weights.split_z(pick(args[0], rows, last, to=home))
+            if layer == L - 1 and not stop_after_attention:
                 raise StopForward  # nothing after the last layer's attention is needed
         return hook
 
     def v_hook(layer):
         def hook(mod, args, out):
-            v_src[layer] = weights.values_from_output(pick(out, rows, source, to=home))
+            seen["v_source"][layer] = weights.values_from_output(pick(out, rows, source, to=home))
         return hook
 
+    def input_hook(layer):
+        def hook(mod, args):
+            seen["source_inputs"][layer] = pick(args[0], rows, source, to=home)
+        return hook
+
+    def attention_hook(layer):
+        def hook(mod, args, output):
+            a = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            seen["attention"][layer] = pick(a.transpose(1, 2), rows, last, to=home) if isinstance(a, Tensor) else None
+            if layer == L - 1:
+                raise StopForward
+        return hook
+
+    handles = []
     for layer in range(L):
+        if "source_inputs" in readouts:  # registered first: it reads the v module's input before anything else
+            handles.append(weights.v_module(layer).register_forward_pre_hook(input_hook(layer)))
         handles.append(weights.out_proj_module(layer).register_forward_pre_hook(z_hook(layer)))
         handles.append(weights.v_module(layer).register_forward_hook(v_hook(layer)))
+        if stop_after_attention:
+            handles.append(weights.attn_module(layer).register_forward_hook(attention_hook(layer)))
     run_until_stop(model, handles, input_ids=input_ids, use_cache=False)
-    return torch.stack(z_last, 1), torch.stack(v_src, 1)
+    out = {name: torch.stack(parts, 1) for name, parts in seen.items() if name != "attention"}
+    if "attention" in readouts:
+        out["attention"] = None if any(a is None for a in seen["attention"]) else torch.stack(seen["attention"], 1)
+    return out
 
 
 def head_writes(weights: HeadWeights, z_last: Tensor, v_source: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,9 +193,13 @@ def prompt_ranks(
     memory_budget_mb: float = 512.0,
     progress: bool = True,
     desc: str = "prompts",
+    readouts: dict[str, list] | None = None,
 ) -> Tensor:
     """Target ranks of every prompt's head writes: ``int16 [4, n, L, H]`` = (with-context top, with-context
-    bottom, without-context top, without-context bottom); a rank equal to ``rank_cap`` means ">= cap"."""
+    bottom, without-context top, without-context bottom); a rank equal to ``rank_cap`` means ">= cap".
+
+    ``readouts`` (names of :data:`READOUTS`, each to an empty list) gets, per batch of ``batch_size`` prompts, what
+    the same forward pass read (on the CPU), for the steps that read these prompts again."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
     device = weights.device
@@ -166,8 +210,10 @@ def prompt_ranks(
     for s in tqdm(starts, desc=desc, leave=False, disable=not progress or len(starts) < 2):
         batch = prompts[s : s + batch_size]
         B = len(batch)
-        z, v = capture(model, weights, *pad_batch(batch, pad_id, device))
-        with_ctx, without = head_writes(weights, z, v)
+        seen = capture_readouts(model, weights, *pad_batch(batch, pad_id, device), readouts=tuple(readouts or ()))
+        for name, parts in (readouts or {}).items():
+            parts.append(None if seen[name] is None else seen[name].cpu())
+        with_ctx, without = head_writes(weights, seen["z_last"], seen["v_source"])
         rows = torch.cat([with_ctx, without]).reshape(-1, weights.d_model).to(columns.cols.dtype)
         tgt = torch.as_tensor(targets[s : s + batch_size], device=device)
         tgt = tgt[:, None].expand(B, L * H).reshape(-1).repeat(2)

@@ -27,6 +27,7 @@ from ..heads.hooks import StopForward, pick, run_until_stop
 from ..models.loading import LoadedModel
 from ..static import sources
 from .capture import build_prompts, pad_batch
+from .readouts import ReadoutStore
 from .scores import _relations, _subsample, pad_id
 
 ENGINE_VERSION = 1
@@ -60,21 +61,28 @@ def representation_vectors(weights: HeadWeights, source_ids: Sequence[int], repr
     """``{representation: [n, n_layers, d_model]}``: each representation's vector of every source for every layer."""
     layers = range(weights.n_layers)
     out = {}
-    for r in representations:
-        xs = sources.SourceVectors(weights, source_ids, r)
-        out[r] = torch.stack([xs.layer(la) for la in layers], 1)
-    return out
+    with sources.shared_bases():  # each base (and forward pass) of these tokens once
+        for r in sources.deepest_first(representations):
+            xs = sources.SourceVectors(weights, source_ids, r)
+            out[r] = torch.stack([xs.layer(la) for la in layers], 1)
+    return {r: out[r] for r in representations}
 
 
-def template_cosines(loaded: LoadedModel, prompts, vectors: dict[str, Tensor], batch_size: int) -> Tensor:
+def template_cosines(loaded: LoadedModel, prompts, vectors: dict[str, Tensor], batch_size: int,
+                     stored: Sequence[Tensor] | None = None) -> Tensor:
     """``[n_representations, n_layers]``: the mean cosine over ``prompts`` (prompt i's source is row i of every entry of
-    ``vectors``, :func:`representation_vectors`) between each representation and the real normalised source."""
+    ``vectors``, :func:`representation_vectors`) between each representation and the real normalised source.
+    ``stored``: the real sources of each batch of ``batch_size`` prompts as the dynamic scores' pass read them
+    (:mod:`maps_utils.dynamic.readouts`); None runs the model."""
     weights = loaded.weights
     total = torch.zeros((len(vectors), weights.n_layers), dtype=torch.float64)
     pad = pad_id(loaded.tokenizer)
-    for s in range(0, len(prompts), batch_size):
-        ids, _, src = pad_batch(prompts[s:s + batch_size], pad, weights.device)
-        real = real_sources(loaded.model, weights, ids, src)  # [B, L, d]
+    for b, s in enumerate(range(0, len(prompts), batch_size)):
+        if stored is not None:
+            real = stored[b].to(weights.device)
+        else:
+            ids, _, src = pad_batch(prompts[s:s + batch_size], pad, weights.device)
+            real = real_sources(loaded.model, weights, ids, src)  # [B, L, d]
         for i, made in enumerate(vectors.values()):
             total[i] += _cosine(made[s:s + batch_size], real).sum(0).cpu()
     return total / len(prompts)
@@ -107,6 +115,7 @@ def fidelity_profile(
                 "representations": list(representations), "prefix": list(sources.default_prefix(loaded.weights))}
     frames = []
     rels = _relations(relations)
+    passes, from_pass = ReadoutStore(loaded, run), []  # the dynamic scores' passes over the same prompts
     for rel in tqdm(rels, desc="fidelity", disable=not run.progress):
         tr = R.filter_single_token(rel, loaded.tokenizer, leading_space=True, min_pairs=min_pairs)
         if not tr.usable:
@@ -117,22 +126,28 @@ def fidelity_profile(
         key = content_key({**identity, "prompts": [[p.ids, p.source] for ps in per_template for p in ps]})
         table = slots.read(rel.name, key)
         if table is None:
-            table = _relation_table(loaded, rel.name, templates, per_template, src, representations, run)
+            stored = passes.read(rel.name, per_template, run.batch(64), pad_id(loaded.tokenizer))
+            if stored is not None:
+                from_pass.append(rel.name)
+            table = _relation_table(loaded, rel.name, templates, per_template, src, representations, run,
+                                    stored.source_inputs if stored is not None else None)
             slots.write(rel.name, key, table)
         frames.append(pd.DataFrame(table))
     result = pd.concat(frames, ignore_index=True)
     if out is not None:
-        manifest = build_manifest(parameters={**arguments, **identity}, wall_seconds=time.perf_counter() - t0,
+        manifest = build_manifest(parameters={**arguments, **identity, "sources_from_the_dynamic_pass": from_pass},
+                                  wall_seconds=time.perf_counter() - t0,
                                   model=loaded.manifest())
         write_table(result, out / "fidelity.csv", manifest)
     return result
 
 
-def _relation_table(loaded, name, templates, per_template, src, representations, run) -> dict[str, list]:
+def _relation_table(loaded, name, templates, per_template, src, representations, run,
+                    stored=None) -> dict[str, list]:
     rows: dict[str, list] = {c: [] for c in ("relation", "template", "representation", "layer", "cosine", "n_prompts")}
     vectors = representation_vectors(loaded.weights, src, representations)
-    for template, prompts in zip(templates, per_template, strict=True):
-        cos = template_cosines(loaded, prompts, vectors, run.batch(64))
+    for t, (template, prompts) in enumerate(zip(templates, per_template, strict=True)):
+        cos = template_cosines(loaded, prompts, vectors, run.batch(64), stored[t] if stored is not None else None)
         for i, r in enumerate(representations):
             for layer in range(cos.shape[1]):
                 for col, v in zip(rows, (name, template, r, layer, float(cos[i, layer]), len(prompts)), strict=True):

@@ -46,7 +46,8 @@ from ..core.manifest import build_manifest, call_arguments
 from ..core.params import check_parameters
 from ..core.store import RunOptions, Slots, write_table
 from ..models.loading import LoadedModel
-from .capture import build_prompts, model_columns, prompt_ranks, tokenization_agreement
+from .capture import READOUTS, build_prompts, model_columns, prompt_ranks, tokenization_agreement
+from .readouts import PromptSetReadouts, ReadoutStore
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +171,7 @@ def pad_id(tokenizer) -> int:
 
 def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.TokenizedRelation]], templates: list[str],
          space_in_source: bool, *, k, top_k, max_pairs, rank_cap, run: RunOptions, params: dict,
-         skipped: dict, arguments: dict) -> DynamicScores:
+         skipped: dict, arguments: dict, readouts: bool = False) -> DynamicScores:
     """Score ``todo`` (each relation from the store when its key matches), then write the union table."""
     t0 = time.perf_counter()
     identity = {"engine_version": ENGINE_VERSION, "model": loaded.name, "weights_sha256": loaded.weights_sha256,
@@ -180,7 +181,8 @@ def _run(loaded: LoadedModel, kind: str, todo: list[tuple[R.Relation, R.Tokenize
     table_key = content_key({**identity, "kind": kind, "templates": templates, "max_pairs": max_pairs,
                              "seed": run.seed, "k": k, "k_copying": top_k.copying, "k_other": top_k.other,
                              "rank_cap": rank_cap, **params})
-    step = _Step(loaded, identity, templates, space_in_source, parts, table_key, max_pairs, rank_cap, run)
+    step = _Step(loaded, identity, templates, space_in_source, parts, table_key, max_pairs, rank_cap, run,
+                 ReadoutStore(loaded, run) if readouts and out is not None else None)
     done, reused = [], []
     bar = tqdm(total=len(todo) * len(templates), desc=f"dynamic scores ({kind})", unit="template",
                disable=not run.progress)
@@ -212,8 +214,10 @@ class _Step:
     """What scoring one relation needs from its run: the model, the cache slots and their keys, the options."""
 
     def __init__(self, loaded: LoadedModel, identity: dict, templates: list[str], space_in_source: bool,
-                 parts: Slots, table_key: str, max_pairs: int | None, rank_cap: int | None, run: RunOptions):
+                 parts: Slots, table_key: str, max_pairs: int | None, rank_cap: int | None, run: RunOptions,
+                 readouts: ReadoutStore | None = None):
         self.loaded, self.identity, self.templates, self.space_in_source = loaded, identity, templates, space_in_source
+        self.readouts = readouts
         self.parts, self.table_key, self.max_pairs, self.rank_cap, self.run = parts, table_key, max_pairs, rank_cap, run
         self.batch_size = run.batch(DEFAULT_BATCH)
         self.columns = model_columns(loaded.weights)
@@ -234,12 +238,16 @@ class _Step:
             return DynamicRelation.from_stored(saved["relation"]), True
         r0 = time.perf_counter()
         ranks = []
+        read = [{name: [] for name in READOUTS} if self.readouts is not None else None for _ in per_template]
         for i, ps in enumerate(per_template):
             ranks.append(prompt_ranks(self.loaded.model, self.loaded.weights, ps, tgt, batch_size=self.batch_size,
                                       rank_cap=cap, pad_id=self.pad_id, columns=self.columns,
                                       memory_budget_mb=self.run.memory_budget_mb, progress=False,
-                                      desc=f"{rel.name} · template {i + 1}/{len(templates)}"))
+                                      desc=f"{rel.name} · template {i + 1}/{len(templates)}", readouts=read[i]))
             bar.update(1)
+        if self.readouts is not None:  # the pass's source inputs and attention rows, for fidelity and the QK study
+            self.readouts.write(rel.name, per_template, self.pad_id, PromptSetReadouts(
+                self.batch_size, [r["source_inputs"] for r in read], [r["attention"] for r in read]))
         agreements = [tokenization_agreement(tok, t, [s for s, _ in pairs], ps) if self.space_in_source
                       else float("nan") for t, ps in zip(templates, per_template, strict=True)]
         result = DynamicRelation(rel.name, rel.category, rel.copying, pairs, tgt, list(templates),
@@ -287,6 +295,7 @@ def dynamic_scores(
     rank_cap: int | None = None,
     min_pairs: int = R.MIN_PAIRS,
     run: RunOptions = RunOptions(),
+    readouts: bool = True,
 ) -> DynamicScores:
     """Single-token dynamic scores (MAPS-SPEC §1.4) of every usable relation, with and without context.
 
@@ -302,6 +311,9 @@ def dynamic_scores(
         run: per-relation parts (resume), ``scores.csv`` and its manifest go under
             ``<results_dir>/<model>/dynamic/single/`` (None: no files); ``run.batch_size`` prompts per forward
             pass (default 64); seed, cache use, progress and memory budget (:class:`~maps_utils.core.store.RunOptions`).
+        readouts: also keep what the same forward passes read for the fidelity profile and the QK study (the
+            real source vectors and the attention rows, :mod:`maps_utils.dynamic.readouts`) under
+            ``<results_dir>/<model>/dynamic/readouts/``, so those steps run no pass of their own (speed only).
     """
     arguments = call_arguments(locals())
     check_parameters(k=k, max_pairs=max_pairs, rank_cap=rank_cap, min_pairs=min_pairs)
@@ -313,7 +325,7 @@ def dynamic_scores(
                               "pass other relations or lower min_pairs.")
     return _run(loaded, "single", todo, templates, True, k=k, top_k=top_k or R.TopK(), max_pairs=max_pairs,
                 rank_cap=rank_cap, run=run, params={"min_pairs": min_pairs, "leading_space": True}, skipped=skipped,
-                arguments=arguments)
+                arguments=arguments, readouts=readouts)
 
 
 def multi_token_scores(

@@ -151,17 +151,19 @@ def compare_attention(s: Tensor, a: Tensor, last: Tensor, source: Tensor) -> dic
 @torch.inference_mode()
 def run_prompts(loaded, qmap: QKMap, prompts: Sequence[Prompt], targets: Sequence[int] | None, *,
                 ov_representation: str, columns: Columns | None = None, rank_cap: int = 10, pad: int = 0,
-                batch_size: int = 64, memory_budget_mb: float = 512.0) -> dict[str, Tensor]:
+                batch_size: int = 64, memory_budget_mb: float = 512.0,
+                attention: Sequence[Tensor] | None = None) -> dict[str, Tensor]:
     """Agreement ``[n, L, H]`` per measure and, with ``targets``, the target ranks ``[n, L, H]`` (int16, exact below
     ``rank_cap``) of the joint prediction (``joint_rank``) and of its attention oracle (``oracle_rank``: the same OV
     rows mixed by the head's real attention weights, a control that separates the QK map's errors from the
-    mixture's) for ``prompts``."""
+    mixture's) for ``prompts``. ``attention``: each batch's real attention rows as the dynamic scores' pass read
+    them (:mod:`maps_utils.dynamic.readouts`, the same batches); None runs the model."""
     w = loaded.weights
     out: dict[str, list[Tensor]] = {}
-    for start in range(0, len(prompts), batch_size):
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
         batch = prompts[start:start + batch_size]
         ids, last, source = pad_batch(batch, pad, w.device)
-        real = real_attention(loaded.model, w, ids, last)
+        real = attention[b].to(w.device) if attention is not None else real_attention(loaded.model, w, ids, last)
         s, v = static_batch(qmap, ids, last, ov_representation)
         for name, value in compare_attention(s.float(), real, last, source).items():
             out.setdefault(name, []).append(value.cpu())

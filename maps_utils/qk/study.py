@@ -22,6 +22,7 @@ from ..core.params import check_parameters
 from ..core.store import RunOptions, Slots, write_table
 from ..dynamic.capture import build_prompts, pad_batch
 from ..dynamic.correlation import pearson
+from ..dynamic.readouts import ReadoutStore
 from ..dynamic.scores import DynamicScores, pad_id, relation_prompts
 from ..static.ranks import scan_columns
 from ..static.scores import TAU
@@ -55,7 +56,7 @@ class QKStudy:
         return pd.DataFrame(rows)
 
 
-def _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity):
+def _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity, from_pass: list):
     tok = loaded.tokenizer
     pairs, src, tgt, per_template = relation_prompts(tok, tr, rel.templates, max_pairs, run.seed)
     if [tuple(p) for p in pairs] != [tuple(p) for p in rel.pairs] or tgt != list(rel.target_ids):
@@ -69,7 +70,11 @@ def _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns,
         return saved
     common = dict(ov_representation=ov_representation, columns=columns, rank_cap=rel.k, pad=pad_id(tok),
                   batch_size=run.batch(64), memory_budget_mb=run.memory_budget_mb)
-    per = [run_prompts(loaded, qmap, ps, tgt, **common) for ps in per_template]
+    stored = ReadoutStore(loaded, run).read(rel.name, per_template, common["batch_size"], common["pad"])
+    rows = stored.attention if stored is not None and stored.has_attention() else [None] * len(per_template)
+    if rows[0] is not None:
+        from_pass.append(rel.name)
+    per = [run_prompts(loaded, qmap, ps, tgt, **common, attention=a) for ps, a in zip(per_template, rows, strict=True)]
     value = {"relation": {m: torch.cat([p[m] for p in per]) for m in MEASURES},
              "distractor": run_prompts(loaded, qmap, distract, None, **common),
              "joint_rank": torch.stack([p["joint_rank"] for p in per]),  # [T, n, L, H]
@@ -111,10 +116,11 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
     todo = [rel for rel in dynamic.relations if rel.name in scored]
     if not todo:
         raise OptionError("No relation has both static and dynamic scores; score the same relations in both.")
-    val, joint, corr = [], [], []
+    val, joint, corr, from_pass = [], [], [], []
     for rel in tqdm(todo, desc="QK map", unit="relation", disable=not run.progress):
         tr = R.filter_single_token(R.load(rel.name), loaded.tokenizer, leading_space=True, min_pairs=1)
-        value = _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity)
+        value = _relation(loaded, qmap, rel, tr, run, max_pairs, ov_representation, columns, slots, identity,
+                          from_pass)
         ov_map = static.score_map(rel.name, rel.k)  # [L, H]
         val += _validation_rows(rel.name, value, ov_map)
         j = (value["joint_rank"] < rel.k).float().mean(1)  # [T, L, H]
@@ -136,7 +142,8 @@ def qk_study(loaded, dynamic: DynamicScores, static, *, options: QKOptions = QKO
     study = QKStudy(pd.concat(val, ignore_index=True), pd.concat(joint, ignore_index=True), pd.DataFrame(corr))
     study.manifest = build_manifest(parameters={**identity, "max_pairs": max_pairs, "run": run.manifest(),
                                                 "static_variant": static.representation,
-                                                "relations": [r.name for r in todo]},
+                                                "relations": [r.name for r in todo],
+                                                "attention_from_the_dynamic_pass": from_pass},
                                     wall_seconds=time.perf_counter() - t0, model=loaded.manifest())
     if out is not None:
         for name in ("validation", "joint", "correlations"):
