@@ -14,7 +14,7 @@ from ..core.deprecation import renamed_arguments, renamed_function
 from ..core.manifest import build_manifest
 from ..core.store import RunOptions, write_table
 from ..static.scores import static_scores
-from ..static.sources import default_prefix, parse
+from ..static.sources import deepest_first, default_prefix, parse, shared_bases
 from .scores import CONTEXTS, DynamicScores, multi_token_scores
 
 
@@ -104,12 +104,13 @@ def compare_representations(loaded, dynamic: DynamicScores, representations, *, 
     ``static`` is reused for its own representation; the others are scored (or read from the results store)."""
 
     rows = []
-    for rep in dict.fromkeys(representations):
-        st = static if static is not None and static.representation == rep else static_scores(
-            loaded, relations, representation=rep, run=run)
-        for _, r in correlation_summary(correlations(st, dynamic, k=k)).iterrows():
-            rows.append({"representation": rep, "score": r["score_type"], "context": r["context"],
-                         "mean r": round(r["mean r"], 3)})
+    with shared_bases():  # each base representation (and forward pass) once for all of them
+        for rep in deepest_first(representations):
+            st = static if static is not None and static.representation == rep else static_scores(
+                loaded, relations, representation=rep, run=run)
+            for _, r in correlation_summary(correlations(st, dynamic, k=k)).iterrows():
+                rows.append({"representation": rep, "score": r["score_type"], "context": r["context"],
+                             "mean r": round(r["mean r"], 3)})
     table = pd.DataFrame(rows).pivot_table(index=["score", "context"], columns="representation", values="mean r")
     return table[list(dict.fromkeys(representations))]
 

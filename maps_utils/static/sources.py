@@ -26,14 +26,20 @@ those and the candidates measured beside them. A name is a base, optionally foll
 
 :class:`SourceVectors` gives one token set's vectors for any layer; the forward-pass bases run one batched
 pass per chunk of tokens (the prefix's keys and values computed once and reused; stopped after the deepest layer
-they need), once per token set.
+they need), once per token set. Inside :func:`shared_bases` every representation of the same token set shares its
+bases: E and MLP0(E) are computed once, and one forward pass to the deepest layer any of them needs serves the
+others (``block0``, ``context_free`` and each ``context_free_N``; a shallower pass gives the same bits as the first
+layers of a deeper one). A study that compares representations (notebook 02's grid, the fidelity profile) runs in
+one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -169,6 +175,59 @@ def _read_residuals(weights: HeadWeights, batch: Tensor, depth: int, past) -> Te
     return torch.stack(seen)
 
 
+_SHARED: list[dict] = []  # the open shared_bases scopes' caches (innermost last)
+
+
+@contextlib.contextmanager
+def shared_bases() -> Iterator[None]:
+    """Within this block, :class:`SourceVectors` of the same model and token set share their bases (E, MLP0(E) and
+    the forward-pass residuals, see the module docstring); they are dropped when it ends. Results are identical."""
+    _SHARED.append({})
+    try:
+        yield
+    finally:
+        _SHARED.pop()
+
+
+def deepest_first(names: Sequence[str]) -> list[str]:
+    """``names`` in the order to compute them inside :func:`shared_bases`: the deepest forward pass first (``context_free``,
+    then ``context_free_N`` by decreasing N, then ``block0``), so the shallower ones are read from it; otherwise as
+    given."""
+    def depth(name: str) -> float:
+        rep = parse(name)
+        if rep.base == "context_free":
+            return float("inf") if rep.depth is None else rep.depth
+        return 1 if rep.base == "block0" else 0
+    return sorted(dict.fromkeys(names), key=lambda n: -depth(n))
+
+
+def _token_key(weights: HeadWeights, ids: Tensor, *what) -> tuple:
+    digest = hashlib.sha256(ids.detach().cpu().numpy().tobytes()).hexdigest()
+    return (id(weights), str(ids.dtype), digest, *what)
+
+
+def _shared(weights: HeadWeights, ids: Tensor, what: tuple, compute) -> Tensor:
+    """``compute()``, or the value an earlier call in the open :func:`shared_bases` scope computed for the same
+    model, tokens and ``what``."""
+    if not _SHARED:
+        return compute()
+    cache, key = _SHARED[-1], _token_key(weights, ids, *what)
+    if key not in cache:
+        cache[key] = compute()
+    return cache[key]
+
+
+def _shared_residuals(weights: HeadWeights, ids: Tensor, prefix: tuple, deepest: int) -> Tensor:
+    """:func:`residuals` to ``deepest``, sliced from a deeper pass of the same tokens and prefix in the open
+    :func:`shared_bases` scope when there is one (the same bits: the first blocks run the same computation)."""
+    if not _SHARED:
+        return residuals(weights, ids, prefix, deepest)
+    cache, key = _SHARED[-1], _token_key(weights, ids, "residuals", prefix)
+    if key not in cache or cache[key].shape[0] <= deepest:
+        cache[key] = residuals(weights, ids, prefix, deepest)
+    return cache[key][:deepest + 1]
+
+
 class SourceVectors:
     """The source vectors of one token set under one representation, for any layer (see the module docstring).
 
@@ -189,19 +248,19 @@ class SourceVectors:
 
     def _raw(self) -> Tensor:
         if "raw" not in self._cache:
-            self._cache["raw"] = self.weights.embed(self.ids)
+            self._cache["raw"] = _shared(self.weights, self.ids, ("raw",), lambda: self.weights.embed(self.ids))
         return self._cache["raw"]
 
     def _mlp(self) -> Tensor:
         if "mlp" not in self._cache:
-            self._cache["mlp"] = self.weights.first_mlp(self._raw())
+            self._cache["mlp"] = _shared(self.weights, self.ids, ("mlp",), lambda: self.weights.first_mlp(self._raw()))
         return self._cache["mlp"]
 
     def _residual(self, blocks: int) -> Tensor:
         if "residuals" not in self._cache:
             prefix = self.prefix if self.rep.base == "context_free" else ()
             deepest = max(self.rep.blocks_before(la) for la in self.layers)
-            self._cache["residuals"] = residuals(self.weights, self.ids, prefix, deepest)
+            self._cache["residuals"] = _shared_residuals(self.weights, self.ids, tuple(prefix), deepest)
         return self._cache["residuals"][blocks]
 
     def _base(self, layer: int) -> Tensor:

@@ -66,6 +66,37 @@ def test_context_free_is_the_residual_a_forward_pass_records(key, monkeypatch):
             assert torch.allclose(depth1.layer(layer), norm(hs[min(layer, 1)]), rtol=1e-12, atol=1e-12), layer
 
 
+SHARED_NAMES = ["first_mlp", "first_mlp+norm", "raw_mlp+norm", "first_mlp+centre+norm", "block0", "block0+norm",
+                "context_free_1", "context_free_3", "context_free"]
+
+
+def _every_layer(weights, ids, names):
+    out = {}
+    for name in SRC.deepest_first(names):
+        xs = SRC.SourceVectors(weights, ids, name)
+        out[name] = torch.stack([xs.layer(la) for la in range(weights.n_layers)])
+    return out
+
+
+@pytest.mark.parametrize("key", list(TINY_CONFIGS))
+def test_shared_bases_give_the_same_vectors_from_one_pass(key, monkeypatch):
+    """Inside shared_bases each base is computed once per token set (one forward pass per prefix, to the deepest
+    layer any representation needs), and every representation's vectors are bit-identical to their own."""
+    model = make_tiny(key)
+    model.config.bos_token_id = 7
+    weights = HeadWeights(model)
+    ids = _ids(weights)
+    alone = _every_layer(weights, ids, SHARED_NAMES)
+    calls, real = [], SRC.residuals
+    monkeypatch.setattr(SRC, "residuals", lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    with SRC.shared_bases():
+        shared = _every_layer(weights, ids, SHARED_NAMES)
+    assert all(torch.equal(alone[name], shared[name]) for name in SHARED_NAMES)
+    assert sorted(calls) == [1, weights.n_layers - 1]  # block0's pass (no prefix), then context_free's, once each
+    assert SRC.deepest_first(["raw", "context_free_1", "block0", "context_free", "context_free_3"]) == \
+        ["context_free", "context_free_3", "context_free_1", "block0", "raw"]
+
+
 @pytest.mark.parametrize("key", list(TINY_CONFIGS))
 def test_parameter_bases_and_norm(key):
     """raw, first_mlp(_all), raw_mlp and block0 by their definitions; +norm is layer l's input norm of the same."""
