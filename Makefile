@@ -98,7 +98,7 @@ endif
 
 .DEFAULT_GOAL := help
 .SECONDARY: $(EXECUTED)
-.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench judge-validity relations clean clean-venv FORCE \
+.PHONY: help setup describer-model test all notebooks atlas browser lab lint bench profile judge-validity relations clean clean-venv FORCE \
         check-options
 
 help: ## list the targets
@@ -197,6 +197,11 @@ lab: $(STAMP) ## open JupyterLab on the notebooks
 
 lint: $(STAMP) ## ruff on the package, tests and benchmarks
 	$(BIN)/ruff check maps_utils tests bench
+
+PROFILE_MODELS ?= smollm2-135m gemma3-270m
+profile: $(STAMP) ## `make all` on each of PROFILE_MODELS (a no-op where its reports are current), then each notebook's wall time and each step in it
+	@set -e; for m in $(PROFILE_MODELS); do $(MAKE) --no-print-directory all MODEL=$$m; done
+	$(BIN)/python bench/notebook_profile.py $(foreach m,$(PROFILE_MODELS),reports/$(RUN_DIR)$(subst /,__,$(m)))
 
 bench: $(STAMP) ## benchmarks: model loading (GGUF vs cache), static scores (engine vs naive loop), source representations, scaling to the paper's shapes -> results/bench/
 	$(BIN)/python bench/bench_load.py --models smollm2-135m gemma3-270m

@@ -68,9 +68,23 @@ def test_make_all_smoke_runs_every_notebook_writes_the_report_and_is_incremental
     first_head = ex.iloc[0]
     shown = _dom(atlas, f"head={first_head.layer}.{first_head['head']}")
     assert '<p id="executable">' in shown and ("<b>verified</b>" in shown or "not verified" in shown)
+    # one forward pass per prompt set: notebook 02's dynamic pass kept what the fidelity profile and notebook 06 read
+    results = ROOT / "results" / "smoke" / "smollm2-135m"
+    assert sorted(p.stem for p in (results / "dynamic" / "readouts").glob("*.pt")) == ["country_capital", "name_copying"]
+    fidelity = json.loads((results / "dynamic" / "fidelity" / "fidelity.manifest.json").read_text())
+    assert sorted(fidelity["parameters"]["sources_from_the_dynamic_pass"]) == ["country_capital", "name_copying"]
+    qk_manifest = json.loads((qk / "correlations.manifest.json").read_text())
+    assert sorted(qk_manifest["parameters"]["attention_from_the_dynamic_pass"]) == ["country_capital", "name_copying"]
     # nothing changed: nothing runs
     second = _make("all", "SMOKE=1")
     assert second.returncode == 0 and "papermill" not in second.stdout and "maps atlas" not in second.stdout
+    # the profile of that run: every notebook's wall time as papermill recorded it, and its steps
+    profile = _make("profile", "SMOKE=1", "PROFILE_MODELS=smollm2-135m")
+    assert profile.returncode == 0 and "papermill" not in profile.stdout, profile.stdout[-2000:] + profile.stderr
+    for name in notebooks:
+        wall = json.loads((report / f"{name}.ipynb").read_text())["metadata"]["papermill"]["duration"]
+        assert f"| **{name}** | (whole notebook) | **{wall:,.0f}** |" in profile.stdout
+    assert "`dyn = DY.dynamic_scores(loaded, relations, templates" in profile.stdout
 
 
 def test_a_failing_notebook_stops_make_all_loudly():
