@@ -101,13 +101,14 @@ def compare_representations(loaded, dynamic: DynamicScores, representations, *, 
                             k: int | None = None, run: RunOptions = RunOptions()) -> pd.DataFrame:
     """Mean r per source representation of the static scores (columns) and per score type and context (rows): the
     representation whose static scores correlate better with the heads' outputs at inference describes them better.
-    ``static`` is reused for its own representation; the others are scored (or read from the results store)."""
+    ``static`` is reused for its own representation; the others are scored (or read from the results store) only to
+    the largest k the correlations read (the same scores at k, sooner: a smaller rank cap stops more rows early)."""
 
-    rows = []
+    rows, cap = [], k or max(r.k for r in dynamic.relations)  # the k the correlations read
     with shared_bases():  # each base representation (and forward pass) once for all of them
         for rep in deepest_first(representations):
             st = static if static is not None and static.representation == rep else static_scores(
-                loaded, relations, representation=rep, run=run)
+                loaded, relations, representation=rep, rank_cap=cap, run=run)  # ranks past k are not read
             for _, r in correlation_summary(correlations(st, dynamic, k=k)).iterrows():
                 rows.append({"representation": rep, "score": r["score_type"], "context": r["context"],
                              "mean r": round(r["mean r"], 3)})

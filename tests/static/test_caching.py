@@ -15,7 +15,7 @@ import torch
 
 from maps_utils import load
 from maps_utils.cli import main
-from maps_utils.core.store import RunOptions
+from maps_utils.core.store import RunOptions, model_slug
 from maps_utils.static import scores as SC
 
 from ..conftest import relation_file, tiny_checkpoint
@@ -84,6 +84,35 @@ def test_a_subset_query_reads_the_full_run_and_keeps_its_table(tmp_path, cache, 
     SC.static_scores(loaded, [d], run=RunOptions(results_dir=tmp_path / "res", progress=False))
     assert len(calls) == loaded.weights.n_layers  # only d was computed
     assert list(pd.read_csv(table).relation.unique()) == ["d", "a", "b", "c"]
+
+
+def test_a_smaller_cap_reads_the_default_caps_ranks_clamped_and_computes_only_the_rest(tmp_path, cache, monkeypatch):
+    """A query at rank cap 10 (notebook 02's grid) reads every relation the default cap stored, its ranks clamped
+    (the same numbers below 10), computes only the others at cap 10 in ranks-cap10/, and scores.csv is the same text
+    a default-cap run writes."""
+    from maps_utils.static import ranks as S
+
+    loaded = load(str(tiny_checkpoint(tmp_path / "ckpt")), device="cpu")
+    rels = [relation_file(tmp_path, name, shift) for name, shift in (("a", 1), ("b", 2), ("c", 3))]
+    run = RunOptions(results_dir=tmp_path / "res", progress=False)
+    full = SC.static_scores(loaded, rels[:2], run=run)
+    calls, real = [], S.layer_ranks
+    monkeypatch.setattr(S, "layer_ranks", lambda *a, **k: calls.append(k["rank_cap"]) or real(*a, **k))
+    small = SC.static_scores(loaded, rels, rank_cap=10, run=run)
+    assert calls == [10] * loaded.weights.n_layers and small.manifest["parameters"]["computed"] == ["c"]
+    for name in ("a", "b"):
+        assert torch.equal(small.ranks_of(name)[0], full.ranks_of(name)[0].clamp(max=10))
+        assert torch.equal(small.score_map(name), full.score_map(name))
+    folder = tmp_path / "res" / model_slug(loaded.name) / "static" / "first_mlp"
+    assert sorted(p.stem for p in (folder / "ranks-cap10").glob("*.pt")) == ["c"]
+    alone = SC.static_scores(loaded, rels, run=RunOptions(results_dir=tmp_path / "alone", progress=False))
+    assert (folder / "scores.csv").read_text() == next((tmp_path / "alone").rglob("scores.csv")).read_text()
+    assert torch.equal(small.score_map("c"), alone.score_map("c"))
+    with pytest.raises(ValueError, match="rank_cap"):
+        small.score_map("c", k=20)  # past the cap is refused, not guessed
+    calls.clear()
+    again = SC.static_scores(loaded, rels, rank_cap=10, run=run)
+    assert calls == [] and again.from_cache
 
 
 def test_a_skipped_relation_is_named_with_its_count(tmp_path, cache, capsys, caplog):
