@@ -17,6 +17,10 @@ STREAM       ?=
 MAX_MEMORY   ?=
 OFFLOAD_FOLDER ?=
 PAPERMILL_ARGS ?=
+# torch's two CPU threads wait for each other through OpenMP: PASSIVE makes a waiting thread sleep instead of spin, so
+# on a machine shared with other jobs two threads no longer run 6-10x slower than one; alone they are 4-9% slower than
+# spinning (bench/bench_passes.py, docs/performance.md). OMP_WAIT_POLICY=ACTIVE make all on a machine of your own.
+OMP_WAIT_POLICY ?= PASSIVE
 PYTEST_ARGS  ?=
 SMOKE        ?=
 FORCE        ?=
@@ -155,7 +159,7 @@ all: $(STAMP) notebooks atlas ## rerun the whole study on MODEL: execute every n
 atlas: $(ATLAS) ## the self-contained HTML head atlas of MODEL (from its results)
 
 $(ATLAS): $(HTML) $(PACKAGE) | check-options
-	$(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" $(PLACE_ARGS) --results-dir $(RESULTS_DIR) --out $@
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(BIN)/maps atlas "$(MODEL)" --device "$(DEVICE)" --dtype "$(DTYPE)" $(PLACE_ARGS) --results-dir $(RESULTS_DIR) --out $@
 
 browser: ## a headless chromium for the atlas test (installed with apt-get if missing)
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
@@ -180,7 +184,7 @@ check-options: $(STAMP) ## check MODEL, DEVICE, DTYPE and DEVICE_MAP before anyt
 $(REPORT_DIR)/%.ipynb: notebooks/%.ipynb $(STAMP) $(PACKAGE)
 	@mkdir -p $(REPORT_DIR)
 	@start=$$(date +%s); \
-	$(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" \
+	OMP_WAIT_POLICY=$(OMP_WAIT_POLICY) $(BIN)/papermill --log-output --cwd notebooks $< $@.partial.ipynb -p model "$(MODEL)" -p device "$(DEVICE)" \
 	  -p dtype "$(DTYPE)" $(PLACE_PARAMS) $(SMOKE_ARGS) $(PAPERMILL_ARGS) || { echo "make: notebook $< FAILED; the partial run is $@.partial.ipynb" >&2; exit 1; }; \
 	mv $@.partial.ipynb $@; \
 	$(BIN)/maps run-manifest "$(MODEL)" --step $* --notebook $@ --seconds $$(( $$(date +%s) - start )) --results-dir $(RESULTS_DIR)

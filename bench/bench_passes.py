@@ -33,6 +33,10 @@ CONFIGS = [("static scores", None, None, None), ("static scores", None, 1, None)
            ("static scores", None, 2, "passive"),
            ("dynamic scores", 64, None, None), ("dynamic scores", 64, 1, None), ("dynamic scores", 64, 2, "passive"),
            ("dynamic scores", 128, None, None), ("dynamic scores", 256, None, None)]
+DESCRIBER = [("describer answer", None, 1, None), ("describer answer", None, 2, None),
+             ("describer answer", None, 2, "passive")]  # the local LLM's own threads (llama.cpp), not torch's
+PROMPT = ("A head maps these tokens: ' France' -> ' Paris', ' Japan' -> ' Tokyo', ' Italy' -> ' Rome'. "
+          "Describe in one sentence what it does.")
 
 
 def child(model: str, step: str, batch: int | None, threads: int | None, relations: list[str]) -> dict:
@@ -44,6 +48,15 @@ def child(model: str, step: str, batch: int | None, threads: int | None, relatio
     from maps_utils.dynamic import scores as DY
     from maps_utils.static import scores as SC
 
+    if step == "describer answer":
+        from maps_utils.describe.local_llm import LocalLLM
+
+        llm = LocalLLM(threads=threads, n_ctx=512)
+        llm.complete("Say yes.", schema=None, max_tokens=1)  # loaded, untimed
+        t0 = time.perf_counter()
+        text = llm.complete(PROMPT, schema=None, max_tokens=48)["content"]
+        return {"seconds": time.perf_counter() - t0, "sha256": hashlib.sha256(text.encode()).hexdigest(),
+                "threads_used": threads}
     if threads is not None:
         torch.set_num_threads(threads)
     loaded = maps_utils.load(model)
@@ -70,18 +83,18 @@ def _run_child(model, config, relations) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_model(model: str, repeats: int, relations: list[str]) -> pd.DataFrame:
-    got: dict[tuple, list[dict]] = {c: [] for c in CONFIGS}
+def bench_model(model: str, repeats: int, relations: list[str], configs: list[tuple]) -> pd.DataFrame:
+    got: dict[tuple, list[dict]] = {c: [] for c in configs}
     for _ in range(repeats):
-        for config in CONFIGS:
+        for config in configs:
             got[config].append(_run_child(model, config, relations))
             print(f"{model} · {config}: {got[config][-1]['seconds']:.1f} s", flush=True)
     rows = []
-    for config in CONFIGS:
+    for config in configs:
         step, batch, threads, policy = config
-        current = next(c for c in CONFIGS if c[0] == step)
+        current = next(c for c in configs if c[0] == step)
         median = statistics.median(r["seconds"] for r in got[config])
-        rows.append({"model": model, "step": step, "batch": batch or 64 if step != "static scores" else None,
+        rows.append({"model": model if step != "describer answer" else "qwen2.5-coder-1.5b", "step": step, "batch": (batch or 64) if step == "dynamic scores" else None,
                      "threads": got[config][0]["threads_used"], "wait_policy": policy or "default",
                      "current_path": config == current, "seconds": round(median, 2),
                      "ratio_to_current": round(median / statistics.median(r["seconds"] for r in got[current]), 3),
@@ -95,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--relations", nargs="+", default=RELATIONS)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--busy", action="store_true", help="keep one core busy meanwhile")
+    parser.add_argument("--describer", action="store_true",
+                        help="also one local describer answer (needs `make describer-model`) with 1 and 2 threads")
     parser.add_argument("--out", type=Path, default=Path("results/bench/passes.csv"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -107,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if args.busy else None
     try:
-        table = pd.concat([bench_model(m, args.repeats, args.relations) for m in args.models], ignore_index=True)
+        tables = [bench_model(m, args.repeats, args.relations, CONFIGS) for m in args.models]
+        if args.describer:
+            tables.append(bench_model(args.models[0], args.repeats, args.relations, DESCRIBER))
+        table = pd.concat(tables, ignore_index=True)
     finally:
         if busy is not None:
             busy.kill()
